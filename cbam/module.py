@@ -1,0 +1,115 @@
+"""The LightningModule: a CBAM-ResNet classifier trained with SGD and a per-step LR schedule."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from cbam.resnet import build_resnet
+
+DEFAULT_OPTIMIZER = {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1, "momentum": 0.9}
+DEFAULT_SCHEDULER = {"_target_": "cbam.schedules.warmup_cosine", "_partial_": True}
+
+
+def _plain(config: Any) -> Any:
+    return OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else config
+
+
+class CBAMResNetModule(pl.LightningModule):
+    """Wraps :func:`cbam.build_resnet`; every constructor argument is saved, so a checkpoint alone
+    rebuilds the model (``CBAMResNetModule.load_from_checkpoint(path)``).
+
+    Args:
+        depth, use_cbam_block, use_cbam_class, reduction_ratio, kernel_size, width, num_classes: passed
+            to :func:`cbam.build_resnet`.
+        optimizer: Hydra config of a partial optimizer (``_target_`` and arguments but the parameters).
+        scheduler: Hydra config of a partial schedule taking ``(optimizer, total_steps)``, stepped
+            every training step.
+        label_smoothing: cross-entropy label smoothing.
+        channels_last: run the network in NHWC memory format (faster convolutions on tensor cores).
+        compile: wrap the network in ``torch.compile``.
+    """
+
+    def __init__(
+        self,
+        depth: int = 18,
+        use_cbam_block: bool = False,
+        use_cbam_class: bool = False,
+        reduction_ratio: int = 16,
+        kernel_size: int = 7,
+        width: int = 64,
+        num_classes: int = 10,
+        optimizer: dict | None = None,
+        scheduler: dict | None = None,
+        label_smoothing: float = 0.0,
+        channels_last: bool = False,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        # Plain dicts, so checkpoints hold no OmegaConf objects; save_hyperparameters reads these locals.
+        optimizer = _plain(optimizer) or DEFAULT_OPTIMIZER
+        scheduler = _plain(scheduler) or DEFAULT_SCHEDULER
+        self.save_hyperparameters()
+        self.net = build_resnet(
+            depth,
+            use_cbam_block=use_cbam_block,
+            use_cbam_class=use_cbam_class,
+            reduction_ratio=reduction_ratio,
+            kernel_size=kernel_size,
+            num_classes=num_classes,
+            width=width,
+        )
+        if channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self.forward_net = torch.compile(self.net) if compile else self.net
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        # One metric object per stage: their states are summed over the epoch (and across ranks) and
+        # read once at its end, with no host synchronisation inside the steps.
+        # (ModuleDict keys may not be "train": that is nn.Module.train.)
+        stages = ("train", "val", "test")
+        self.metrics = nn.ModuleDict(
+            {f"{s}_acc": MulticlassAccuracy(num_classes, average="micro") for s in stages}
+            | {f"{s}_loss": MeanMetric() for s in stages}
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hparams.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.forward_net(x)
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = batch
+        logits = self(images)
+        loss = self.criterion(logits, labels)
+        accuracy, mean_loss = self.metrics[f"{stage}_acc"], self.metrics[f"{stage}_loss"]
+        accuracy.update(logits.detach(), labels)
+        mean_loss.update(loss.detach(), weight=labels.numel())
+        self.log(f"{stage}/loss", mean_loss, on_step=False, on_epoch=True, prog_bar=stage != "train")
+        self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
+        return loss, logits
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, _ = self._step(batch, "train")
+        # Converted to a number only every trainer.log_every_n_steps steps.
+        self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def configure_optimizers(self) -> dict:
+        optimizer = instantiate(self.hparams.optimizer)(self.net.parameters())
+        scheduler = instantiate(self.hparams.scheduler)(
+            optimizer, total_steps=int(self.trainer.estimated_stepping_batches)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,185 @@
+"""CIFAR ResNets (3x3 stem, no max-pool, four stages) with optional CBAM, after kuangliu/pytorch-cifar.
+
+One generic :class:`ResNet`; the depths are rows of :data:`DEPTHS`. With ``width=64`` and no CBAM the
+parameter counts are the standard ones (ResNet18: 11,173,962 ... ResNet152: 58,156,618).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from cbam.attention import CBAM
+
+AttentionFactory = Callable[[int], nn.Module]
+
+
+def _conv_bn(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1) -> list[nn.Module]:
+    return [
+        nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding=kernel_size // 2, bias=False),
+        nn.BatchNorm2d(out_channels),
+    ]
+
+
+class _ResidualBlock(nn.Module):
+    """``relu(attention(branch(x)) + shortcut(x))``; subclasses only define the branch's layers."""
+
+    expansion: int = 1
+
+    def __init__(self, in_channels: int, planes: int, stride: int, attention: AttentionFactory | None):
+        super().__init__()
+        out_channels = planes * self.expansion
+        self.branch = nn.Sequential(*self.branch_layers(in_channels, planes, stride))
+        # CBAM sits after the branch's last BatchNorm and before the addition, as in the paper (Fig. 3).
+        self.attention = attention(out_channels) if attention else nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(*_conv_bn(in_channels, out_channels, 1, stride))
+        else:
+            self.shortcut = nn.Identity()
+        self.relu = nn.ReLU(inplace=True)
+
+    def branch_layers(self, in_channels: int, planes: int, stride: int) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.attention(self.branch(x)) + self.shortcut(x))
+
+
+class BasicBlock(_ResidualBlock):
+    """Two 3x3 convolutions (ResNet18/34)."""
+
+    expansion = 1
+
+    def branch_layers(self, in_channels: int, planes: int, stride: int) -> list[nn.Module]:
+        return [*_conv_bn(in_channels, planes, 3, stride), nn.ReLU(inplace=True), *_conv_bn(planes, planes, 3)]
+
+
+class Bottleneck(_ResidualBlock):
+    """1x1 reduce, 3x3 (carrying the stride), 1x1 expand by 4 (ResNet50/101/152)."""
+
+    expansion = 4
+
+    def branch_layers(self, in_channels: int, planes: int, stride: int) -> list[nn.Module]:
+        return [
+            *_conv_bn(in_channels, planes, 1),
+            nn.ReLU(inplace=True),
+            *_conv_bn(planes, planes, 3, stride),
+            nn.ReLU(inplace=True),
+            *_conv_bn(planes, planes * self.expansion, 1),
+        ]
+
+
+#: depth -> (block type, number of blocks in each of the four stages)
+DEPTHS: dict[int, tuple[type[_ResidualBlock], tuple[int, int, int, int]]] = {
+    18: (BasicBlock, (2, 2, 2, 2)),
+    34: (BasicBlock, (3, 4, 6, 3)),
+    50: (Bottleneck, (3, 4, 6, 3)),
+    101: (Bottleneck, (3, 4, 23, 3)),
+    152: (Bottleneck, (3, 8, 36, 3)),
+}
+
+
+class ResNet(nn.Module):
+    """A CIFAR ResNet: 3x3 stem, four stages (strides 1, 2, 2, 2), global average pool, linear classifier.
+
+    Args:
+        block: :class:`BasicBlock` or :class:`Bottleneck`.
+        num_blocks: blocks per stage.
+        width: channels of the first stage; the stages have ``width * (1, 2, 4, 8)`` planes.
+        num_classes: size of the classifier's output.
+        block_attention: builds the attention module of every residual block from its channel count.
+        classifier_attention: builds the attention module applied to the final feature map.
+    """
+
+    def __init__(
+        self,
+        block: type[_ResidualBlock],
+        num_blocks: tuple[int, ...],
+        *,
+        width: int = 64,
+        num_classes: int = 10,
+        block_attention: AttentionFactory | None = None,
+        classifier_attention: AttentionFactory | None = None,
+    ) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(*_conv_bn(3, width, 3), nn.ReLU(inplace=True))
+        in_channels = width
+        stages = []
+        for index, blocks in enumerate(num_blocks):
+            planes = width * 2**index
+            strides = [1 if index == 0 else 2] + [1] * (blocks - 1)
+            layers = []
+            for stride in strides:
+                layers.append(block(in_channels, planes, stride, block_attention))
+                in_channels = planes * block.expansion
+            stages.append(nn.Sequential(*layers))
+        self.stages = nn.Sequential(*stages)
+        self.attention = classifier_attention(in_channels) if classifier_attention else nn.Identity()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(in_channels, num_classes)
+        self.out_channels = in_channels
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The final feature map, after the classifier CBAM (if any) and before pooling."""
+        return self.attention(self.stages(self.stem(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
+
+
+def smallest_attention_channels(
+    depth: int, *, use_cbam_block: bool, use_cbam_class: bool, width: int = 64
+) -> int | None:
+    """The smallest channel count a CBAM sees in this network (None without CBAM).
+
+    The reduction ratio may not exceed it; this lets configs be checked before any model is built.
+    """
+    block, _ = DEPTHS[depth]
+    counts = []
+    if use_cbam_block:
+        counts.append(width * block.expansion)
+    if use_cbam_class:
+        counts.append(width * 8 * block.expansion)
+    return min(counts) if counts else None
+
+
+def build_resnet(
+    depth: int,
+    *,
+    use_cbam_block: bool = False,
+    use_cbam_class: bool = False,
+    reduction_ratio: int = 16,
+    kernel_size: int = 7,
+    num_classes: int = 10,
+    width: int = 64,
+) -> ResNet:
+    """Build a CIFAR ResNet of ``depth`` in {18, 34, 50, 101, 152}, with CBAM where asked.
+
+    Args:
+        depth: network depth.
+        use_cbam_block: a CBAM in every residual block, after the branch's last BatchNorm.
+        use_cbam_class: a CBAM on the final feature map, before pooling and the classifier.
+        reduction_ratio: CBAM channel-MLP reduction ratio.
+        kernel_size: CBAM spatial-attention kernel size (odd).
+        num_classes: number of classes.
+        width: channels of the first stage (64 gives the standard networks).
+    """
+    if depth not in DEPTHS:
+        raise ValueError(f"depth must be one of {sorted(DEPTHS)}, got {depth}")
+    if width < 1:
+        raise ValueError(f"width must be >= 1, got {width}")
+    block, num_blocks = DEPTHS[depth]
+
+    def attention(channels: int) -> nn.Module:
+        return CBAM(channels, reduction_ratio=reduction_ratio, kernel_size=kernel_size)
+
+    return ResNet(
+        block,
+        num_blocks,
+        width=width,
+        num_classes=num_classes,
+        block_attention=attention if use_cbam_block else None,
+        classifier_attention=attention if use_cbam_class else None,
+    )

@@ -1,0 +1,54 @@
+"""What train.py runs: check the config, build data, model, callbacks, logger and trainer, fit, test."""
+
+from __future__ import annotations
+
+import sys
+
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from cbam.checks import ConfigError, check_config
+from cbam.data import DataError
+from cbam.module import CBAMResNetModule
+
+
+def build_model(cfg: DictConfig) -> CBAMResNetModule:
+    """The LightningModule of ``cfg.model``, with the optimizer and schedule of ``cfg.optim`` and
+    ``cfg.scheduler`` (passed as configs: the module instantiates them and saves them as hparams)."""
+    return instantiate(cfg.model, optimizer=cfg.optim, scheduler=cfg.scheduler, _recursive_=False, _convert_="all")
+
+
+def build_trainer(cfg: DictConfig) -> pl.Trainer:
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Train and/or test as ``cfg`` says; returns the final metrics."""
+    check_config(cfg)
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    trainer = build_trainer(cfg)
+    if cfg.train:
+        model = build_model(cfg)
+        if trainer.logger:
+            trainer.logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    else:
+        # The checkpoint alone rebuilds the model it was trained with, whatever cfg.model says.
+        model = CBAMResNetModule.load_from_checkpoint(cfg.ckpt_path, map_location="cpu")
+    if cfg.test:
+        best = trainer.checkpoint_callback.best_model_path if cfg.train and trainer.checkpoint_callback else ""
+        trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
+    return {key: float(value) for key, value in trainer.callback_metrics.items()}
+
+
+def main(cfg: DictConfig) -> dict[str, float]:
+    """:func:`run`, with bad input reported as one line on stderr and exit status 2 (no traceback)."""
+    try:
+        return run(cfg)
+    except (ConfigError, DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

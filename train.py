@@ -1,0 +1,17 @@
+"""Train and test a CBAM-ResNet on CIFAR-10: python train.py model.depth=50 model.use_cbam_block=true"""
+
+import hydra
+from omegaconf import DictConfig
+
+from cbam.training import main
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def train(cfg: DictConfig) -> float | None:
+    metrics = main(cfg)
+    # Returned for Hydra sweepers (hparams_search=optuna maximises it).
+    return metrics.get("val/acc", metrics.get("test/acc"))
+
+
+if __name__ == "__main__":
+    train()
