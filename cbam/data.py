@@ -324,6 +324,7 @@ class DeviceLoader:
         self.images = torch.nn.functional.pad(images, (0, 0, pad, pad, pad, pad)).to(self.device)
         self.labels = labels.to(self.device)
         self.sampler = _EpochSampler()
+        self.batch_sampler = None  # Lightning inspects both attributes of a loader
         self.batches_done = 0  # within the current epoch: lets a resumed run skip what it already saw
 
     def _shard_size(self) -> int:

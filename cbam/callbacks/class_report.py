@@ -1,0 +1,138 @@
+"""Per-class test accuracy and the confusion matrix, at the end of every test (after training, or with
+``train=false ckpt_path=...``).
+
+Rank 0 prints ``test/acc`` and a per-class table, writes it to ``<run dir>/per_class_accuracy.csv`` and draws
+the confusion matrix to ``<run dir>/confusion_matrix.png``; with a TensorBoard logger the figure is logged as
+``test/confusion_matrix`` and the table as text ``test/per_class_accuracy``.
+"""
+
+from __future__ import annotations
+
+import csv
+
+import pytorch_lightning as pl
+import torch
+from torchmetrics.classification import MulticlassConfusionMatrix
+
+from cbam.callbacks._utils import class_names, new_figure, run_dir, save_figure, tensorboard_writers
+
+
+def per_class_rows(matrix: torch.Tensor, names: list[str]) -> list[dict]:
+    """One row per class of a confusion matrix (rows: true class): correct, total and accuracy (None when
+    the class has no test image)."""
+    rows = []
+    for index, name in enumerate(names):
+        correct, total = int(matrix[index, index]), int(matrix[index].sum())
+        rows.append(
+            {"class": name, "index": index, "correct": correct, "total": total,
+             "accuracy": correct / total if total else None}
+        )
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    width = max([len("class"), *(len(row["class"]) for row in rows)])
+    lines = [f"{'class':<{width}}  {'correct':>7}  {'total':>6}  {'accuracy':>8}"]
+    for row in rows:
+        accuracy = "-" if row["accuracy"] is None else f"{row['accuracy']:.2%}"
+        lines.append(f"{row['class']:<{width}}  {row['correct']:>7}  {row['total']:>6}  {accuracy:>8}")
+    correct, total = sum(r["correct"] for r in rows), sum(r["total"] for r in rows)
+    lines.append(f"{'all':<{width}}  {correct:>7}  {total:>6}  {correct / max(total, 1):>8.2%}")
+    return "\n".join(lines)
+
+
+class ClassReport(pl.Callback):
+    """Per-class accuracy table (printed, CSV, TensorBoard text) and confusion-matrix figure of the test set.
+
+    Args:
+        csv_name: file of the run dir receiving the table.
+        figure_name: file of the run dir receiving the confusion matrix.
+        annotate_up_to: write the counts in the cells when there are at most this many classes.
+    """
+
+    def __init__(
+        self,
+        csv_name: str = "per_class_accuracy.csv",
+        figure_name: str = "confusion_matrix.png",
+        annotate_up_to: int = 20,
+    ) -> None:
+        self.csv_name, self.figure_name, self.annotate_up_to = csv_name, figure_name, annotate_up_to
+        self._matrix: MulticlassConfusionMatrix | None = None
+        self._logits: torch.Tensor | None = None
+        self._hook = None
+
+    # The module's test_step returns nothing: a forward hook on the LightningModule hands over its logits.
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._matrix, self._logits = None, None
+
+        def keep_logits(module, args, output):
+            self._logits = output if isinstance(output, torch.Tensor) else None
+
+        self._hook = pl_module.register_forward_hook(keep_logits)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        logits = outputs if isinstance(outputs, torch.Tensor) and outputs.ndim == 2 else self._logits
+        self._logits = None
+        labels = batch[1]
+        if logits is None or logits.ndim != 2 or logits.shape[0] != labels.shape[0]:
+            return
+        if self._matrix is None:
+            num_classes = int(getattr(pl_module.hparams, "num_classes", 0) or logits.shape[1])
+            self._matrix = MulticlassConfusionMatrix(num_classes).to(logits.device)
+        self._matrix.update(logits.detach().argmax(dim=1), labels)
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._matrix is None:
+            return
+        matrix = self._matrix.compute().cpu()  # summed over ranks: every rank must call it
+        if not trainer.is_global_zero:
+            return
+        names = class_names(trainer, matrix.shape[0])
+        rows = per_class_rows(matrix, names)
+        correct, total = sum(r["correct"] for r in rows), sum(r["total"] for r in rows)
+        print(f"\ntest/acc = {correct / max(total, 1):.4f} ({correct}/{total} test images)")
+        print("Per-class test accuracy:\n" + format_table(rows) + "\n", flush=True)
+        folder = run_dir(trainer)
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / self.csv_name, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["class", "index", "correct", "total", "accuracy"])
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({**row, "accuracy": "" if row["accuracy"] is None else f"{row['accuracy']:.6f}"})
+        figure = self._figure(matrix, names)
+        save_figure(figure, folder / self.figure_name)
+        for writer in tensorboard_writers(trainer):
+            writer.add_figure("test/confusion_matrix", figure, global_step=trainer.global_step)
+            text = "\n".join(["| class | correct | total | accuracy |", "|---|---:|---:|---:|"] + [
+                f"| {r['class']} | {r['correct']} | {r['total']} | "
+                f"{'-' if r['accuracy'] is None else format(r['accuracy'], '.2%')} |" for r in rows
+            ])
+            writer.add_text("test/per_class_accuracy", text, global_step=trainer.global_step)
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self._matrix, self._logits = None, None
+
+    def _figure(self, matrix: torch.Tensor, names: list[str]):
+        count = len(names)
+        size = max(4.0, 0.55 * count + 2)
+        figure = new_figure(size + 1, size)
+        axis = figure.subplots()
+        totals = matrix.sum(dim=1, keepdim=True).clamp_min(1)
+        image = axis.imshow((matrix / totals).numpy(), cmap="Blues", vmin=0, vmax=1)
+        figure.colorbar(image, ax=axis, label="fraction of the true class")
+        axis.set_xticks(range(count), names, rotation=45, ha="right", fontsize=8)
+        axis.set_yticks(range(count), names, fontsize=8)
+        axis.set_xlabel("predicted")
+        axis.set_ylabel("true")
+        if count <= self.annotate_up_to:
+            fractions = matrix / totals
+            for true in range(count):
+                for predicted in range(count):
+                    axis.text(predicted, true, int(matrix[true, predicted]), ha="center", va="center", fontsize=7,
+                              color="white" if fractions[true, predicted] > 0.5 else "black")
+        accuracy = matrix.diag().sum() / matrix.sum().clamp_min(1)
+        axis.set_title(f"Test confusion matrix (accuracy {float(accuracy):.2%})")
+        return figure

@@ -1,0 +1,70 @@
+"""Loss and accuracy per epoch (train and val) as ``<run dir>/curves.png``, redrawn after every epoch."""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+
+from cbam.callbacks._utils import new_figure, run_dir, save_figure
+
+
+class TrainingCurves(pl.Callback):
+    """Plot ``<stage>/<metric>`` for every metric (panels) and stage (lines) against the epoch.
+
+    Args:
+        metrics: the logged metric names without the stage prefix, one panel each.
+        stages: the stage prefixes, one line each.
+        filename: file of the run dir receiving the figure.
+    """
+
+    def __init__(
+        self,
+        metrics: tuple[str, ...] | list[str] = ("loss", "acc"),
+        stages: tuple[str, ...] | list[str] = ("train", "val"),
+        filename: str = "curves.png",
+    ) -> None:
+        self.metrics, self.stages, self.filename = list(metrics), list(stages), filename
+        # {"train/loss": {epoch: value}}; kept in checkpoints, so a resumed run keeps its earlier epochs
+        self.history: dict[str, dict[int, float]] = {}
+
+    def state_dict(self) -> dict:
+        return {"history": self.history}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history = {key: dict(values) for key, values in state_dict.get("history", {}).items()}
+
+    def _record(self, trainer: pl.Trainer, stage: str) -> None:
+        for metric in self.metrics:
+            key = f"{stage}/{metric}"
+            value = trainer.callback_metrics.get(key)
+            if value is not None:
+                self.history.setdefault(key, {})[trainer.current_epoch] = float(value)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            for stage in self.stages:
+                if stage != "train":
+                    self._record(trainer, stage)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if "train" in self.stages:
+            self._record(trainer, "train")
+        if trainer.is_global_zero and self.history:
+            self.draw(run_dir(trainer) / self.filename)
+
+    def draw(self, path):
+        figure = new_figure(4.5 * len(self.metrics), 3.4)
+        axes = figure.subplots(1, len(self.metrics), squeeze=False)[0]
+        for axis, metric in zip(axes, self.metrics):
+            for stage in self.stages:
+                points = sorted(self.history.get(f"{stage}/{metric}", {}).items())
+                if points:
+                    epochs, values = zip(*points)
+                    axis.plot([e + 1 for e in epochs], values, marker="o" if len(points) < 30 else None,
+                              markersize=3, label=stage)
+            axis.set_xlabel("epoch")
+            axis.set_ylabel(metric)
+            axis.set_title(metric)
+            axis.grid(alpha=0.3)
+            if axis.has_data():
+                axis.legend()
+        return save_figure(figure, path)

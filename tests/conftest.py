@@ -1,0 +1,103 @@
+"""Shared fixtures: small CIFAR-10-shaped data sets written into temporary folders (never the network)."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+#: class names deliberately created out of sorted order: the loaders must sort them
+TINY_CLASSES = ["truck", "airplane", "cat", "bird", "ship", "deer", "dog", "frog", "horse", "automobile"]
+
+
+def _write_batches(root: Path, *, per_batch: int = 6, num_test: int = 8, seed: int = 0) -> dict:
+    """A ``cifar-10-batches-py`` folder in the real format (python pickles with bytes keys).
+
+    Returns what was written: ``train_data`` (N, 3072) uint8, ``train_labels``, ``test_data``,
+    ``test_labels``, ``classes``.
+    """
+    rng = np.random.default_rng(seed)
+    folder = Path(root) / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    classes = sorted(TINY_CLASSES)  # batches.meta keeps the official (given) order; any order is fine
+    written = {"train_data": [], "train_labels": [], "classes": classes}
+
+    def dump(name: str, data: np.ndarray, labels: list[int]) -> None:
+        with open(folder / name, "wb") as handle:
+            pickle.dump({b"batch_label": name.encode(), b"data": data, b"labels": labels}, handle, protocol=2)
+
+    for index in range(1, 6):
+        data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
+        labels = rng.integers(0, 10, per_batch).tolist()
+        dump(f"data_batch_{index}", data, labels)
+        written["train_data"].append(data)
+        written["train_labels"] += labels
+    written["train_data"] = np.concatenate(written["train_data"])
+    written["test_data"] = rng.integers(0, 256, (num_test, 3072), dtype=np.uint8)
+    written["test_labels"] = rng.integers(0, 10, num_test).tolist()
+    dump("test_batch", written["test_data"], written["test_labels"])
+    with open(folder / "batches.meta", "wb") as handle:
+        meta = {b"label_names": [name.encode() for name in classes], b"num_cases_per_batch": per_batch}
+        pickle.dump(meta, handle, protocol=2)
+    return written
+
+
+def _write_image_folder(
+    root: Path,
+    *,
+    classes: list[str] = TINY_CLASSES,
+    train_per_class: int = 3,
+    test_per_class: int = 2,
+    train_suffix: str = ".png",
+    test_suffix: str = ".jpg",
+    seed: int = 0,
+) -> dict:
+    """``train/<class>/*`` and ``test/<class>/*`` random 32x32 RGB images.
+
+    Returns ``{"train": [(path, pixels uint8 HWC, class name)], "test": [...]}``, listed in the order the
+    loader must read them (classes sorted by name, files sorted by name). PNGs are random noise (lossless);
+    JPEGs are flat colours, which JPEG keeps within a few levels.
+    """
+    rng = np.random.default_rng(seed)
+    written = {"train": [], "test": []}
+    for split, count, suffix in (("train", train_per_class, train_suffix), ("test", test_per_class, test_suffix)):
+        for name in classes:
+            folder = Path(root) / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for index in range(count):
+                if suffix == ".png":
+                    pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                else:
+                    pixels = np.broadcast_to(rng.integers(0, 256, 3, dtype=np.uint8), (32, 32, 3)).copy()
+                path = folder / f"img{index:03d}{suffix}"
+                if suffix == ".png":
+                    Image.fromarray(pixels).save(path)
+                else:
+                    Image.fromarray(pixels).save(path, quality=95)
+                written[split].append((path, pixels, name))
+    for split in written:
+        written[split].sort(key=lambda item: (item[2], item[0].name))
+    return written
+
+
+@pytest.fixture
+def make_batches():
+    """Factory: ``make_batches(root, **options)`` writes a fake ``cifar-10-batches-py`` under root."""
+    return _write_batches
+
+
+@pytest.fixture
+def make_image_folder():
+    """Factory: ``make_image_folder(root, **options)`` writes a train/ + test/ image-folder tree."""
+    return _write_image_folder
+
+
+@pytest.fixture(scope="session")
+def tiny_cifar_folder(tmp_path_factory) -> Path:
+    """A tiny CIFAR-10 image folder for end-to-end runs: 20 train and 5 test PNGs per class."""
+    root = tmp_path_factory.mktemp("tiny_cifar")
+    _write_image_folder(root, train_per_class=20, test_per_class=5, test_suffix=".png", seed=1)
+    return root
