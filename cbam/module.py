@@ -68,7 +68,9 @@ class CBAMResNetModule(pl.LightningModule):
         )
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
-        self.forward_net = torch.compile(self.net) if compile else self.net
+        if compile:
+            # In place: the state_dict keeps its plain keys, so checkpoints load with or without compile.
+            self.net.compile()
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         # One metric object per stage: their states are summed over the epoch (and across ranks) and
         # read once at its end, with no host synchronisation inside the steps.
@@ -82,7 +84,7 @@ class CBAMResNetModule(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.hparams.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.forward_net(x)
+        return self.net(x)
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = batch
