@@ -11,11 +11,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out
 python3 -c "import torch, pytorch_lightning as pl; print('torch', torch.__version__, 'lightning', pl.__version__)" | tee -a "$out/gpu.txt"
 
 # 1. images/s of the three pipelines, eager, ResNet18/50 x no CBAM/CBAM in every block
-timeout 240 python3 benchmarks/throughput.py --data "$data" --cache-dir "$cache" --out "$out/throughput_eager.json" 2>&1 | grep '^{'
+timeout 170 python3 benchmarks/throughput.py --data "$data" --cache-dir "$cache" --out "$out/throughput_eager.json" 2>&1 | grep '^{'
 # 2. time to 94% / 95% test accuracy with experiment=fast (ResNet18, CBAM in every block, compiled)
-timeout 240 python3 benchmarks/time_to_accuracy.py data.root="$data" data.download=false data.cache_dir="$cache" \
+timeout 200 python3 benchmarks/time_to_accuracy.py data.root="$data" data.download=false data.cache_dir="$cache" \
   --out "$out/time_to_accuracy_fast.json" 2>&1 | grep '^{'
 # 3. the same throughput with torch.compile, ResNet18: Lightning against the bare loop, CBAM cost
-timeout 240 python3 benchmarks/throughput.py --data "$data" --cache-dir "$cache" --compile --depths 18 \
+timeout 180 python3 benchmarks/throughput.py --data "$data" --cache-dir "$cache" --compile --depths 18 \
   --pipelines lightning,plain --out "$out/throughput_compile.json" 2>&1 | grep '^{'
 rm -rf "$cache"

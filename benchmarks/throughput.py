@@ -206,6 +206,13 @@ def main(argv=None) -> dict:
     arrays = cifar_arrays(args.data, args.cache_dir, num_images=args.batch_size * (args.warmup + args.steps + 1))
     peak = peak_tflops(device)
     results = []
+    report = {
+        "device": describe_device(device),
+        "peak_bf16_tflops": peak,
+        "software": software_versions(),
+        "args": {k: v for k, v in vars(args).items() if k != "out"},
+        "results": results,
+    }
     for depth in map(int, args.depths.split(",")):
         for cbam in args.cbam.split(","):
             flops = training_flops_per_image(depth, cbam == "block", args.width)
@@ -227,15 +234,8 @@ def main(argv=None) -> dict:
                 }
                 results.append(row)
                 print(json.dumps(row), flush=True)
-    report = {
-        "device": describe_device(device),
-        "peak_bf16_tflops": peak,
-        "software": software_versions(),
-        "args": {k: v for k, v in vars(args).items() if k != "out"},
-        "results": results,
-    }
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+                if args.out:  # after every row: a run cut short still leaves what it measured
+                    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 
