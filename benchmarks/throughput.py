@@ -52,6 +52,7 @@ def _endless(loader):
 def run_plain(args, arrays, depth: int, cbam: bool, device: torch.device) -> float:
     """Seconds for ``args.steps`` timed steps of a bare loop with this project's data path."""
     gpu = device.type == "cuda"
+    torch.backends.cudnn.benchmark = gpu  # as trainer=gpu does
     net = build_resnet(depth, use_cbam_block=cbam, width=args.width).to(device)
     if gpu:
         net = net.to(memory_format=torch.channels_last)

@@ -9,6 +9,7 @@ channel-wise max and mean maps.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -43,8 +44,9 @@ class ChannelAttention(nn.Module):
 
     def gate(self, x: torch.Tensor) -> torch.Tensor:
         """The attention weights, shape (N, C, 1, 1), values in (0, 1)."""
-        # Both descriptors go through the MLP as one batch of 2N rows: one matmul pair instead of two.
-        descriptors = torch.cat((x.mean(dim=(2, 3)), x.amax(dim=(2, 3))), dim=0)
+        # Pooling ops as in the authors' code: max pooling sends the gradient to one arg-max, where amax
+        # would split it among ties. Both descriptors go through the MLP as one batch of 2N rows.
+        descriptors = torch.cat((F.adaptive_avg_pool2d(x, 1), F.adaptive_max_pool2d(x, 1)), dim=0).flatten(1)
         avg_out, max_out = self.mlp(descriptors).chunk(2, dim=0)
         return torch.sigmoid(avg_out + max_out)[:, :, None, None]
 
@@ -52,11 +54,36 @@ class ChannelAttention(nn.Module):
         return x * self.gate(x)
 
 
+class MapBatchNorm(nn.BatchNorm2d):
+    """``nn.BatchNorm2d(1)`` computed with whole-tensor reductions: the same numbers, parameters, buffers
+    and state_dict keys.
+
+    Batch-norm kernels spread their work over channels; with a single channel a training step runs each
+    of them on a handful of GPU blocks, which made the spatial gate the slowest part of a CBAM block.
+    """
+
+    def __init__(self, eps: float = 1e-5, momentum: float = 0.1) -> None:
+        super().__init__(1, eps=eps, momentum=momentum)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        values = x.float()
+        var, mean = torch.var_mean(values, correction=0)
+        with torch.no_grad():  # the running estimates use the unbiased variance, as BatchNorm2d does
+            count = values.numel()
+            self.running_mean.lerp_(mean.reshape(1), self.momentum)
+            self.running_var.lerp_((var * count / max(count - 1, 1)).reshape(1), self.momentum)
+            self.num_batches_tracked.add_(1)
+        scale = self.weight * torch.rsqrt(var + self.eps)
+        return ((values - mean) * scale + self.bias).to(x.dtype)
+
+
 class SpatialAttention(nn.Module):
     """Spatial gate: ``x * sigmoid(BN(conv_k([max_c(x), mean_c(x)])))``.
 
-    The max map comes first, as in the authors' ``ChannelPool``; the BatchNorm uses their
-    ``momentum=0.01``.
+    The max map comes first, as in the authors' ``ChannelPool``; the BatchNorm (:class:`MapBatchNorm`)
+    uses their ``momentum=0.01``.
 
     Args:
         kernel_size: odd size k of the k x k convolution.
@@ -66,11 +93,11 @@ class SpatialAttention(nn.Module):
         super().__init__()
         _check_arguments(1, 1, kernel_size)
         self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
-        self.bn = nn.BatchNorm2d(1, eps=1e-5, momentum=0.01)
+        self.bn = MapBatchNorm(eps=1e-5, momentum=0.01)
 
     def gate(self, x: torch.Tensor) -> torch.Tensor:
         """The attention map, shape (N, 1, H, W), values in (0, 1)."""
-        pooled = torch.cat((x.amax(dim=1, keepdim=True), x.mean(dim=1, keepdim=True)), dim=1)
+        pooled = torch.cat((x.max(dim=1, keepdim=True).values, x.mean(dim=1, keepdim=True)), dim=1)
         return torch.sigmoid(self.bn(self.conv(pooled)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

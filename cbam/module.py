@@ -77,8 +77,8 @@ class CBAMResNetModule(pl.LightningModule):
         # (ModuleDict keys may not be "train": that is nn.Module.train.)
         stages = ("train", "val", "test")
         self.metrics = nn.ModuleDict(
-            {f"{s}_acc": MulticlassAccuracy(num_classes, average="micro") for s in stages}
-            | {f"{s}_loss": MeanMetric() for s in stages}
+            {f"{s}_acc": MulticlassAccuracy(num_classes, average="micro", validate_args=False) for s in stages}
+            | {f"{s}_loss": MeanMetric(nan_strategy="disable") for s in stages}
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -92,7 +92,9 @@ class CBAMResNetModule(pl.LightningModule):
         loss = self.criterion(logits, labels)
         accuracy, mean_loss = self.metrics[f"{stage}_acc"], self.metrics[f"{stage}_loss"]
         accuracy.update(logits.detach(), labels)
-        mean_loss.update(loss.detach(), weight=labels.numel())
+        # One value per image: a plain mean then weighs batches by size. (Argument validation and NaN
+        # checks are off in both metrics: each costs a host synchronisation every step.)
+        mean_loss.update(loss.detach().expand(labels.numel()))
         self.log(f"{stage}/loss", mean_loss, on_step=False, on_epoch=True, prog_bar=stage != "train")
         self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
         return loss, logits
