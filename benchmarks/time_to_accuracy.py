@@ -104,11 +104,16 @@ def main(argv=None) -> dict:
     model = build_model(cfg)
     with tempfile.TemporaryDirectory() as scratch:
         OmegaConf.update(cfg, "trainer.default_root_dir", scratch)
-        trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
-        trainer_cfg.update(logger=False, enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0,
-                           limit_val_batches=0)
         clock = TestEveryEpoch([float(t) for t in args.targets.split(",")])
-        trainer = pl.Trainer(**{k: v for k, v in trainer_cfg.items() if k != "_target_"}, callbacks=[clock])
+        trainer = instantiate(
+            cfg.trainer,
+            callbacks=[clock],
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+        )
         started = time.perf_counter()
         trainer.fit(model, datamodule=datamodule)
         wall = time.perf_counter() - started
