@@ -9,7 +9,6 @@ channel-wise max and mean maps.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -44,9 +43,10 @@ class ChannelAttention(nn.Module):
 
     def gate(self, x: torch.Tensor) -> torch.Tensor:
         """The attention weights, shape (N, C, 1, 1), values in (0, 1)."""
-        # Pooling ops as in the authors' code: max pooling sends the gradient to one arg-max, where amax
-        # would split it among ties. Both descriptors go through the MLP as one batch of 2N rows.
-        descriptors = torch.cat((F.adaptive_avg_pool2d(x, 1), F.adaptive_max_pool2d(x, 1)), dim=0).flatten(1)
+        # Both descriptors go through the MLP as one batch of 2N rows. (amax, unlike the authors' max
+        # pooling, shares the gradient among exactly tied maxima; it fuses under torch.compile, where
+        # max pooling with indices ran 1.6x slower on an H100.)
+        descriptors = torch.cat((x.mean(dim=(2, 3)), x.amax(dim=(2, 3))), dim=0)
         avg_out, max_out = self.mlp(descriptors).chunk(2, dim=0)
         return torch.sigmoid(avg_out + max_out)[:, :, None, None]
 
@@ -97,7 +97,7 @@ class SpatialAttention(nn.Module):
 
     def gate(self, x: torch.Tensor) -> torch.Tensor:
         """The attention map, shape (N, 1, H, W), values in (0, 1)."""
-        pooled = torch.cat((x.max(dim=1, keepdim=True).values, x.mean(dim=1, keepdim=True)), dim=1)
+        pooled = torch.cat((x.amax(dim=1, keepdim=True), x.mean(dim=1, keepdim=True)), dim=1)
         return torch.sigmoid(self.bn(self.conv(pooled)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

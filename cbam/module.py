@@ -72,8 +72,6 @@ class CBAMResNetModule(pl.LightningModule):
             # In place: the state_dict keeps its plain keys, so checkpoints load with or without compile.
             self.net.compile()
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-        # One metric object per stage: their states are summed over the epoch (and across ranks) and
-        # read once at its end, with no host synchronisation inside the steps.
         # (ModuleDict keys may not be "train": that is nn.Module.train.)
         stages = ("train", "val", "test")
         self.metrics = nn.ModuleDict(
@@ -86,23 +84,30 @@ class CBAMResNetModule(pl.LightningModule):
             x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x)
 
-    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         images, labels = batch
         logits = self(images)
         loss = self.criterion(logits, labels)
-        accuracy, mean_loss = self.metrics[f"{stage}_acc"], self.metrics[f"{stage}_loss"]
-        accuracy.update(logits.detach(), labels)
+        # Accumulated on the device; read (and synchronised across ranks) once, at the epoch's end.
+        self.metrics[f"{stage}_acc"].update(logits.detach(), labels)
         # One value per image: a plain mean then weighs batches by size. (Argument validation and NaN
         # checks are off in both metrics: each costs a host synchronisation every step.)
-        mean_loss.update(loss.detach().expand(labels.numel()))
-        self.log(f"{stage}/loss", mean_loss, on_step=False, on_epoch=True, prog_bar=stage != "train")
-        self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
-        return loss, logits
+        self.metrics[f"{stage}_loss"].update(loss.detach().expand(labels.numel()))
+        return loss
+
+    def _log_epoch(self, stage: str) -> None:
+        for name in ("loss", "acc"):
+            metric = self.metrics[f"{stage}_{name}"]
+            if metric.update_called:
+                self.log(f"{stage}/{name}", metric.compute(), prog_bar=stage != "train" or name == "acc")
+            metric.reset()
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, _ = self._step(batch, "train")
-        # Converted to a number only every trainer.log_every_n_steps steps.
-        self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False)
+        loss = self._step(batch, "train")
+        # Logged only every trainer.log_every_n_steps steps: each self.log costs CPU time that a fast GPU
+        # step cannot hide.
+        if self.global_step % self.trainer.log_every_n_steps == 0:
+            self.log("train/loss_step", loss.detach())
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
@@ -110,6 +115,15 @@ class CBAMResNetModule(pl.LightningModule):
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._step(batch, "test")
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
 
     def configure_optimizers(self) -> dict:
         optimizer = instantiate(self.hparams.optimizer)(self.net.parameters())
