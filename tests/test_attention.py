@@ -50,7 +50,11 @@ def reference_channel(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear) -> torch.
 
 
 def reference_spatial(
-    x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, stats: tuple[torch.Tensor, torch.Tensor], training: bool
+    x: torch.Tensor,
+    conv: nn.Conv2d,
+    bn: nn.BatchNorm2d,
+    stats: tuple[torch.Tensor, torch.Tensor],
+    training: bool,
 ) -> torch.Tensor:
     """M_s = sigmoid(BN(conv_kxk([max over channels; mean over channels]))), BN momentum 0.01."""
     pooled = torch.cat([torch.max(x, dim=1, keepdim=True)[0], torch.mean(x, dim=1, keepdim=True)], dim=1)

@@ -68,14 +68,16 @@ def is_leaf(module: nn.Module) -> bool:
     return next(module.children(), None) is None
 
 
-def run_with_hooks(model: nn.Module, x: torch.Tensor) -> list[tuple[str, nn.Module, torch.Tensor, torch.Tensor]]:
+def run_with_hooks(model: nn.Module, x: torch.Tensor) -> list[tuple]:
     """Every module call as (event, module, input, output), in the order they happen: "pre" when a module
     starts, "post" when it returns (inputs are cloned, so later in-place ReLUs don't change them)."""
     events: list = []
     handles = []
     for module in model.modules():
-        handles.append(module.register_forward_pre_hook(lambda m, a: events.append(("pre", m, a[0].clone(), None))))
-        handles.append(module.register_forward_hook(lambda m, a, o: events.append(("post", m, None, o.clone()))))
+        handles += [
+            module.register_forward_pre_hook(lambda m, a: events.append(("pre", m, a[0].clone(), None))),
+            module.register_forward_hook(lambda m, a, o: events.append(("post", m, None, o.clone()))),
+        ]
     try:
         with torch.no_grad():
             model(x)
@@ -98,7 +100,9 @@ def test_block_cbam_follows_the_branch_batchnorm_and_precedes_the_addition(depth
         if event != "pre" or id(module) not in attention:
             continue
         # the layer that finished just before this CBAM started is a BatchNorm, and fed it
-        previous = [e for e in events[:index] if e[0] == "post" and is_leaf(e[1]) and id(e[1]) not in inside_cbam][-1]
+        finished = [e for e in events[:index] if e[0] == "post" and is_leaf(e[1])]
+        finished = [e for e in finished if id(e[1]) not in inside_cbam]
+        previous = finished[-1]
         assert isinstance(previous[1], nn.BatchNorm2d)
         torch.testing.assert_close(x, previous[3])
         # ...before the block's final ReLU: the CBAM sees negative values
@@ -128,7 +132,8 @@ def test_classifier_cbam_acts_on_the_final_features(depth):
     width, expansion = 4, TABLE[depth][2]
     model = build_resnet(depth, width=width, use_cbam_class=True, reduction_ratio=4).eval()
     (cbam,) = cbams(model)
-    classifier = [m for m in model.modules() if isinstance(m, nn.Linear) and not any(m is x for x in cbam.modules())]
+    inside_cbam = set(map(id, cbam.modules()))
+    classifier = [m for m in model.modules() if isinstance(m, nn.Linear) and id(m) not in inside_cbam]
     assert len(classifier) == 1
     events = run_with_hooks(model, torch.randn(3, 3, 32, 32))
     cbam_in = next(e[2] for e in events if e[0] == "pre" and e[1] is cbam)
@@ -138,7 +143,8 @@ def test_classifier_cbam_acts_on_the_final_features(depth):
     # the classifier sees the pooled CBAM output
     torch.testing.assert_close(logits, classifier[0](cbam_out.mean(dim=(2, 3))))
     # and the CBAM is the last module to touch the feature map: only pooling and the classifier follow
-    after = [e[1] for e in events[events.index(next(e for e in events if e[0] == "post" and e[1] is cbam)) + 1 :]]
+    cbam_done = next(i for i, e in enumerate(events) if e[0] == "post" and e[1] is cbam)
+    after = [e[1] for e in events[cbam_done + 1 :]]
     assert all(isinstance(m, (nn.AdaptiveAvgPool2d, nn.Linear, nn.Flatten)) or m is model for m in after)
 
 
@@ -162,7 +168,9 @@ def test_unknown_depth_raises(depth):
 
 
 def test_cbam_options_reach_every_cbam():
-    model = meta_resnet(50, width=8, use_cbam_block=True, use_cbam_class=True, reduction_ratio=8, kernel_size=3)
+    model = meta_resnet(
+        50, width=8, use_cbam_block=True, use_cbam_class=True, reduction_ratio=8, kernel_size=3
+    )
     for cbam in cbams(model):
         convs = [m for m in cbam.modules() if isinstance(m, nn.Conv2d)]
         assert [c.kernel_size for c in convs] == [(3, 3)]

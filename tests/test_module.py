@@ -1,0 +1,150 @@
+"""The LightningModule (training step, checkpoint round trip) and the learning-rate schedules."""
+
+from __future__ import annotations
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from cbam import CBAM
+from cbam.module import CBAMResNetModule
+from cbam.schedules import constant, one_cycle, warmup_cosine
+
+
+def fixed_batch(n: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 32, 32, generator=generator), torch.randint(0, 10, (n,), generator=generator)
+
+
+def test_training_steps_overfit_a_fixed_batch():
+    torch.manual_seed(0)
+    module = CBAMResNetModule(depth=18, width=8, use_cbam_block=True, reduction_ratio=4, kernel_size=3)
+    module.train()
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.05, momentum=0.9)
+    batch = fixed_batch()
+    losses = []
+    for step in range(12):
+        optimizer.zero_grad()
+        loss = module.training_step(batch, step)
+        assert loss.ndim == 0 and loss.requires_grad
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(torch.log(torch.tensor(10.0)).item(), abs=0.7)  # about chance at first
+    assert losses[-1] < 0.5 * losses[0], losses  # observed: 2.35 -> 0.63
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+
+
+def small_trainer(tmp_path, max_steps: int) -> pl.Trainer:
+    return pl.Trainer(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+
+
+def test_checkpoint_alone_rebuilds_architecture_and_weights(tmp_path):
+    torch.manual_seed(0)
+    options = dict(
+        depth=18,
+        use_cbam_block=True,
+        use_cbam_class=True,
+        reduction_ratio=2,
+        kernel_size=3,
+        width=4,
+        num_classes=7,
+        label_smoothing=0.1,
+        optimizer={"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.05, "momentum": 0.9},
+        scheduler={"_target_": "cbam.schedules.one_cycle", "_partial_": True, "warmup_fraction": 0.5},
+    )
+    module = CBAMResNetModule(**options)
+    images, labels = fixed_batch(16)
+    loader = DataLoader(TensorDataset(images, labels % 7), batch_size=8)
+    trainer = small_trainer(tmp_path, max_steps=4)
+    trainer.fit(module, loader)
+    assert trainer.global_step == 4
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+
+    restored = CBAMResNetModule.load_from_checkpoint(path, map_location="cpu")
+    for key, value in options.items():
+        assert restored.hparams[key] == value, key
+    assert str(restored.net) == str(module.net)
+    assert sum(isinstance(m, CBAM) for m in restored.modules()) == 8 + 1
+    assert restored.state_dict().keys() == module.state_dict().keys()
+    for key, value in module.state_dict().items():
+        assert torch.equal(restored.state_dict()[key], value), key
+    module.eval()
+    restored.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(restored(images), module(images), rtol=0, atol=0)
+        assert restored(images).shape == (16, 7)
+
+
+def test_default_optimizer_and_schedule_are_saved():
+    module = CBAMResNetModule(depth=18, width=4)
+    assert module.hparams.optimizer["_target_"] == "torch.optim.SGD"
+    assert module.hparams.scheduler["_target_"] == "cbam.schedules.warmup_cosine"
+
+
+# ------------------------------------------------------------------------------------------- schedules
+
+
+def learning_rates(make_scheduler, steps: int, lr: float = 0.2) -> list[float]:
+    """The learning rate used at each of ``steps`` training steps."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr, momentum=0.9)
+    scheduler = make_scheduler(optimizer)
+    rates = []
+    for _ in range(steps):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    rates.append(optimizer.param_groups[0]["lr"])  # after the last step
+    assert optimizer.param_groups[0]["momentum"] == 0.9  # the schedules leave momentum alone
+    return rates
+
+
+def test_warmup_cosine_warms_up_linearly_then_decays_to_the_final_ratio():
+    rates = learning_rates(lambda o: warmup_cosine(o, 100, warmup_fraction=0.1, final_lr_ratio=0.05), 100)
+    warmup = rates[:10]
+    assert warmup == pytest.approx([0.2 * (i + 1) / 10 for i in range(10)])  # linear, reaching the peak
+    assert rates[10] == pytest.approx(0.2)
+    decay = rates[10:]
+    assert all(a >= b for a, b in zip(decay, decay[1:]))
+    assert rates[55] == pytest.approx(0.2 * (0.05 + 0.95 * 0.5))  # the cosine's midpoint
+    assert rates[-1] == pytest.approx(0.2 * 0.05)
+    assert min(rates) == pytest.approx(0.2 * 0.05)
+
+
+def test_warmup_cosine_without_warmup_starts_at_the_base_rate():
+    rates = learning_rates(lambda o: warmup_cosine(o, 50), 50)
+    assert rates[0] == pytest.approx(0.2)
+    assert rates[-1] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_one_cycle_peaks_at_the_optimizer_lr_after_warmup_fraction():
+    total = 200
+    rates = learning_rates(
+        lambda o: one_cycle(o, total, warmup_fraction=0.3, start_lr_ratio=0.04, final_lr_ratio=1e-4),
+        total - 1,
+    )
+    peak = max(range(len(rates)), key=rates.__getitem__)
+    assert abs(peak - 0.3 * total) <= 1
+    assert rates[peak] == pytest.approx(0.2)
+    assert rates[0] == pytest.approx(0.2 * 0.04)
+    assert rates[-1] == pytest.approx(0.2 * 1e-4)
+    rising, falling = rates[: peak + 1], rates[peak:]
+    assert all(a < b for a, b in zip(rising, rising[1:]))
+    assert all(a > b for a, b in zip(falling, falling[1:]))
+    steps = [b - a for a, b in zip(rising, rising[1:])]
+    assert max(steps) == pytest.approx(min(steps), rel=1e-6)  # linear ramp
+
+
+def test_constant_schedule():
+    assert set(learning_rates(lambda o: constant(o, 10), 10)) == {0.2}
