@@ -5,13 +5,30 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.loggers import TensorBoardLogger
+from torch import nn
 
 
 def run_dir(trainer: pl.Trainer) -> Path:
     """The run's folder: ``trainer.default_root_dir``, which conf/trainer sets to the Hydra run dir."""
     return Path(trainer.default_root_dir)
+
+
+def plain_network(pl_module: nn.Module) -> nn.Module:
+    """The module's ``net`` (else the module itself), unwrapped from a ``torch.compile`` wrapper."""
+    net = getattr(pl_module, "net", pl_module)
+    return getattr(net, "_orig_mod", net)
+
+
+def call_eager(net: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """``net(inputs)``, bypassing ``nn.Module.compile()`` (which only replaces the top-level call): the
+    callbacks' forward hooks and FLOP counter then see plain eager modules, with no recompilation."""
+    if getattr(net, "_compiled_call_impl", None) is not None:
+        return net._call_impl(inputs)
+    return net(inputs)
 
 
 def tensorboard_writers(trainer: pl.Trainer) -> list[Any]:
@@ -25,17 +42,31 @@ def class_names(trainer: pl.Trainer, num_classes: int) -> list[str]:
     return names if len(names) == num_classes else [str(index) for index in range(num_classes)]
 
 
-def new_figure(width: float, height: float):
+def new_figure(width: float, height: float, layout: str | None = None):
     """A matplotlib figure drawn by the Agg canvas, outside pyplot (no global state, no display)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(width, height), layout="constrained")
+    figure = Figure(figsize=(width, height), layout=layout)
     FigureCanvasAgg(figure)
     return figure
 
 
-def save_figure(figure, path: Path, dpi: int = 100) -> Path:
+def render(figure, dpi: int = 100) -> np.ndarray:
+    """The figure drawn once, as an (H, W, 3) uint8 array."""
+    figure.set_dpi(dpi)
+    figure.canvas.draw()
+    return np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
+
+
+def publish_figure(trainer: pl.Trainer, figure, path: Path, tag: str, dpi: int = 100) -> Path:
+    """Draw ``figure`` once, save it as the PNG ``path`` and log it to every TensorBoard logger as the
+    image ``tag`` (at the trainer's global step)."""
+    from PIL import Image
+
+    image = render(figure, dpi)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=dpi)
+    Image.fromarray(image).save(path)
+    for writer in tensorboard_writers(trainer):
+        writer.add_image(tag, image, global_step=trainer.global_step, dataformats="HWC")
     return path

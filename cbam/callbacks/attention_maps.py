@@ -11,12 +11,22 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cbam.attention import CBAM
-from cbam.callbacks._utils import class_names, new_figure, run_dir, save_figure, tensorboard_writers
+from cbam.callbacks._utils import (
+    call_eager,
+    class_names,
+    new_figure,
+    plain_network,
+    publish_figure,
+    run_dir,
+    tensorboard_writers,
+)
 from cbam.data import CIFAR10_MEAN, CIFAR10_STD
 
 log = logging.getLogger(__name__)
@@ -61,7 +71,7 @@ def attention_gates(
     net.eval()
     try:
         parameter = next(net.parameters())
-        net(images.to(parameter.device, parameter.dtype))
+        call_eager(net, images.to(parameter.device, parameter.dtype))
     finally:
         for handle in handles:
             handle.remove()
@@ -89,6 +99,8 @@ class AttentionMaps(pl.Callback):
         cmap: matplotlib colormap of the overlay.
         dirname: folder of the run dir receiving ``spatial_epochNNN.png`` and ``channel_epochNNN.png``.
     """
+
+    GAP = 2  # pixels between the tiles of the mosaic
 
     def __init__(
         self,
@@ -119,7 +131,9 @@ class AttentionMaps(pl.Callback):
     def _collected(self) -> int:
         return sum(len(images) for images in self._images)
 
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         missing = self.num_images - self._collected()
         if dataloader_idx != 0 or missing <= 0 or not isinstance(batch, (tuple, list)):
             return
@@ -127,8 +141,8 @@ class AttentionMaps(pl.Callback):
         self._labels.append(batch[1][:missing].detach().cpu())
 
     def _due(self, trainer: pl.Trainer) -> bool:
-        last = bool(trainer.max_epochs) and trainer.max_epochs > 0 and trainer.current_epoch + 1 >= trainer.max_epochs
-        return self._validation_epochs % self.every_n_epochs == 0 or last
+        final = trainer.max_epochs is not None and 0 < trainer.max_epochs <= trainer.current_epoch + 1
+        return self._validation_epochs % self.every_n_epochs == 0 or final
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -136,7 +150,7 @@ class AttentionMaps(pl.Callback):
         self._validation_epochs += 1
         if not self._due(trainer) or not trainer.is_global_zero or not self._images:
             return
-        net = getattr(pl_module, "net", pl_module)
+        net = plain_network(pl_module)
         sites = find_cbam_sites(net)
         if not sites:
             if not self._warned:
@@ -146,53 +160,79 @@ class AttentionMaps(pl.Callback):
         images, labels = torch.cat(self._images), torch.cat(self._labels)
         gates = attention_gates(net, images, sites)
         names = class_names(trainer, int(getattr(pl_module.hparams, "num_classes", 0) or labels.max() + 1))
-        epoch, step = trainer.current_epoch, trainer.global_step
-        spatial = self._spatial_figure(images, labels, names, gates)
-        channel = self._channel_figure(gates)
-        folder = run_dir(trainer) / self.dirname
-        save_figure(spatial, folder / f"spatial_epoch{epoch:03d}.png")
-        save_figure(channel, folder / f"channel_epoch{epoch:03d}.png")
+        folder, epoch, step = run_dir(trainer) / self.dirname, trainer.current_epoch, trainer.global_step
+        spatial = self.spatial_figure(images, labels, names, gates)
+        publish_figure(trainer, spatial, folder / f"spatial_epoch{epoch:03d}.png", "attention/spatial_maps")
+        channel = self.channel_figure(gates)
+        path = folder / f"channel_epoch{epoch:03d}.png"
+        publish_figure(trainer, channel, path, "attention/channel_histograms")
         for writer in tensorboard_writers(trainer):
-            writer.add_figure("attention/spatial_maps", spatial, global_step=step)
-            writer.add_figure("attention/channel_histograms", channel, global_step=step)
             for name, gate in gates.items():
                 writer.add_histogram(f"attention/channel/{name}", gate["channel"], global_step=step)
 
-    def _spatial_figure(self, images, labels, names, gates):
-        display = _to_display(images)
-        rows, columns = len(images), 1 + len(gates)
-        figure = new_figure(1.5 * columns, 1.5 * rows + 0.3)
-        axes = figure.subplots(rows, columns, squeeze=False)
-        size = display.shape[1:3]
-        for row in range(rows):
-            axes[row][0].imshow(display[row].numpy())
-            label = int(labels[row])
-            axes[row][0].set_title(names[label] if label < len(names) else str(label), fontsize=8)
-            for column, (name, gate) in enumerate(gates.items(), start=1):
-                raw = gate["spatial"][row : row + 1]
-                heat = torch.nn.functional.interpolate(raw, size=size, mode="bilinear", align_corners=False)[0, 0]
+    def mosaic(self, images: torch.Tensor, gates: dict) -> np.ndarray:
+        """Rows: images; columns: the image, then its spatial map of every site overlaid on it."""
+        from matplotlib import colormaps
+
+        display = _to_display(images)  # (N, H, W, 3)
+        count, height, width, _ = display.shape
+        gap = self.GAP
+        colormap = colormaps[self.cmap]
+        canvas = np.ones((count * (height + gap) - gap, (1 + len(gates)) * (width + gap) - gap, 3))
+        for row in range(count):
+            top = row * (height + gap)
+            tiles = [display[row].numpy()]
+            for gate in gates.values():
+                spatial = gate["spatial"][row : row + 1]
+                heat = F.interpolate(spatial, size=(height, width), mode="bilinear", align_corners=False)
+                heat = heat[0, 0]
                 if self.normalize:
                     heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-8)
-                axes[row][column].imshow(display[row].numpy())
-                axes[row][column].imshow(heat.numpy(), cmap=self.cmap, alpha=self.alpha, vmin=0, vmax=1)
-                if row == 0:
-                    height, width = raw.shape[-2:]
-                    axes[row][column].set_title(f"{name} {height}x{width}", fontsize=8)
-        for axis in axes.flat:
-            axis.set_axis_off()
-        figure.suptitle("CBAM spatial attention" + (" (each map stretched to [0, 1])" if self.normalize else ""),
-                        fontsize=9)
+                colour = colormap(heat.clamp(0, 1).numpy())[..., :3]
+                tiles.append((1 - self.alpha) * tiles[0] + self.alpha * colour)
+            for column, tile in enumerate(tiles):
+                left = column * (width + gap)
+                canvas[top : top + height, left : left + width] = tile
+        return canvas
+
+    def spatial_figure(self, images, labels, names, gates):
+        canvas = self.mosaic(images, gates)
+        columns, rows = 1 + len(gates), len(images)
+        tile, left, top, bottom = 1.1, 1.0, 0.5, 0.3  # inches: a tile, the class names, headings, caption
+        width_in, height_in = tile * columns + left + 0.1, tile * rows + top + bottom
+        figure = new_figure(width_in, height_in)
+        box = (left / width_in, bottom / height_in, tile * columns / width_in, tile * rows / height_in)
+        axis = figure.add_axes(box)
+        axis.imshow(canvas, interpolation="nearest")
+        height, width = images.shape[-2:]
+        sizes = {name: "x".join(map(str, gate["spatial"].shape[-2:])) for name, gate in gates.items()}
+        headings = ["image"] + [f"{name}\n{size}" for name, size in sizes.items()]
+        centres = [c * (width + self.GAP) + width / 2 - 0.5 for c in range(columns)]
+        axis.set_xticks(centres, headings, fontsize=7)
+        axis.xaxis.tick_top()
+        axis.set_yticks(
+            [r * (height + self.GAP) + height / 2 - 0.5 for r in range(rows)],
+            [names[int(label)] if int(label) < len(names) else str(int(label)) for label in labels],
+            fontsize=7,
+        )
+        axis.tick_params(length=0)
+        for spine in axis.spines.values():
+            spine.set_visible(False)
+        stretched = " (each map stretched to [0, 1])" if self.normalize else ""
+        axis.set_xlabel(f"CBAM spatial attention{stretched}", fontsize=7)
         return figure
 
-    def _channel_figure(self, gates):
-        figure = new_figure(2.6 * len(gates), 2.4)
+    def channel_figure(self, gates):
+        figure = new_figure(2.4 * len(gates), 2.3)
         axes = figure.subplots(1, len(gates), squeeze=False)[0]
+        left = 0.08 / max(len(gates) / 4, 0.5)
+        figure.subplots_adjust(left=left, right=0.98, bottom=0.2, top=0.82, wspace=0.3)
         for axis, (name, gate) in zip(axes, gates.items()):
             values = gate["channel"]
             axis.hist(values.flatten().numpy(), bins=30, range=(0, 1), color="tab:blue")
             axis.set_title(f"{name}: {values.shape[1]} channels", fontsize=8)
-            axis.set_xlabel("channel gate", fontsize=8)
-            axis.tick_params(labelsize=7)
-        axes[0].set_ylabel("count (images x channels)", fontsize=8)
-        figure.suptitle("CBAM channel attention", fontsize=9)
+            axis.set_xlabel("channel gate", fontsize=7)
+            axis.tick_params(labelsize=6)
+        axes[0].set_ylabel("images x channels", fontsize=7)
+        figure.suptitle("CBAM channel attention", fontsize=8)
         return figure

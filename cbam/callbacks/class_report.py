@@ -14,7 +14,7 @@ import pytorch_lightning as pl
 import torch
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from cbam.callbacks._utils import class_names, new_figure, run_dir, save_figure, tensorboard_writers
+from cbam.callbacks._utils import class_names, new_figure, publish_figure, run_dir, tensorboard_writers
 
 
 def per_class_rows(matrix: torch.Tensor, names: list[str]) -> list[dict]:
@@ -98,11 +98,11 @@ class ClassReport(pl.Callback):
             writer = csv.DictWriter(handle, fieldnames=["class", "index", "correct", "total", "accuracy"])
             writer.writeheader()
             for row in rows:
-                writer.writerow({**row, "accuracy": "" if row["accuracy"] is None else f"{row['accuracy']:.6f}"})
+                accuracy = "" if row["accuracy"] is None else f"{row['accuracy']:.6f}"
+                writer.writerow({**row, "accuracy": accuracy})
         figure = self._figure(matrix, names)
-        save_figure(figure, folder / self.figure_name)
+        publish_figure(trainer, figure, folder / self.figure_name, "test/confusion_matrix")
         for writer in tensorboard_writers(trainer):
-            writer.add_figure("test/confusion_matrix", figure, global_step=trainer.global_step)
             text = "\n".join(["| class | correct | total | accuracy |", "|---|---:|---:|---:|"] + [
                 f"| {r['class']} | {r['correct']} | {r['total']} | "
                 f"{'-' if r['accuracy'] is None else format(r['accuracy'], '.2%')} |" for r in rows
@@ -118,7 +118,7 @@ class ClassReport(pl.Callback):
     def _figure(self, matrix: torch.Tensor, names: list[str]):
         count = len(names)
         size = max(4.0, 0.55 * count + 2)
-        figure = new_figure(size + 1, size)
+        figure = new_figure(size + 1, size, layout="constrained")
         axis = figure.subplots()
         totals = matrix.sum(dim=1, keepdim=True).clamp_min(1)
         image = axis.imshow((matrix / totals).numpy(), cmap="Blues", vmin=0, vmax=1)
@@ -131,8 +131,9 @@ class ClassReport(pl.Callback):
             fractions = matrix / totals
             for true in range(count):
                 for predicted in range(count):
-                    axis.text(predicted, true, int(matrix[true, predicted]), ha="center", va="center", fontsize=7,
-                              color="white" if fractions[true, predicted] > 0.5 else "black")
+                    colour = "white" if fractions[true, predicted] > 0.5 else "black"
+                    count_text = str(int(matrix[true, predicted]))
+                    axis.text(predicted, true, count_text, ha="center", va="center", fontsize=7, color=colour)
         accuracy = matrix.diag().sum() / matrix.sum().clamp_min(1)
         axis.set_title(f"Test confusion matrix (accuracy {float(accuracy):.2%})")
         return figure

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytorch_lightning as pl
+from matplotlib.ticker import MaxNLocator
 
-from cbam.callbacks._utils import new_figure, run_dir, save_figure
+from cbam.callbacks._utils import new_figure, run_dir
 
 
 class TrainingCurves(pl.Callback):
@@ -54,6 +55,7 @@ class TrainingCurves(pl.Callback):
     def draw(self, path):
         figure = new_figure(4.5 * len(self.metrics), 3.4)
         axes = figure.subplots(1, len(self.metrics), squeeze=False)[0]
+        figure.subplots_adjust(left=0.1, right=0.98, bottom=0.15, top=0.9, wspace=0.3)
         for axis, metric in zip(axes, self.metrics):
             for stage in self.stages:
                 points = sorted(self.history.get(f"{stage}/{metric}", {}).items())
@@ -61,10 +63,15 @@ class TrainingCurves(pl.Callback):
                     epochs, values = zip(*points)
                     axis.plot([e + 1 for e in epochs], values, marker="o" if len(points) < 30 else None,
                               markersize=3, label=stage)
+            last = max((epoch + 1 for values in self.history.values() for epoch in values), default=1)
+            axis.set_xlim(0.5, last + 0.5)
+            axis.xaxis.set_major_locator(MaxNLocator(integer=True))
             axis.set_xlabel("epoch")
             axis.set_ylabel(metric)
             axis.set_title(metric)
             axis.grid(alpha=0.3)
             if axis.has_data():
                 axis.legend()
-        return save_figure(figure, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, dpi=100)
+        return path

@@ -1,0 +1,9 @@
+"""Lightning callbacks of the research outputs; conf/callbacks/default.yaml enables them."""
+
+from cbam.callbacks.attention_maps import AttentionMaps
+from cbam.callbacks.class_report import ClassReport
+from cbam.callbacks.curves import TrainingCurves
+from cbam.callbacks.model_summary import ModelStats
+from cbam.callbacks.run_metrics import RunMetrics
+
+__all__ = ["AttentionMaps", "ClassReport", "ModelStats", "RunMetrics", "TrainingCurves"]

@@ -1,0 +1,339 @@
+"""Research outputs end to end: attention maps, per-class report, curves, model summary, metrics.json,
+``python -m cbam.report``, the ablation study and the Optuna search.
+
+Every run is ``python train.py`` in a subprocess on a tiny random image folder; the runs are module-scoped
+fixtures shared by several tests (about a minute in all on two CPU cores).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+RUN_TIMEOUT = 180
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    """train/<class>/*.png (12 per class) and test/<class>/*.png (6 per class), random pixels."""
+    root = tmp_path_factory.mktemp("research_data")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 12), ("test", 6)):
+        for name in CLASSES:
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for index in range(count):
+                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{index:02d}.png")
+    return root
+
+
+def common(data_root: Path) -> list[str]:
+    return [
+        f"data.root={data_root}",
+        "data.download=false",
+        "model.width=4",
+        "data.batch_size=16",
+        "data.num_workers=0",
+        "data.val_size=40",
+        "trainer.max_epochs=1",
+        "callbacks.progress_bar=null",
+        "++trainer.enable_progress_bar=false",
+        "++trainer.enable_model_summary=false",
+    ]
+
+
+def run(args: list[str], timeout: int = RUN_TIMEOUT) -> subprocess.CompletedProcess:
+    # One intra-op thread: for these tiny models it is as fast, and with other processes on the two cores
+    # OpenMP's spinning threads would triple the time.
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "HYDRA_FULL_ERROR": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def train(args: list[str]) -> subprocess.CompletedProcess:
+    result = run(["train.py", *args])
+    output = f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    assert result.returncode == 0, f"train.py {' '.join(args)} failed:\n{output}"
+    return result
+
+
+def events(folder: Path) -> dict[str, set[str]]:
+    """Tags of every TensorBoard event file under ``folder``: {"images": {...}, "scalars": ..., ...}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags: dict[str, set[str]] = {"images": set(), "scalars": set(), "histograms": set(), "tensors": set()}
+    for path in folder.rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(path), size_guidance={"images": 1, "histograms": 1, "tensors": 1})
+        accumulator.Reload()
+        for kind in tags:
+            tags[kind].update(accumulator.Tags()[kind])
+    return tags
+
+
+def scalar(folder: Path, tag: str) -> float:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for path in folder.rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(path))
+        accumulator.Reload()
+        if tag in accumulator.Tags()["scalars"]:
+            return accumulator.Scalars(tag)[-1].value
+    raise AssertionError(f"no scalar {tag} under {folder}")
+
+
+def read_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+# --------------------------------------------------------------------------------------------- the runs
+
+
+@pytest.fixture(scope="module")
+def sweep(data_root, tmp_path_factory):
+    """The ablation narrowed on the command line to a 2 x 2 multirun, cbam=none,block x seed=0,1, of one
+    epoch of a width-4 ResNet18 with the TensorBoard logger."""
+    folder = tmp_path_factory.mktemp("sweep")
+    result = train(
+        ["-m", "experiment=ablation", "model.depth=18", "cbam=none,block", "seed=0,1",
+         "model.reduction_ratio=2", *common(data_root), f"hydra.sweep.dir={folder}"]
+    )
+    return folder, result.stdout
+
+
+@pytest.fixture(scope="module")
+def block_run(sweep):
+    """The sweep's job with CBAM in every block and seed 0, and the sweep's output."""
+    folder, stdout = sweep
+    job = jobs_by_cbam(folder)["block"][0]
+    assert yaml.safe_load((job / ".hydra" / "config.yaml").read_text())["seed"] == 0
+    return job, stdout
+
+
+@pytest.fixture(scope="module")
+def eval_run(block_run, data_root, tmp_path_factory):
+    """``train=false ckpt_path=<the block run's best checkpoint>``."""
+    checkpoint = next((block_run[0] / "checkpoints").glob("best-*.ckpt"))
+    folder = tmp_path_factory.mktemp("eval_run")
+    result = train([*common(data_root), "train=false", f"ckpt_path={checkpoint}", f"hydra.run.dir={folder}"])
+    return folder, result.stdout
+
+
+@pytest.fixture(scope="module")
+def optuna_sweep(data_root, tmp_path_factory):
+    """A 2-trial Optuna search (no test: the search only needs val/acc), CBAM before the classifier only
+    (use_cbam_class)."""
+    folder = tmp_path_factory.mktemp("optuna")
+    train(
+        ["-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2", "cbam=classifier", "test=false",
+         *common(data_root), f"hydra.sweep.dir={folder}"]
+    )
+    return folder
+
+
+def jobs_by_cbam(sweep_dir: Path) -> dict[str, list[Path]]:
+    jobs: dict[str, list[Path]] = {}
+    for job in sorted(p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir()):
+        overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
+        cbam = next(item.split("=", 1)[1] for item in overrides if item.startswith("cbam="))
+        jobs.setdefault(cbam, []).append(job)
+    return jobs
+
+
+# ------------------------------------------------------------------------------------------ attention
+
+
+def test_attention_maps_of_every_stage_with_block_cbam(block_run):
+    folder, _ = block_run
+    assert (folder / "attention" / "spatial_epoch000.png").stat().st_size > 1000
+    assert (folder / "attention" / "channel_epoch000.png").stat().st_size > 1000
+    tags = events(folder / "tensorboard")
+    assert any("attention" in tag for tag in tags["images"]), tags["images"]
+    assert {f"attention/channel/stage{i}" for i in range(1, 5)} <= tags["histograms"]
+
+
+def test_attention_maps_with_classifier_cbam(optuna_sweep):
+    trial = optuna_sweep / "0"
+    assert (trial / "attention" / "spatial_epoch000.png").is_file()
+    tags = events(trial / "tensorboard")
+    assert any("attention" in tag for tag in tags["images"]), tags["images"]
+    assert "attention/channel/classifier" in tags["histograms"]
+    assert not any("stage" in tag for tag in tags["histograms"])
+
+
+def test_no_attention_maps_and_no_error_without_cbam(sweep):
+    plain = jobs_by_cbam(sweep[0])["none"]
+    assert len(plain) == 2
+    for job in plain:
+        assert (job / "metrics.json").is_file()  # the run finished
+        assert not (job / "attention").exists()
+        tags = events(job / "tensorboard")
+        assert not any("attention" in tag for tag in tags["images"] | tags["histograms"])
+        assert "test/confusion_matrix" in tags["images"]
+
+
+# ------------------------------------------------------------------------------- per-class test report
+
+
+def check_class_table(folder: Path, test_acc: float) -> list[dict]:
+    rows = read_rows(folder / "per_class_accuracy.csv")
+    assert [row["class"] for row in rows] == CLASSES
+    for row in rows:
+        assert 0.0 <= float(row["accuracy"]) <= 1.0
+        assert float(row["accuracy"]) == pytest.approx(int(row["correct"]) / int(row["total"]), abs=1e-6)
+    weighted = sum(float(r["accuracy"]) * int(r["total"]) for r in rows) / sum(int(r["total"]) for r in rows)
+    assert weighted == pytest.approx(test_acc, abs=1e-6)
+    assert (folder / "confusion_matrix.png").stat().st_size > 1000
+    assert "test/confusion_matrix" in events(folder / "tensorboard")["images"]
+    return rows
+
+
+def test_per_class_table_and_confusion_matrix_after_training(block_run):
+    folder, stdout = block_run
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["test_acc"] == pytest.approx(scalar(folder / "tensorboard", "test/acc"), abs=1e-6)
+    check_class_table(folder, metrics["test_acc"])
+    assert "Per-class test accuracy" in stdout and all(name in stdout for name in CLASSES)
+
+
+def test_evaluate_a_checkpoint_without_training(block_run, eval_run):
+    folder, stdout = eval_run
+    assert "test/acc" in stdout
+    assert "Per-class test accuracy" in stdout and all(name in stdout for name in CLASSES)
+    assert not (folder / "checkpoints").exists()
+    trained = json.loads((block_run[0] / "metrics.json").read_text())
+    # the best checkpoint of the block run, on the same test images: the same accuracy
+    check_class_table(folder, trained["test_acc"])
+
+
+# ----------------------------------------------------------------------------- curves, summary, metrics
+
+
+def test_curves_png_after_training(block_run):
+    folder, _ = block_run
+    with Image.open(folder / "curves.png") as image:
+        assert image.width > 400 and image.height > 200
+
+
+def test_model_summary_logged_with_the_hparams(block_run):
+    from cbam.resnet import build_resnet
+
+    folder, stdout = block_run
+    net = build_resnet(18, use_cbam_block=True, width=4, reduction_ratio=2)
+    params = sum(p.numel() for p in net.parameters())
+    hparams = yaml.safe_load(next((folder / "tensorboard").rglob("hparams.yaml")).read_text())
+    assert hparams["model/params"] == params
+    assert hparams["model/flops_per_image"] > 0
+    assert scalar(folder / "tensorboard", "model/params") == params
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["params"] == params and metrics["flops_per_image"] == hparams["model/flops_per_image"]
+    assert f"model: {params:,} parameters" in stdout
+    assert {"best_val_acc", "test_acc", "train_time_s", "epochs"} <= set(metrics)
+    assert 0 <= metrics["best_val_acc"] <= 1 and metrics["epochs"] == 1
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def test_report_groups_seeds(sweep, capsys):
+    from cbam.report import main
+
+    sweep, _ = sweep
+    assert main([str(sweep)]) == 0
+    assert "| cbam |" in capsys.readouterr().out
+    rows = read_rows(sweep / "results.csv")
+    assert [row["cbam"] for row in rows] == ["none", "block"]
+    jobs = jobs_by_cbam(sweep)
+    for row in rows:
+        assert row["n"] == "2" and row["seeds"] == "0 1"
+        accuracies = [json.loads((job / "metrics.json").read_text())["test_acc"] for job in jobs[row["cbam"]]]
+        assert float(row["test_acc_mean"]) == pytest.approx(np.mean(accuracies), abs=1e-6)
+        assert float(row["test_acc_std"]) == pytest.approx(np.std(accuracies, ddof=1), abs=1e-6)
+        assert int(row["params"]) > 0 and int(row["flops_per_image"]) > 0
+        assert float(row["train_time_s_mean"]) > 0
+    assert int(rows[1]["params"]) > int(rows[0]["params"])  # CBAM adds parameters
+    markdown = (sweep / "results.md").read_text()
+    assert "| cbam | n |" in markdown and "±" in markdown
+    assert (sweep / "results.png").stat().st_size > 1000
+
+
+def test_report_errors_are_one_line(sweep, tmp_path, capsys):
+    from cbam.report import main
+
+    sweep, _ = sweep
+    assert main([str(tmp_path / "missing")]) == 2
+    assert main([str(tmp_path)]) == 2  # empty
+    messages = capsys.readouterr().err.strip().splitlines()
+    assert messages[0].startswith("error:") and "no such directory" in messages[0]
+    assert messages[1].startswith("error:") and "no Hydra job" in messages[1]
+
+    unfinished = tmp_path / "unfinished"
+    for job in ("0", "1"):
+        shutil.copytree(sweep / job / ".hydra", unfinished / job / ".hydra")
+    result = run(["-m", "cbam.report", str(unfinished)], timeout=60)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith("error:") and "finished" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_report_counts_unfinished_jobs(sweep, tmp_path, capsys):
+    from cbam.report import main
+
+    sweep, _ = sweep
+    partial = tmp_path / "partial"
+    shutil.copytree(sweep / "0", partial / "0", ignore=shutil.ignore_patterns("checkpoints", "tensorboard"))
+    shutil.copytree(sweep / "1" / ".hydra", partial / "1" / ".hydra")  # started, never finished
+    assert main([str(partial)]) == 0
+    rows = read_rows(partial / "results.csv")
+    assert len(rows) == 1 and rows[0]["n"] == "1" and rows[0]["unfinished"] == "1"
+    assert rows[0]["test_acc_std"] == ""  # one seed: no standard deviation
+    markdown = (partial / "results.md").read_text()
+    assert "Unfinished jobs" in markdown and "± –" in markdown
+
+
+# --------------------------------------------------------------------------------------- sweep configs
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return hydra_compose("train", overrides=overrides, return_hydra_config=True)
+
+
+def test_ablation_sweep_definition():
+    cfg = compose(["experiment=ablation"])
+    params = {key: str(value).split(",") for key, value in cfg.hydra.sweeper.params.items()}
+    assert params == {
+        "model.depth": ["18", "34", "50"],
+        "cbam": ["none", "block", "classifier"],
+        "seed": ["0", "1", "2"],
+    }
+
+
+def test_optuna_search_of_two_trials(optuna_sweep):
+    cfg = compose(["hparams_search=optuna"])
+    assert cfg.hydra.sweeper.direction == "maximize"
+    searched = {"optim.lr", "optim.weight_decay", "model.reduction_ratio", "model.kernel_size"}
+    assert set(cfg.hydra.sweeper.params) == searched
+    results = yaml.safe_load((optuna_sweep / "optimization_results.yaml").read_text())
+    assert set(results["best_params"]) == set(cfg.hydra.sweeper.params)
+    trials = [json.loads((optuna_sweep / str(n) / "metrics.json").read_text()) for n in range(2)]
+    # train.py returns the last val/acc (not test/acc) to the sweeper
+    assert results["best_value"] == pytest.approx(max(t["last_val_acc"] for t in trials), abs=1e-6)
