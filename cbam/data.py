@@ -325,7 +325,9 @@ class DeviceLoader:
         self.labels = labels.to(self.device)
         self.sampler = _EpochSampler()
         self.batch_sampler = None  # Lightning inspects both attributes of a loader
-        self.batches_done = 0  # within the current epoch: lets a resumed run skip what it already saw
+        self.batches_done = 0  # batches handed out in the current pass over the epoch
+        # (epoch, batches_done) of a loaded checkpoint: the first pass over that epoch skips those batches.
+        self._resume: tuple[int, int] | None = None
 
     def _shard_size(self) -> int:
         total = len(self.labels)
@@ -355,7 +357,13 @@ class DeviceLoader:
         plan = [t.to(self.device) for t in self._epoch_plan()]
         indices, rows, cols, flips = plan
         grid = torch.arange(32, device=self.device)
-        start = self.batches_done
+        # A pass starts at the epoch's first batch, unless it is the first pass over the epoch a loaded
+        # checkpoint was taken in. Lightning knows this loader's length, so it never fetches ahead:
+        # batches_done counts exactly the batches trained on when a checkpoint is saved.
+        start, resume, self._resume = 0, self._resume, None
+        if resume is not None and resume[0] == self.sampler.epoch:
+            start = min(resume[1], len(self))
+        self.batches_done = start
         for batch in range(start, len(self)):
             self.batches_done = batch + 1
             window = slice(batch * self.batch_size, (batch + 1) * self.batch_size)
@@ -372,6 +380,7 @@ class DeviceLoader:
 
     def load_state_dict(self, state: dict) -> None:
         self.sampler.epoch, self.batches_done = state["epoch"], state["batches_done"]
+        self._resume = (state["epoch"], state["batches_done"])
 
 
 class CIFAR10DataModule(pl.LightningDataModule):
@@ -411,6 +420,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
         self.classes: list[str] = []
         self._splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._loaders: dict[str, DeviceLoader] = {}
+        self._train_state: dict | None = None  # the train loader's position, from a checkpoint
 
     def prepare_data(self) -> None:
         load_cifar10(self.root, download=self.download, cache_dir=self.cache_dir)
@@ -449,6 +459,9 @@ class CIFAR10DataModule(pl.LightningDataModule):
                     rank=trainer.global_rank if trainer else 0,
                     world_size=trainer.world_size if trainer else 1,
                 )
+            if train and self._train_state is not None:
+                self._loaders[split].load_state_dict(self._train_state)
+                self._train_state = None
             return self._loaders[split]
         return DataLoader(
             ImageDataset(images, labels, augment=train),
@@ -459,6 +472,20 @@ class CIFAR10DataModule(pl.LightningDataModule):
             pin_memory=self._device().type == "cuda",
             persistent_workers=self.num_workers > 0,
         )
+
+    # The train loader's position (epoch, batches done) travels in checkpoints through these two hooks.
+    # Lightning also saves it with the fit loop, but restores it from there only when the loop builds the
+    # loader after the checkpoint was read, and configure_optimizers' trainer.estimated_stepping_batches
+    # builds it before: the data module's state is read before either.
+    def state_dict(self) -> dict:
+        loader = self._loaders.get("train")
+        return {"train_loader": loader.state_dict()} if loader is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._train_state = state_dict.get("train_loader")
+        if self._train_state is not None and "train" in self._loaders:
+            self._loaders["train"].load_state_dict(self._train_state)
+            self._train_state = None
 
     def train_dataloader(self):
         return self._loader("train")

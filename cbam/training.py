@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from cbam.checks import ConfigError, check_config
 from cbam.data import DataError
 from cbam.module import CBAMResNetModule
+from cbam.reliability import TrainingDiverged, check_last_checkpoint
 
 
 def build_model(cfg: DictConfig) -> CBAMResNetModule:
@@ -31,18 +32,23 @@ def run(cfg: DictConfig) -> dict[str, float]:
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     trainer = build_trainer(cfg)
+    if cfg.train and cfg.ckpt_path == "last":
+        check_last_checkpoint(trainer)  # a corrupt last.ckpt: one error line naming it
+    metrics = {}  # trainer.test resets callback_metrics: keep fit's (val/acc, which the sweepers maximise)
     if cfg.train:
         model = build_model(cfg)
         if trainer.logger:
             trainer.logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        metrics.update(trainer.callback_metrics)
     else:
         # The checkpoint alone rebuilds the model it was trained with, whatever cfg.model says.
         model = CBAMResNetModule.load_from_checkpoint(cfg.ckpt_path, map_location="cpu")
     if cfg.test:
         best = trainer.checkpoint_callback.best_model_path if cfg.train and trainer.checkpoint_callback else ""
         trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
-    return {key: float(value) for key, value in trainer.callback_metrics.items()}
+    metrics.update(trainer.callback_metrics)
+    return {key: float(value) for key, value in metrics.items()}
 
 
 def main(cfg: DictConfig) -> dict[str, float]:
@@ -52,3 +58,6 @@ def main(cfg: DictConfig) -> dict[str, float]:
     except (ConfigError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except TrainingDiverged as error:  # a NaN/inf loss: names the step and the last good checkpoint
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(3)

@@ -1,0 +1,427 @@
+"""The reliability guarantees of the README's "Reliability" section, one or more tests each: exact resumption
+after SIGKILL, step checkpoints, atomic checkpoint files, SIGTERM preemption (and Lightning's SLURM requeue),
+divergence, data integrity (bad images, concurrent and damaged caches) and the cluster launchers.
+
+Training runs are train.py subprocesses on a tiny image folder with the device loader (whose data order and
+augmentation come from the seed and the epoch), one CPU thread each.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import cbam.data as data
+from cbam.checks import ConfigError, check_checkpoint
+from cbam.reliability import PARTIAL_PREFIX, PARTIAL_SUFFIX, AtomicCheckpointIO
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+
+#: 10 classes x 10 train images - 20 for validation = 80 images = 10 batches of 8 per epoch; 2 epochs
+STEPS_PER_EPOCH, EPOCHS = 10, 2
+EVERY_N_STEPS = 4
+TINY = [
+    "data.download=false",
+    "data.loader=device",
+    "data.batch_size=8",
+    "data.num_workers=0",
+    "data.val_size=20",
+    "model.width=4",
+    f"trainer.max_epochs={EPOCHS}",
+    "trainer.deterministic=true",
+    f"callbacks.last_checkpoint.every_n_train_steps={EVERY_N_STEPS}",
+]
+SIGNALS = "+callbacks.signals._target_=reliability_signals.SignalAtSteps"
+
+
+def write_images(root: Path, train_per_class: int = 10, test_per_class: int = 2, seed: int = 0) -> Path:
+    """train/<class>/*.png and test/<class>/*.png: random 32x32 RGB images, 10 classes."""
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", train_per_class), ("test", test_per_class)):
+        for label in range(10):
+            folder = root / split / f"class{label}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for index in range(count):
+                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{index:03d}.png")
+    return root
+
+
+def environment(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "HYDRA_FULL_ERROR"}
+    pythonpath = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])  # reliability_signals
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=pythonpath)
+    env.update(extra)
+    return env
+
+
+def train(*overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python train.py <overrides>`` from the repository root, one CPU thread, output captured."""
+    command = [sys.executable, "train.py", *overrides]
+    env = env or environment()
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+
+
+def show(result: subprocess.CompletedProcess) -> str:
+    return f"exit {result.returncode}\nSTDOUT:\n{result.stdout[-4000:]}\nSTDERR:\n{result.stderr[-4000:]}"
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def max_weight_difference(a: dict, b: dict) -> float:
+    """The largest absolute difference between two checkpoints' state_dict tensors (same keys)."""
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    differences = [0.0]
+    for key, tensor in a["state_dict"].items():
+        if tensor.numel():
+            differences.append((tensor.double() - b["state_dict"][key].double()).abs().max().item())
+    return max(differences)
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+    """The run's last stderr line, after checking that it failed without a traceback."""
+    assert result.returncode not in (0, None), show(result)
+    assert "Traceback" not in result.stderr, show(result)
+    return result.stderr.strip().splitlines()[-1]
+
+
+# ------------------------------------------------------------------ the train.py runs, two at a time
+
+
+def bad_last_checkpoint_dir(base: Path) -> Path:
+    """A run dir whose checkpoints/last.ckpt is a truncated checkpoint."""
+    last = base / "checkpoints" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    torch.save({"state_dict": {"w": torch.ones(5000)}, "global_step": 5}, last)
+    last.write_bytes(last.read_bytes()[:3000])
+    return base
+
+
+def bad_image_data(base: Path) -> tuple[Path, Path]:
+    """A tiny image folder with one undecodable .jpg."""
+    root = write_images(base, train_per_class=3, test_per_class=1)
+    bad = root / "train" / "class3" / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg" + os.urandom(64))
+    return root, bad
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """Every train.py subprocess of this module, run in two lanes side by side (each is single-threaded),
+    finished before the tests look at them (and before any test forks).
+
+    Lane 1, the interrupted run B, four processes sharing one run dir: B1 is SIGKILLed at step 6 (last.ckpt:
+    the step-4 checkpoint, mid-epoch); B2 resumes with ckpt_path=last and is SIGKILLed at step 11 (last.ckpt:
+    the end of epoch 0, step 10); B3 resumes under a fake SLURM environment, gets SIGUSR1 (Lightning's
+    requeue signal) at step 12 and SIGTERM at step 13; B4 resumes from the SIGTERM checkpoint and finishes.
+    Then ckpt_path=last on a run dir whose last.ckpt is truncated.
+    Lane 2: run A, the same 2 epochs uninterrupted; a run with optim.lr=1e12; a run on a folder with an
+    undecodable image; a two-job sweep with hydra/launcher=submitit_local (cluster=local).
+    """
+    base = tmp_path_factory.mktemp("reliability")
+    data_root = write_images(base / "data")
+    common = [f"data.root={data_root}", *TINY]
+    record = base / "started_at.txt"
+    out: dict = {"base": base, "a_dir": base / "A", "b_dir": base / "B", "sweep": base / "sweep"}
+    last = out["b_dir"] / "checkpoints" / "last.ckpt"
+
+    def b_run(signals: dict[int, str], *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+        steps, names = ",".join(map(str, signals)), ",".join(signals.values())
+        overrides = [*common, f"hydra.run.dir={out['b_dir']}", SIGNALS, f"+callbacks.signals.record={record}"]
+        overrides += [f"+callbacks.signals.steps=[{steps}]", f"+callbacks.signals.signals=[{names}]", *extra]
+        return train(*overrides, env=env)
+
+    def last_step() -> int | None:
+        return load(last)["global_step"] if last.is_file() else None
+
+    def lane_1() -> None:
+        out["b"], out["b_steps"] = [b_run({6: "SIGKILL"})], [last_step()]
+        out["b"].append(b_run({11: "SIGKILL"}, "ckpt_path=last"))
+        out["b_steps"].append(last_step())
+        slurm = environment(
+            SLURM_NTASKS="1", SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NODEID="0",
+            SLURM_JOB_ID="4242", SLURM_JOB_NAME="train",
+        )  # fmt: skip
+        out["b"].append(b_run({12: "SIGUSR1", 13: "SIGTERM"}, "ckpt_path=last", env=slurm))
+        out["b_steps"].append(last_step())
+        out["b"].append(b_run({}, "ckpt_path=last"))
+        out["b_started"] = [int(line) for line in record.read_text().split()] if record.is_file() else []
+        out["bad_last"] = bad_last_checkpoint_dir(base / "bad_last") / "checkpoints" / "last.ckpt"
+        out["bad_last_run"] = train(*common, f"hydra.run.dir={base / 'bad_last'}", "ckpt_path=last")
+
+    def lane_2() -> None:
+        out["a"] = train(*common, f"hydra.run.dir={out['a_dir']}")
+        out["diverged_dir"] = base / "diverged"
+        out["diverged"] = train(
+            *common, f"hydra.run.dir={out['diverged_dir']}", "optim.lr=1e12",
+            "callbacks.last_checkpoint.every_n_train_steps=1",
+        )  # fmt: skip
+        bad_root, out["bad_image"] = bad_image_data(base / "bad_image_data")
+        out["bad_image_run"] = train(f"data.root={bad_root}", *TINY, f"hydra.run.dir={base / 'bad_image'}")
+        sweep = [*common, "trainer.max_epochs=1", f"hydra.sweep.dir={out['sweep']}"]
+        out["sweep_run"] = train("-m", "cluster=local", "seed=0,1", *sweep)
+
+    with ThreadPoolExecutor(2) as pool:
+        for lane in [pool.submit(lane_1), pool.submit(lane_2)]:
+            lane.result()
+    return out
+
+
+# ----------------------------------------------------------------------------- resumption, SIGTERM
+
+
+def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(runs):
+    a, b = runs["a"], runs["b"]
+    assert a.returncode == 0, show(a)
+    assert [run.returncode for run in b[:2]] == [-signal.SIGKILL] * 2, [show(run) for run in b[:2]]
+    assert b[2].returncode == 0 and b[3].returncode == 0, [show(run) for run in b[2:]]
+    # each restart resumed from the checkpoint (a restart from scratch would end the same way too)
+    assert runs["b_started"] == [0, 4, 10, 13]
+    uninterrupted = load(runs["a_dir"] / "checkpoints" / "last.ckpt")
+    resumed = load(runs["b_dir"] / "checkpoints" / "last.ckpt")
+    assert uninterrupted["global_step"] == resumed["global_step"] == EPOCHS * STEPS_PER_EPOCH
+    assert uninterrupted["epoch"] == resumed["epoch"] == EPOCHS - 1
+    assert max_weight_difference(uninterrupted, resumed) <= 1e-6
+
+
+def test_step_checkpoints_lose_at_most_n_steps(runs):
+    # SIGKILL at step 6 with a checkpoint every 4 steps: last.ckpt holds step 4, mid-epoch
+    b1_step, b2_step, _ = runs["b_steps"]
+    assert b1_step == 4 and 6 - b1_step <= EVERY_N_STEPS
+    # SIGKILL at step 11: last.ckpt is the end of epoch 0 (step 10, written after its validation)
+    assert b2_step == STEPS_PER_EPOCH
+
+
+def test_sigterm_saves_last_checkpoint_and_exits_cleanly(runs):
+    b3 = runs["b"][2]
+    assert b3.returncode == 0, show(b3)
+    assert "Traceback" not in b3.stderr
+    last = runs["b_dir"] / "checkpoints" / "last.ckpt"
+    assert f"SIGTERM: saved {last} at step 13" in b3.stderr, show(b3)
+    assert runs["b_steps"][2] == 13
+    # its resumption is exact: B4 resumed from it (test_killed_and_resumed_run_ends_like_an_uninterrupted_one)
+
+
+def test_slurm_requeue_signal_saves_hpc_checkpoint(runs):
+    # Lightning's SLURM auto-requeue: SIGUSR1 saves hpc_ckpt_1.ckpt in the run dir and calls scontrol requeue
+    # (absent here: the attempt is logged), without disturbing the run
+    b3 = runs["b"][2]
+    output = b3.stdout + b3.stderr
+    assert "SLURM auto-requeueing enabled" in output and "requeing job 4242" in output, show(b3)
+    hpc = runs["b_dir"] / "hpc_ckpt_1.ckpt"
+    assert hpc.is_file() and load(hpc)["global_step"] == 12
+
+
+def test_corrupt_last_checkpoint_with_ckpt_path_last_is_one_error_line(runs):
+    result, last = runs["bad_last_run"], runs["bad_last"]
+    assert result.returncode == 2, show(result)
+    line = error_line(result)
+    assert line.startswith("error: ckpt_path=") and str(last) in line and "ckpt_path=last" in line, line
+
+
+def test_divergence_stops_with_one_line_naming_step_and_last_good_checkpoint(runs):
+    result = runs["diverged"]
+    assert result.returncode == 3, show(result)
+    line = error_line(result)
+    pattern = r"error: training diverged: non-finite (loss|weights) at step (\d+); last good checkpoint: (.+)"
+    match = re.fullmatch(pattern, line)
+    assert match, line
+    step, named = int(match[2]), match[3]
+    last = runs["diverged_dir"] / "checkpoints" / "last.ckpt"
+    assert named == str(last)
+    # last.ckpt is the last good state: saved before the divergence, every tensor finite
+    good = load(last)
+    assert 1 <= good["global_step"] <= step
+    assert all(torch.isfinite(t).all() for t in good["state_dict"].values() if t.is_floating_point())
+
+
+def test_undecodable_image_is_one_error_line_naming_it(runs):
+    result, bad = runs["bad_image_run"], runs["bad_image"]
+    assert result.returncode == 2, show(result)
+    line = error_line(result)
+    assert line.startswith("error: cannot decode image") and str(bad) in line, line
+
+
+def test_submitit_local_two_job_sweep(runs):
+    result, sweep = runs["sweep_run"], runs["sweep"]
+    assert result.returncode == 0, show(result)
+    assert "Submitit 'local' sweep output dir" in result.stdout + result.stderr, show(result)
+    for job in ("0", "1"):
+        assert load(sweep / job / "checkpoints" / "last.ckpt")["global_step"] == STEPS_PER_EPOCH
+        assert f"seed={job}" in (sweep / job / ".hydra" / "overrides.yaml").read_text()
+    assert len(list((sweep / ".submitit").glob("*/*_result.pkl"))) == 2
+
+
+# ------------------------------------------------------------------------------- atomic checkpoints
+
+
+def _killed_mid_save(path: Path) -> None:
+    """In a child process: start saving a new checkpoint and die by SIGKILL halfway through the write."""
+
+    def half_then_kill(obj, file, *args, **kwargs):
+        file.write(b"PK\x03\x04" + b"\0" * 5000)
+        file.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    torch.save = half_then_kill
+    AtomicCheckpointIO().save_checkpoint({"global_step": 2, "w": torch.zeros(1000)}, path)
+
+
+def test_kill_during_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"global_step": 1, "w": torch.ones(1000)}, last)
+    before = last.read_bytes()
+
+    child = multiprocessing.get_context("fork").Process(target=_killed_mid_save, args=(last,))
+    child.start()
+    child.join(60)
+    assert child.exitcode == -signal.SIGKILL
+    assert last.read_bytes() == before
+    check_checkpoint(last)
+    assert load(last)["global_step"] == 1
+    # the killed save's temporary file is left, named so that ckpt_path=last (newest last*.ckpt) skips it
+    leftovers = list(last.parent.glob(f"{PARTIAL_PREFIX}*{PARTIAL_SUFFIX}"))
+    assert len(leftovers) == 1 and "last" not in leftovers[0].name
+
+    # an exception in the middle of a save: the same, and its temporary file is removed
+    real_save = torch.save
+
+    def half_then_raise(obj, file, *args, **kwargs):
+        file.write(b"PK\x03\x04 partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", half_then_raise)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"global_step": 3}, last)
+    assert last.read_bytes() == before
+    monkeypatch.setattr(torch, "save", real_save)
+
+    # the next save replaces the file and sweeps the leftover away
+    io.save_checkpoint({"global_step": 4, "w": torch.ones(3)}, last)
+    assert load(last)["global_step"] == 4
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]
+    assert oct(last.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def test_unreadable_checkpoints_are_reported_naming_the_file(tmp_path):
+    good = tmp_path / "good.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(2000)}, "global_step": 5}, good)
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(os.urandom(3000))
+    for bad in (truncated, garbage):
+        with pytest.raises(ConfigError, match=re.escape(str(bad))):
+            check_checkpoint(bad)
+        with pytest.raises(ConfigError, match=re.escape(str(bad))):
+            AtomicCheckpointIO().load_checkpoint(bad)
+    assert AtomicCheckpointIO().load_checkpoint(good)["global_step"] == 5
+
+
+def _load_concurrently(root: str, barrier, results) -> None:
+    torch.set_num_threads(1)
+    barrier.wait()
+    arrays = data.load_cifar10(root, download=False)
+    results.put(data._checksum(arrays))
+
+
+def test_concurrent_jobs_build_one_valid_cache(tmp_path, monkeypatch):
+    root = write_images(tmp_path / "data", train_per_class=4, test_per_class=1)
+    context = multiprocessing.get_context("fork")
+    decodes = context.Value("i", 0)
+    read_folder = data._read_folder
+
+    def slow_counting_read(folder):
+        with decodes.get_lock():
+            decodes.value += 1
+        time.sleep(0.3)  # a wide window for the other jobs to find no cache
+        return read_folder(folder)
+
+    monkeypatch.setattr(data, "_read_folder", slow_counting_read)
+    barrier, results = context.Barrier(4), context.Queue()
+    jobs = [context.Process(target=_load_concurrently, args=(str(root), barrier, results)) for _ in range(4)]
+    for job in jobs:
+        job.start()
+    checksums = [results.get(timeout=120) for _ in jobs]
+    for job in jobs:
+        job.join(60)
+    assert [job.exitcode for job in jobs] == [0] * 4
+    assert len(set(checksums)) == 1
+    assert decodes.value == 1  # one job decoded the images; the others waited on the lock and read its cache
+    cache = root / data.CACHE_NAME
+    files = sorted(p.name for p in root.iterdir() if p.is_file())
+    assert files == [data.CACHE_NAME, data.CACHE_NAME + ".lock"]  # no temporary file left
+    fresh = read_folder(root)
+    assert data._read_cache(cache, data._fingerprint(root, "folder")) is not None
+    assert data._checksum(fresh) == checksums[0]
+
+
+def test_stale_or_damaged_cache_is_rebuilt(tmp_path):
+    root = write_images(tmp_path / "data", train_per_class=2, test_per_class=1)
+    cache = root / data.CACHE_NAME
+    first = data.load_cifar10(root, download=False)
+    assert cache.is_file()
+
+    # stale: a source image changed after the cache was built
+    changed = root / "train" / "class0" / "000.png"
+    Image.fromarray(np.full((32, 32, 3), 7, dtype=np.uint8)).save(changed)
+    os.utime(changed, ns=(time.time_ns(), time.time_ns() + 10**9))
+    rebuilt = data.load_cifar10(root, download=False)
+    assert torch.all(rebuilt.train_images[0] == 7)
+    assert not torch.equal(rebuilt.train_images, first.train_images)
+    expected = data._checksum(rebuilt)
+
+    # damaged: garbage bytes, truncated, arrays altered behind the checksum's back
+    good_bytes = cache.read_bytes()
+    payload = torch.load(cache, weights_only=True)
+    payload["arrays"]["train_labels"] = payload["arrays"]["train_labels"].flip(0)
+    damages = {
+        "garbage": lambda: cache.write_bytes(os.urandom(len(good_bytes))),
+        "truncated": lambda: cache.write_bytes(good_bytes[: len(good_bytes) // 2]),
+        "tampered": lambda: torch.save(payload, cache),
+    }
+    for name, damage in damages.items():
+        damage()
+        arrays = data.load_cifar10(root, download=False)
+        assert data._checksum(arrays) == expected, name
+        assert data._read_cache(cache, data._fingerprint(root, "folder")) is not None, name
+
+
+# ------------------------------------------------------------------------------------------ clusters
+
+
+def test_slurm_cluster_config_wires_trainer_to_the_allocation():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        overrides = ["cluster=slurm", "cluster.nodes=2", "cluster.gpus_per_node=4", "cluster.partition=gpu"]
+        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+    launcher, trainer = cfg.hydra.launcher, cfg.trainer
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (2, 4, 4)
+    assert launcher.partition == "gpu" and launcher.timeout_min == cfg.cluster.timeout_min
+    assert launcher.max_num_timeout == cfg.cluster.max_requeues > 0
+    assert (trainer.num_nodes, trainer.devices, trainer.strategy) == (2, 4, "ddp")
+    assert cfg.ckpt_path == "last"  # a requeued job resumes from its own last.ckpt
