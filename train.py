@@ -3,11 +3,12 @@
 import hydra
 from omegaconf import DictConfig
 
-from cbam.training import main
-
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def train(cfg: DictConfig) -> float | None:
+    # Imported here: --help, --cfg and a sweep's parent process then never pay for importing Lightning.
+    from cbam.training import main
+
     metrics = main(cfg)
     # Returned for Hydra sweepers (hparams_search=optuna maximises it).
     return metrics.get("val/acc", metrics.get("test/acc"))

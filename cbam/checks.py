@@ -39,9 +39,11 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"model.depth={model.depth}: accepted depths are {', '.join(map(str, DEPTHS))}")
     if model.width < 1:
         raise ConfigError(f"model.width={model.width}: must be an integer >= 1")
+    if model.kernel_size < 1 or model.kernel_size % 2 == 0:
+        raise ConfigError(f"model.kernel_size={model.kernel_size}: must be an odd integer >= 1")
+    if model.reduction_ratio < 1:
+        raise ConfigError(f"model.reduction_ratio={model.reduction_ratio}: must be an integer >= 1")
     if model.use_cbam_block or model.use_cbam_class:
-        if model.kernel_size < 1 or model.kernel_size % 2 == 0:
-            raise ConfigError(f"model.kernel_size={model.kernel_size}: must be an odd integer >= 1")
         smallest = smallest_attention_channels(
             model.depth, use_cbam_block=model.use_cbam_block, use_cbam_class=model.use_cbam_class, width=model.width
         )

@@ -106,7 +106,8 @@ class CBAMResNetModule(pl.LightningModule):
         loss = self._step(batch, "train")
         # Logged only every trainer.log_every_n_steps steps: each self.log costs CPU time that a fast GPU
         # step cannot hide.
-        if self.global_step % self.trainer.log_every_n_steps == 0:
+        trainer = self._trainer  # None when the step is called outside a Trainer (self.trainer raises)
+        if trainer is not None and self.global_step % trainer.log_every_n_steps == 0:
             self.log("train/loss_step", loss.detach())
         return loss
 

@@ -34,6 +34,9 @@ def one_cycle(
     """torch's one-cycle policy peaking at the optimizer's learning rate after ``warmup_fraction`` of
     the steps, with linear ramps and the optimizer's momentum left alone."""
     peak = [group["lr"] for group in optimizer.param_groups]
+    # torch divides by the number of steps of each phase minus one: keep both phases >= 2 steps long.
+    if total_steps >= 4:
+        warmup_fraction = min(max(warmup_fraction, 2 / total_steps), 1 - 2 / total_steps)
     return OneCycleLR(
         optimizer,
         max_lr=peak,
