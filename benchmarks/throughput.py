@@ -17,6 +17,7 @@ dense bf16 peak). Examples::
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -44,9 +45,17 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _endless(loader):
-    while True:
-        yield from loader
+def _time_steps(step, loader, args, device: torch.device) -> float:
+    """Seconds taken by ``args.steps`` calls of ``step(images, labels)`` after ``args.warmup`` untimed ones."""
+    batches = itertools.chain.from_iterable(itertools.repeat(loader))  # the loader, over and over
+    start = None
+    for index in range(args.warmup + args.steps):
+        if index == args.warmup:
+            _synchronize(device)
+            start = time.perf_counter()
+        step(*next(batches))
+    _synchronize(device)
+    return time.perf_counter() - start
 
 
 def run_plain(args, arrays, depth: int, cbam: bool, device: torch.device) -> float:
@@ -60,20 +69,15 @@ def run_plain(args, arrays, depth: int, cbam: bool, device: torch.device) -> flo
     optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4, fused=gpu or None)
     criterion = torch.nn.CrossEntropyLoss()
     loader = DeviceLoader(arrays.train_images, arrays.train_labels, args.batch_size, train=True, device=device)
-    batches = _endless(loader)
-    start = None
-    for step in range(args.warmup + args.steps):
-        if step == args.warmup:
-            _synchronize(device)
-            start = time.perf_counter()
-        images, labels = next(batches)
+
+    def step(images: torch.Tensor, labels: torch.Tensor) -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
             loss = criterion(step_net(images), labels)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    _synchronize(device)
-    return time.perf_counter() - start
+
+    return _time_steps(step, loader, args, device)
 
 
 class _PILDataset(Dataset):
@@ -114,20 +118,15 @@ def run_conventional(args, arrays, depth: int, cbam: bool, device: torch.device)
         pin_memory=device.type == "cuda",
         persistent_workers=args.workers > 0,
     )
-    batches = _endless(loader)
-    start = None
-    for step in range(args.warmup + args.steps):
-        if step == args.warmup:
-            _synchronize(device)
-            start = time.perf_counter()
-        images, labels = next(batches)
+
+    def step(images: torch.Tensor, labels: torch.Tensor) -> None:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         loss = criterion(net(images), labels)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    _synchronize(device)
-    return time.perf_counter() - start
+
+    return _time_steps(step, loader, args, device)
 
 
 def run_lightning(args, arrays, depth: int, cbam: bool, device: torch.device) -> float:

@@ -19,7 +19,6 @@ import fcntl
 import hashlib
 import os
 import pickle
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -28,6 +27,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
+
+from cbam.atomic import write_atomically
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -187,20 +188,6 @@ def _read_cache(path: Path, fingerprint: str) -> Cifar10Arrays | None:
         return None
 
 
-def _write_atomically(payload: dict, path: Path) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save(payload, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
-
-
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
     """An exclusive lock held across processes (and hosts, on file systems that honour flock)."""
@@ -225,7 +212,10 @@ def load_cifar10(
                 f"images) and data.download=false"
             )
         root.mkdir(parents=True, exist_ok=True)
-        _download(root)
+        # One download for all the jobs and ranks that start on an empty root at once.
+        with _locked(root / ".download.lock"):
+            if find_source(root) is None:
+                _download(root)
         source = "batches"
     cache_dir = _cache_dir_for(root, cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -244,7 +234,7 @@ def load_cifar10(
                 "checksum": _checksum(arrays),
                 "arrays": vars(arrays),
             }
-            _write_atomically(payload, cache)
+            write_atomically(cache, lambda file: torch.save(payload, file), prefix=f".{CACHE_NAME}.")
     return arrays
 
 
@@ -259,10 +249,14 @@ def split_train_val(num_train: int, val_size: int, seed: int) -> tuple[torch.Ten
     return order[: num_train - val_size].sort().values, order[num_train - val_size :].sort().values
 
 
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 NHWC images -> float NCHW (channels_last in memory), scaled to [0, 1] and standardised."""
-    mean = torch.tensor(CIFAR10_MEAN, device=images.device)
-    std = torch.tensor(CIFAR10_STD, device=images.device)
+def normalize(images: torch.Tensor, mean: torch.Tensor | None = None, std: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 NHWC images -> float NCHW (channels_last in memory), scaled to [0, 1] and standardised.
+
+    ``mean`` and ``std`` may be given already on the images' device: building them here is a blocking
+    host-to-device copy, which a per-batch caller should not pay.
+    """
+    mean = torch.tensor(CIFAR10_MEAN, device=images.device) if mean is None else mean
+    std = torch.tensor(CIFAR10_STD, device=images.device) if std is None else std
     return ((images.float() / 255 - mean) / std).permute(0, 3, 1, 2)
 
 
@@ -323,6 +317,8 @@ class DeviceLoader:
         # Zero padding stored once: a crop is then a plain gather, as with RandomCrop(padding=4).
         self.images = torch.nn.functional.pad(images, (0, 0, pad, pad, pad, pad)).to(self.device)
         self.labels = labels.to(self.device)
+        self.mean = torch.tensor(CIFAR10_MEAN, device=self.device)
+        self.std = torch.tensor(CIFAR10_STD, device=self.device)
         self.sampler = _EpochSampler()
         self.batch_sampler = None  # Lightning inspects both attributes of a loader
         self.batches_done = 0  # batches handed out in the current pass over the epoch
@@ -372,7 +368,7 @@ class DeviceLoader:
             # A flip reads the columns of the crop right to left.
             col = cols[window, None] + torch.where(flips[window, None], 31 - grid, grid)
             images = self.images[index[:, None, None], row[:, :, None], col[:, None, :]]
-            yield normalize(images), self.labels[index]
+            yield normalize(images, self.mean, self.std), self.labels[index]
         self.batches_done = 0
 
     def state_dict(self) -> dict:

@@ -107,7 +107,9 @@ class CBAMResNetModule(pl.LightningModule):
         # Logged only every trainer.log_every_n_steps steps: each self.log costs CPU time that a fast GPU
         # step cannot hide.
         trainer = self._trainer  # None when the step is called outside a Trainer (self.trainer raises)
-        if trainer is not None and self.global_step % trainer.log_every_n_steps == 0:
+        # The steps at which Lightning writes step metrics to the logger.
+        every = trainer.log_every_n_steps if trainer is not None else 0
+        if every and (self.global_step + 1) % every == 0:
             self.log("train/loss_step", loss.detach())
         return loss
 

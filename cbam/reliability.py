@@ -10,7 +10,6 @@ import contextlib
 import os
 import signal
 import sys
-import tempfile
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,6 +21,7 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from cbam.atomic import write_atomically
 from cbam.checks import ConfigError, check_checkpoint
 
 #: prefix and suffix of a checkpoint being written; the name never contains "last", so Lightning's
@@ -30,22 +30,6 @@ PARTIAL_PREFIX, PARTIAL_SUFFIX = ".ckpt-", ".partial"
 
 
 # ------------------------------------------------------------------------------------ atomic checkpoints
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make a rename in ``directory`` durable (a crash right after it cannot bring back the old file)."""
-    with contextlib.suppress(OSError):
-        handle = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(handle)
-        finally:
-            os.close(handle)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -67,19 +51,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         for leftover in target.parent.glob(f"{PARTIAL_PREFIX}*{PARTIAL_SUFFIX}"):
             with contextlib.suppress(OSError):
                 leftover.unlink()
-        handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=PARTIAL_PREFIX, suffix=PARTIAL_SUFFIX)
-        try:
-            os.fchmod(handle, 0o666 & ~_umask())  # mkstemp's 0600 -> what open() would have given
-            with os.fdopen(handle, "wb") as file:
-                torch.save(checkpoint, file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, target)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temporary)
-            raise
-        _fsync_directory(target.parent)
+        write_atomically(target, lambda file: torch.save(checkpoint, file), PARTIAL_PREFIX, PARTIAL_SUFFIX)
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict:
         kwargs = {} if map_location is None else {"map_location": map_location}
@@ -108,8 +80,9 @@ class LastCheckpoint(ModelCheckpoint):
     top-k checkpoint, so with a monitored metric that stops improving last.ckpt goes stale: this
     callback owns last.ckpt instead.)
 
-    Under DDP the SIGTERM flag is combined over the ranks after every batch (one all-reduce of a
-    boolean), so every rank stops after the same batch; a single process reads a Python flag, no sync.
+    Under DDP the SIGTERM flag is combined over the ranks every ``trainer.log_every_n_steps`` batches (one
+    all-reduce of a boolean), so every rank stops after the same batch; a single process reads a Python
+    flag after every batch, with no synchronisation.
     """
 
     def __init__(
@@ -150,10 +123,15 @@ class LastCheckpoint(ModelCheckpoint):
             signal.signal(signal.SIGTERM, self._previous_handler)
         self._previous_handler = None
 
-    def _stop_requested(self, trainer: pl.Trainer) -> bool:
+    def _stop_requested(self, trainer: pl.Trainer, every_step: bool = False) -> bool:
         if not self.save_on_sigterm:
             return False
         if trainer.world_size > 1:
+            # The ranks agree at the same steps (every log_every_n_steps steps, so the all-reduce and
+            # its host synchronisation are rare), hence they stop after the same batch.
+            interval = 1 if every_step else max(trainer.log_every_n_steps, 1)
+            if trainer.global_step % interval:
+                return False
             return trainer.strategy.reduce_boolean_decision(self._sigterm, all=False)
         return self._sigterm
 
@@ -189,7 +167,8 @@ class LastCheckpoint(ModelCheckpoint):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore_handler()
-        if self._sigterm:  # came during the last epoch's end: the checkpoints are complete; skip testing
+        # Decided together: a rank that skipped testing alone would leave the others hanging in it.
+        if self._stop_requested(trainer, every_step=True):  # came during the last epoch's end: skip testing
             self._exit(trainer, f"training had finished, {self.last_model_path} is its final state")
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException):

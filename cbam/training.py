@@ -26,6 +26,18 @@ def build_trainer(cfg: DictConfig) -> pl.Trainer:
     return instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
 
 
+def best_checkpoint(trainer: pl.Trainer) -> str | None:
+    """The best checkpoint by a monitored metric, if a callback kept one (else test the final weights).
+
+    Not ``trainer.checkpoint_callback``: that is merely the first ModelCheckpoint, which may be the
+    periodic or the last-checkpoint callback when the best one is switched off.
+    """
+    for callback in trainer.checkpoint_callbacks:
+        if callback.monitor is not None and callback.best_model_path:
+            return callback.best_model_path
+    return None
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
     """Train and/or test as ``cfg`` says; returns the final metrics."""
     check_config(cfg)
@@ -45,8 +57,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         # The checkpoint alone rebuilds the model it was trained with, whatever cfg.model says.
         model = CBAMResNetModule.load_from_checkpoint(cfg.ckpt_path, map_location="cpu")
     if cfg.test:
-        best = trainer.checkpoint_callback.best_model_path if cfg.train and trainer.checkpoint_callback else ""
-        trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
+        trainer.test(model, datamodule=datamodule, ckpt_path=best_checkpoint(trainer) if cfg.train else None)
     metrics.update(trainer.callback_metrics)
     return {key: float(value) for key, value in metrics.items()}
 

@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 import cbam.data as data
+from cbam.atomic import _UMASK
 from cbam.checks import ConfigError, check_checkpoint
 from cbam.reliability import PARTIAL_PREFIX, PARTIAL_SUFFIX, AtomicCheckpointIO
 
@@ -316,13 +317,7 @@ def test_kill_during_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatc
     io.save_checkpoint({"global_step": 4, "w": torch.ones(3)}, last)
     assert load(last)["global_step"] == 4
     assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]
-    assert oct(last.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    assert oct(last.stat().st_mode & 0o777) == oct(0o666 & ~_UMASK)
 
 
 def test_unreadable_checkpoints_are_reported_naming_the_file(tmp_path):

@@ -337,3 +337,41 @@ def test_optuna_search_of_two_trials(optuna_sweep):
     trials = [json.loads((optuna_sweep / str(n) / "metrics.json").read_text()) for n in range(2)]
     # train.py returns the last val/acc (not test/acc) to the sweeper
     assert results["best_value"] == pytest.approx(max(t["last_val_acc"] for t in trials), abs=1e-6)
+
+
+def test_curves_record_every_epoch_of_train_and_val(tiny_cifar_folder, tmp_path):
+    """The curve of an epoch holds that epoch's logged values (the train ones are logged after the
+    callbacks' epoch-end hooks: a naive callback would plot them one epoch late)."""
+    import pytorch_lightning as pl
+
+    from cbam.callbacks import TrainingCurves
+    from cbam.data import CIFAR10DataModule
+    from cbam.module import CBAMResNetModule
+
+    class Remember(pl.Callback):  # what the module logged at the end of each epoch
+        logged: dict = {}
+
+        def on_validation_end(self, trainer, module):
+            if not trainer.sanity_checking:
+                self.logged[("val/loss", trainer.current_epoch)] = float(trainer.callback_metrics["val/loss"])
+
+        def on_train_epoch_start(self, trainer, module):
+            if trainer.current_epoch:
+                self.logged[("train/loss", trainer.current_epoch - 1)] = float(trainer.callback_metrics["train/loss"])
+
+    pl.seed_everything(0)
+    curves, remember = TrainingCurves(), Remember()
+    data = CIFAR10DataModule(str(tiny_cifar_folder), download=False, batch_size=32, num_workers=0, val_size=40,
+                             loader="device", cache_dir=str(tmp_path))
+    trainer = pl.Trainer(default_root_dir=tmp_path, accelerator="cpu", max_epochs=3, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, callbacks=[curves, remember])
+    trainer.fit(CBAMResNetModule(width=4, use_cbam_block=True, reduction_ratio=2), datamodule=data)
+
+    assert sorted(curves.history["train/loss"]) == [0, 1, 2]
+    assert sorted(curves.history["val/loss"]) == [0, 1, 2]
+    assert curves.history["train/loss"][2] == pytest.approx(float(trainer.callback_metrics["train/loss"]))
+    for (key, epoch), value in remember.logged.items():
+        assert curves.history[key][epoch] == pytest.approx(value), (key, epoch)
+    assert len({round(v, 6) for v in curves.history["train/loss"].values()}) == 3  # three distinct epochs
+    assert (tmp_path / "curves.png").is_file()

@@ -141,6 +141,8 @@ def test_resume_from_last_in_the_same_run_dir(run, first_run, tmp_path):
     first = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     result = run(hydra__run__dir=run_dir, ckpt_path="last", trainer__max_epochs=2, test="false")
     assert succeeded(result)
+    # A run from scratch would also end at step 20: the resumed one must have started from the checkpoint.
+    assert f"Restoring states from the checkpoint path at {run_dir / 'checkpoints' / 'last.ckpt'}" in result.stdout + result.stderr
     final = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     assert final["global_step"] == 2 * first["global_step"] == 2 * STEPS_PER_EPOCH
     assert final["epoch"] == 1
@@ -152,6 +154,7 @@ def test_resume_from_a_checkpoint_file(run, first_run, tmp_path):
     run_dir = tmp_path / "resumed"
     result = run(hydra__run__dir=run_dir, ckpt_path=source, trainer__max_epochs=2, test="false")
     assert succeeded(result)
+    assert f"Restoring states from the checkpoint path at {source}" in result.stdout + result.stderr
     final = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     assert final["global_step"] == 2 * STEPS_PER_EPOCH and final["epoch"] == 1
     assert source.read_bytes() == before

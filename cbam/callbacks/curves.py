@@ -26,6 +26,7 @@ class TrainingCurves(pl.Callback):
         self.metrics, self.stages, self.filename = list(metrics), list(stages), filename
         # {"train/loss": {epoch: value}}; kept in checkpoints, so a resumed run keeps its earlier epochs
         self.history: dict[str, dict[int, float]] = {}
+        self._epoch: int | None = None  # the epoch whose train metrics are still to be recorded
 
     def state_dict(self) -> dict:
         return {"history": self.history}
@@ -33,22 +34,34 @@ class TrainingCurves(pl.Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         self.history = {key: dict(values) for key, values in state_dict.get("history", {}).items()}
 
-    def _record(self, trainer: pl.Trainer, stage: str) -> None:
+    def _record(self, trainer: pl.Trainer, stage: str, epoch: int) -> None:
         for metric in self.metrics:
             key = f"{stage}/{metric}"
             value = trainer.callback_metrics.get(key)
             if value is not None:
-                self.history.setdefault(key, {})[trainer.current_epoch] = float(value)
+                self.history.setdefault(key, {})[epoch] = float(value)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking:
             for stage in self.stages:
                 if stage != "train":
-                    self._record(trainer, stage)
+                    self._record(trainer, stage, trainer.current_epoch)
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    # The module logs an epoch's train metrics in its own on_train_epoch_end, which Lightning calls after
+    # the callbacks': they are recorded (and the figure redrawn) when the next epoch starts, or training ends.
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._finish_epoch(trainer)
+        self._epoch = trainer.current_epoch
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._finish_epoch(trainer)
+
+    def _finish_epoch(self, trainer: pl.Trainer) -> None:
+        epoch, self._epoch = self._epoch, None
+        if epoch is None:
+            return
         if "train" in self.stages:
-            self._record(trainer, "train")
+            self._record(trainer, "train", epoch)
         if trainer.is_global_zero and self.history:
             self.draw(run_dir(trainer) / self.filename)
 
