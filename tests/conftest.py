@@ -108,3 +108,23 @@ def tiny_cifar_folder(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny_cifar")
     _write_image_folder(root, train_per_class=20, test_per_class=5, test_suffix=".png", seed=1)
     return root
+
+
+@pytest.fixture
+def quiet_trainer(tmp_path):
+    """A factory of CPU Trainers that log, checkpoint, print and sanity-check nothing."""
+    import pytorch_lightning as pl
+
+    def make(**kwargs) -> pl.Trainer:
+        options = dict(
+            default_root_dir=tmp_path,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+        )
+        return pl.Trainer(**(options | kwargs))
+
+    return make

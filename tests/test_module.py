@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -36,20 +35,7 @@ def test_training_steps_overfit_a_fixed_batch():
     assert all(b < a for a, b in zip(losses, losses[1:])), losses
 
 
-def small_trainer(tmp_path, max_steps: int) -> pl.Trainer:
-    return pl.Trainer(
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-        max_steps=max_steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
-
-
-def test_checkpoint_alone_rebuilds_architecture_and_weights(tmp_path):
+def test_checkpoint_alone_rebuilds_architecture_and_weights(tmp_path, quiet_trainer):
     torch.manual_seed(0)
     options = dict(
         depth=18,
@@ -66,7 +52,7 @@ def test_checkpoint_alone_rebuilds_architecture_and_weights(tmp_path):
     module = CBAMResNetModule(**options)
     images, labels = fixed_batch(16)
     loader = DataLoader(TensorDataset(images, labels % 7), batch_size=8)
-    trainer = small_trainer(tmp_path, max_steps=4)
+    trainer = quiet_trainer(max_steps=4)
     trainer.fit(module, loader)
     assert trainer.global_step == 4
     path = tmp_path / "model.ckpt"

@@ -46,7 +46,7 @@ def link_subset(source: Path, target: Path) -> None:
 
 
 @pytest.mark.parametrize("seed", [0])
-def test_short_cpu_training_learns_far_beyond_chance(tmp_path, seed):
+def test_short_cpu_training_learns_far_beyond_chance(tmp_path, seed, quiet_trainer):
     source = Path(DATA).expanduser().resolve()
     before = sorted(os.listdir(source))
     subset = tmp_path / "cifar10"
@@ -79,16 +79,7 @@ def test_short_cpu_training_learns_far_beyond_chance(tmp_path, seed):
         scheduler={"_target_": "cbam.schedules.one_cycle", "_partial_": True, "warmup_fraction": 0.25},
     )
     assert sum(isinstance(m, CBAM) for m in model.modules()) == 8
-    trainer = pl.Trainer(
-        max_epochs=EPOCHS,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(max_epochs=EPOCHS)
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule)
     elapsed = time.perf_counter() - start

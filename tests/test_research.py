@@ -339,7 +339,7 @@ def test_optuna_search_of_two_trials(optuna_sweep):
     assert results["best_value"] == pytest.approx(max(t["last_val_acc"] for t in trials), abs=1e-6)
 
 
-def test_curves_record_every_epoch_of_train_and_val(tiny_cifar_folder, tmp_path):
+def test_curves_record_every_epoch_of_train_and_val(tiny_cifar_folder, tmp_path, quiet_trainer):
     """The curve of an epoch holds that epoch's logged values (the train ones are logged after the
     callbacks' epoch-end hooks: a naive callback would plot them one epoch late)."""
     import pytorch_lightning as pl
@@ -363,9 +363,7 @@ def test_curves_record_every_epoch_of_train_and_val(tiny_cifar_folder, tmp_path)
     curves, remember = TrainingCurves(), Remember()
     data = CIFAR10DataModule(str(tiny_cifar_folder), download=False, batch_size=32, num_workers=0, val_size=40,
                              loader="device", cache_dir=str(tmp_path))
-    trainer = pl.Trainer(default_root_dir=tmp_path, accelerator="cpu", max_epochs=3, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         num_sanity_val_steps=0, callbacks=[curves, remember])
+    trainer = quiet_trainer(max_epochs=3, callbacks=[curves, remember])
     trainer.fit(CBAMResNetModule(width=4, use_cbam_block=True, reduction_ratio=2), datamodule=data)
 
     assert sorted(curves.history["train/loss"]) == [0, 1, 2]
