@@ -13,7 +13,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,9 +26,8 @@ import cbam.data as data
 from cbam.atomic import _UMASK
 from cbam.checks import ConfigError, check_checkpoint
 from cbam.reliability import PARTIAL_PREFIX, PARTIAL_SUFFIX, AtomicCheckpointIO
+from helpers import REPO, load_checkpoint, run_train, subprocess_env, write_random_pngs
 
-REPO = Path(__file__).resolve().parents[1]
-TESTS = Path(__file__).resolve().parent
 
 #: 10 classes x 10 train images - 20 for validation = 80 images = 10 batches of 8 per epoch; 2 epochs
 STEPS_PER_EPOCH, EPOCHS = 10, 2
@@ -50,38 +48,16 @@ SIGNALS = "+callbacks.signals._target_=reliability_signals.SignalAtSteps"
 
 def write_images(root: Path, train_per_class: int = 10, test_per_class: int = 2, seed: int = 0) -> Path:
     """train/<class>/*.png and test/<class>/*.png: random 32x32 RGB images, 10 classes."""
-    rng = np.random.default_rng(seed)
-    for split, count in (("train", train_per_class), ("test", test_per_class)):
-        for label in range(10):
-            folder = root / split / f"class{label}"
-            folder.mkdir(parents=True, exist_ok=True)
-            for index in range(count):
-                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(folder / f"{index:03d}.png")
-    return root
-
-
-def environment(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "HYDRA_FULL_ERROR"}
-    pythonpath = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])  # reliability_signals
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=pythonpath)
-    env.update(extra)
-    return env
+    return write_random_pngs(root, train_per_class, test_per_class, [f"class{label}" for label in range(10)], seed)
 
 
 def train(*overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """``python train.py <overrides>`` from the repository root, one CPU thread, output captured."""
-    command = [sys.executable, "train.py", *overrides]
-    env = env or environment()
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    return run_train(list(overrides), env=env)
 
 
 def show(result: subprocess.CompletedProcess) -> str:
     return f"exit {result.returncode}\nSTDOUT:\n{result.stdout[-4000:]}\nSTDERR:\n{result.stderr[-4000:]}"
-
-
-def load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def max_weight_difference(a: dict, b: dict) -> float:
@@ -148,13 +124,13 @@ def runs(tmp_path_factory) -> dict:
         return train(*overrides, env=env)
 
     def last_step() -> int | None:
-        return load(last)["global_step"] if last.is_file() else None
+        return load_checkpoint(last)["global_step"] if last.is_file() else None
 
     def lane_1() -> None:
         out["b"], out["b_steps"] = [b_run({6: "SIGKILL"})], [last_step()]
         out["b"].append(b_run({11: "SIGKILL"}, "ckpt_path=last"))
         out["b_steps"].append(last_step())
-        slurm = environment(
+        slurm = subprocess_env(
             SLURM_NTASKS="1", SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NODEID="0",
             SLURM_JOB_ID="4242", SLURM_JOB_NAME="train",
         )  # fmt: skip
@@ -193,8 +169,8 @@ def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(runs):
     assert b[2].returncode == 0 and b[3].returncode == 0, [show(run) for run in b[2:]]
     # each restart resumed from the checkpoint (a restart from scratch would end the same way too)
     assert runs["b_started"] == [0, 4, 10, 13]
-    uninterrupted = load(runs["a_dir"] / "checkpoints" / "last.ckpt")
-    resumed = load(runs["b_dir"] / "checkpoints" / "last.ckpt")
+    uninterrupted = load_checkpoint(runs["a_dir"] / "checkpoints" / "last.ckpt")
+    resumed = load_checkpoint(runs["b_dir"] / "checkpoints" / "last.ckpt")
     assert uninterrupted["global_step"] == resumed["global_step"] == EPOCHS * STEPS_PER_EPOCH
     assert uninterrupted["epoch"] == resumed["epoch"] == EPOCHS - 1
     assert max_weight_difference(uninterrupted, resumed) <= 1e-6
@@ -225,7 +201,7 @@ def test_slurm_requeue_signal_saves_hpc_checkpoint(runs):
     output = b3.stdout + b3.stderr
     assert "SLURM auto-requeueing enabled" in output and "requeing job 4242" in output, show(b3)
     hpc = runs["b_dir"] / "hpc_ckpt_1.ckpt"
-    assert hpc.is_file() and load(hpc)["global_step"] == 12
+    assert hpc.is_file() and load_checkpoint(hpc)["global_step"] == 12
 
 
 def test_corrupt_last_checkpoint_with_ckpt_path_last_is_one_error_line(runs):
@@ -246,7 +222,7 @@ def test_divergence_stops_with_one_line_naming_step_and_last_good_checkpoint(run
     last = runs["diverged_dir"] / "checkpoints" / "last.ckpt"
     assert named == str(last)
     # last.ckpt is the last good state: saved before the divergence, every tensor finite
-    good = load(last)
+    good = load_checkpoint(last)
     assert 1 <= good["global_step"] <= step
     assert all(torch.isfinite(t).all() for t in good["state_dict"].values() if t.is_floating_point())
 
@@ -263,7 +239,7 @@ def test_submitit_local_two_job_sweep(runs):
     assert result.returncode == 0, show(result)
     assert "Submitit 'local' sweep output dir" in result.stdout + result.stderr, show(result)
     for job in ("0", "1"):
-        assert load(sweep / job / "checkpoints" / "last.ckpt")["global_step"] == STEPS_PER_EPOCH
+        assert load_checkpoint(sweep / job / "checkpoints" / "last.ckpt")["global_step"] == STEPS_PER_EPOCH
         assert f"seed={job}" in (sweep / job / ".hydra" / "overrides.yaml").read_text()
     assert len(list((sweep / ".submitit").glob("*/*_result.pkl"))) == 2
 
@@ -295,7 +271,7 @@ def test_kill_during_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatc
     assert child.exitcode == -signal.SIGKILL
     assert last.read_bytes() == before
     check_checkpoint(last)
-    assert load(last)["global_step"] == 1
+    assert load_checkpoint(last)["global_step"] == 1
     # the killed save's temporary file is left, named so that ckpt_path=last (newest last*.ckpt) skips it
     leftovers = list(last.parent.glob(f"{PARTIAL_PREFIX}*{PARTIAL_SUFFIX}"))
     assert len(leftovers) == 1 and "last" not in leftovers[0].name
@@ -315,7 +291,7 @@ def test_kill_during_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatc
 
     # the next save replaces the file and sweeps the leftover away
     io.save_checkpoint({"global_step": 4, "w": torch.ones(3)}, last)
-    assert load(last)["global_step"] == 4
+    assert load_checkpoint(last)["global_step"] == 4
     assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]
     assert oct(last.stat().st_mode & 0o777) == oct(0o666 & ~_UMASK)
 

@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 from PIL import Image
+from helpers import REPO, run_python, subprocess_env, write_random_pngs
 
-REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 RUN_TIMEOUT = 180
 
@@ -28,16 +26,7 @@ RUN_TIMEOUT = 180
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory) -> Path:
     """train/<class>/*.png (12 per class) and test/<class>/*.png (6 per class), random pixels."""
-    root = tmp_path_factory.mktemp("research_data")
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 12), ("test", 6)):
-        for name in CLASSES:
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for index in range(count):
-                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(folder / f"{index:02d}.png")
-    return root
+    return write_random_pngs(tmp_path_factory.mktemp("research_data"), 12, 6, CLASSES)
 
 
 def common(data_root: Path) -> list[str]:
@@ -56,12 +45,7 @@ def common(data_root: Path) -> list[str]:
 
 
 def run(args: list[str], timeout: int = RUN_TIMEOUT) -> subprocess.CompletedProcess:
-    # One intra-op thread: for these tiny models it is as fast, and with other processes on the two cores
-    # OpenMP's spinning threads would triple the time.
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "HYDRA_FULL_ERROR": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env
-    )
+    return run_python(args, env=subprocess_env(PYTHONWARNINGS="ignore", HYDRA_FULL_ERROR="1"), timeout=timeout)
 
 
 def train(args: list[str]) -> subprocess.CompletedProcess:

@@ -6,18 +6,16 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from cbam import CBAM
 from cbam.module import CBAMResNetModule
+from helpers import REPO, load_checkpoint, run_train
 
-REPO = Path(__file__).resolve().parents[1]
 
 #: settings every run here shares: a narrow network, small batches, one epoch, no download, no workers
 TINY = {
@@ -41,10 +39,7 @@ def train_py(*args: str, root: Path | None = None, tiny: bool = True, timeout: f
     """
     settings = {**TINY, "data.root": root} if tiny else {}
     settings.update({key.replace("__", "."): value for key, value in overrides.items()})
-    command = [sys.executable, "train.py", *args, *(f"{key}={value}" for key, value in settings.items())]
-    env = {key: value for key, value in os.environ.items() if key != "HYDRA_FULL_ERROR"}
-    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return run_train([*args, *(f"{key}={value}" for key, value in settings.items())], timeout=timeout)
 
 
 def succeeded(result: subprocess.CompletedProcess) -> bool:
@@ -52,10 +47,6 @@ def succeeded(result: subprocess.CompletedProcess) -> bool:
     if result.returncode != 0:
         print("STDOUT:\n", result.stdout[-5000:], "\nSTDERR:\n", result.stderr[-5000:])
     return result.returncode == 0
-
-
-def load_checkpoint(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def job_config(run_dir: Path) -> dict:

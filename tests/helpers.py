@@ -1,0 +1,59 @@
+"""What several test files need: running the repository's scripts in a subprocess, tiny image folders."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """This environment for a child process: one CPU thread (tiny models gain nothing from more, and
+    OpenMP's spinning threads slow down a busy 2-core machine), no GPU, no SLURM variables, Hydra's short
+    errors, and tests/ on the path (for test-only callbacks); ``extra`` on top."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "HYDRA_FULL_ERROR"}
+    env.update(
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        CUDA_VISIBLE_DEVICES="",
+        PYTHONPATH=os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")]),
+    )
+    env.update(extra)
+    return env
+
+
+def run_python(args: list[str], env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    """``python <args>`` from the repository root, output captured."""
+    return subprocess.run(
+        [sys.executable, *map(str, args)], cwd=REPO, env=env or subprocess_env(), capture_output=True, text=True,
+        timeout=timeout,
+    )
+
+
+def run_train(args: list[str], env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    """``python train.py <args>`` from the repository root, output captured."""
+    return run_python(["train.py", *args], env=env, timeout=timeout)
+
+
+def write_random_pngs(root: Path, train_per_class: int, test_per_class: int, classes: list[str], seed: int = 0) -> Path:
+    """``train/<class>/NNN.png`` and ``test/<class>/NNN.png``: random 32x32 RGB images."""
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", train_per_class), ("test", test_per_class)):
+        for name in classes:
+            folder = Path(root) / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for index in range(count):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{index:03d}.png")
+    return Path(root)
+
+
+def load_checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
