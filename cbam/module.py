@@ -95,12 +95,24 @@ class CBAMResNetModule(pl.LightningModule):
         self.metrics[f"{stage}_loss"].update(loss.detach().expand(labels.numel()))
         return loss
 
+    def epoch_metrics(self, stage: str) -> dict[str, torch.Tensor]:
+        """``{"loss": ..., "acc": ...}`` of the stage's epoch so far, synchronised across ranks.
+
+        For callbacks whose epoch-end hook runs before this module's (Lightning calls the callbacks'
+        ``on_train_epoch_end`` first): the values are the ones this module is about to log. Every rank
+        must call it (torchmetrics gathers the states); the result is cached until the next update.
+        """
+        return {
+            name: self.metrics[f"{stage}_{name}"].compute()
+            for name in ("loss", "acc")
+            if self.metrics[f"{stage}_{name}"].update_called
+        }
+
     def _log_epoch(self, stage: str) -> None:
+        for name, value in self.epoch_metrics(stage).items():
+            self.log(f"{stage}/{name}", value, prog_bar=stage != "train" or name == "acc")
         for name in ("loss", "acc"):
-            metric = self.metrics[f"{stage}_{name}"]
-            if metric.update_called:
-                self.log(f"{stage}/{name}", metric.compute(), prog_bar=stage != "train" or name == "acc")
-            metric.reset()
+            self.metrics[f"{stage}_{name}"].reset()
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._step(batch, "train")

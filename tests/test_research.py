@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
-from helpers import REPO, run_python, subprocess_env, write_random_pngs
+from helpers import REPO, load_checkpoint, run_python, subprocess_env, write_random_pngs
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 RUN_TIMEOUT = 180
@@ -211,6 +211,10 @@ def test_curves_png_after_training(block_run):
     folder, _ = block_run
     with Image.open(folder / "curves.png") as image:
         assert image.width > 400 and image.height > 200
+    # The epoch-end checkpoint already holds that epoch's points, so a resumed run's curves have no gap.
+    checkpoint = load_checkpoint(folder / "checkpoints" / "last.ckpt")
+    history = next(state for key, state in checkpoint["callbacks"].items() if "TrainingCurves" in key)["history"]
+    assert set(history["train/loss"]) == set(history["val/loss"]) == {0}
 
 
 def test_model_summary_logged_with_the_hparams(block_run):

@@ -26,7 +26,6 @@ class TrainingCurves(pl.Callback):
         self.metrics, self.stages, self.filename = list(metrics), list(stages), filename
         # {"train/loss": {epoch: value}}; kept in checkpoints, so a resumed run keeps its earlier epochs
         self.history: dict[str, dict[int, float]] = {}
-        self._epoch: int | None = None  # the epoch whose train metrics are still to be recorded
 
     def state_dict(self) -> dict:
         return {"history": self.history}
@@ -34,34 +33,27 @@ class TrainingCurves(pl.Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         self.history = {key: dict(values) for key, values in state_dict.get("history", {}).items()}
 
-    def _record(self, trainer: pl.Trainer, stage: str, epoch: int) -> None:
+    def _record(self, epoch: int, stage: str, values: dict) -> None:
         for metric in self.metrics:
-            key = f"{stage}/{metric}"
-            value = trainer.callback_metrics.get(key)
+            value = values.get(f"{stage}/{metric}")
             if value is not None:
-                self.history.setdefault(key, {})[epoch] = float(value)
+                self.history.setdefault(f"{stage}/{metric}", {})[epoch] = float(value)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking:
             for stage in self.stages:
                 if stage != "train":
-                    self._record(trainer, stage, trainer.current_epoch)
+                    self._record(trainer.current_epoch, stage, trainer.callback_metrics)
 
-    # The module logs an epoch's train metrics in its own on_train_epoch_end, which Lightning calls after
-    # the callbacks': they are recorded (and the figure redrawn) when the next epoch starts, or training ends.
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._finish_epoch(trainer)
-        self._epoch = trainer.current_epoch
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._finish_epoch(trainer)
-
-    def _finish_epoch(self, trainer: pl.Trainer) -> None:
-        epoch, self._epoch = self._epoch, None
-        if epoch is None:
-            return
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if "train" in self.stages:
-            self._record(trainer, "train", epoch)
+            # Lightning runs this hook before the module logs the epoch's train metrics: take them from
+            # the module (CBAMResNetModule.epoch_metrics), else from the last logged values.
+            if hasattr(pl_module, "epoch_metrics"):
+                values = {f"train/{name}": value for name, value in pl_module.epoch_metrics("train").items()}
+            else:
+                values = trainer.callback_metrics
+            self._record(trainer.current_epoch, "train", values)
         if trainer.is_global_zero and self.history:
             self.draw(run_dir(trainer) / self.filename)
 
