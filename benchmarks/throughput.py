@@ -77,7 +77,24 @@ def run_plain(args, arrays, depth: int, cbam: bool, device: torch.device) -> flo
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return _time_steps(step, loader, args, device)
+    seconds = _time_steps(step, loader, args, device)
+    if args.profile:
+        _profile(step, loader, args, device, f"plain depth={depth} cbam={'block' if cbam else 'none'}")
+    return seconds
+
+
+def _profile(step, loader, args, device: torch.device, title: str) -> None:
+    """Print the operators that took the most device (or, on a CPU, host) time over ``args.profile`` steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    batches = itertools.chain.from_iterable(itertools.repeat(loader))
+    with profile(activities=activities) as profiler:
+        for _ in range(args.profile):
+            step(*next(batches))
+        _synchronize(device)
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"# profile: {title}, {args.profile} steps\n" + profiler.key_averages().table(sort_by=sort_by, row_limit=25))
 
 
 class _PILDataset(Dataset):
@@ -192,6 +209,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=100, help="timed steps")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="conventional pipeline")
     parser.add_argument("--compile", action="store_true", help="torch.compile the network (lightning, plain)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="after timing, print the top operators of N steps of the plain loop (torch.profiler)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes on the CPU, for a smoke test")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
