@@ -5,7 +5,7 @@ from __future__ import annotations
 import zipfile
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from cbam.data import find_source
 from cbam.resnet import DEPTHS, smallest_attention_channels
@@ -32,9 +32,21 @@ def check_checkpoint(path: str | Path, key: str = "ckpt_path") -> None:
         raise ConfigError(f"{key}={path} is not a readable checkpoint (truncated or corrupt: {error})") from None
 
 
+def _require(cfg: DictConfig, key: str, kind: type, described: str) -> None:
+    value = OmegaConf.select(cfg, key)
+    # bool is a subclass of int: true is not a batch size
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}={value}: must be {described}")
+
+
 def check_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` for the first unusable value of ``cfg``."""
     model, data = cfg.model, cfg.data
+    for key in ("model.depth", "model.width", "model.kernel_size", "model.reduction_ratio", "data.batch_size",
+                "data.num_workers", "data.val_size"):
+        _require(cfg, key, int, "an integer")
+    for key in ("model.use_cbam_block", "model.use_cbam_class", "data.download", "train", "test"):
+        _require(cfg, key, bool, "true or false")
     if model.depth not in DEPTHS:
         raise ConfigError(f"model.depth={model.depth}: accepted depths are {', '.join(map(str, DEPTHS))}")
     if model.width < 1:

@@ -188,6 +188,9 @@ BAD_INPUT = {
     # width 4: the first stage's blocks have 4 channels, so a reduction ratio of 5 leaves no hidden unit
     "large_ratio": ({"model.reduction_ratio": 5, "model.use_cbam_block": "true"}, "model.reduction_ratio"),
     "batch_size": ({"data.batch_size": 0}, "data.batch_size"),
+    "batch_size_text": ({"data.batch_size": "abc"}, "data.batch_size"),
+    "cbam_flag_text": ({"model.use_cbam_block": "maybe"}, "model.use_cbam_block"),
+    "even_kernel_without_cbam": ({"model.kernel_size": 2}, "model.kernel_size"),
     "missing_root": ({"data.root": lambda folder, _: folder / "no" / "such" / "dir"}, "data.root"),
     "missing_ckpt": ({"ckpt_path": lambda folder, _: folder / "missing.ckpt"}, "ckpt_path"),
     "random_ckpt": ({"ckpt_path": lambda folder, _: write_random_bytes(folder)}, "ckpt_path"),
