@@ -29,8 +29,8 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 METRICS_FILE = "metrics.json"
-#: (column in results.csv, key in metrics.json, heading in results.md)
-ACCURACIES = (("best_val_acc", "best_val_acc", "best val acc (%)"), ("test_acc", "test_acc", "test acc (%)"))
+#: (key in metrics.json and column of results.csv, heading in results.md)
+ACCURACIES = (("best_val_acc", "best val acc (%)"), ("test_acc", "test acc (%)"))
 DASH = "–"
 
 
@@ -41,7 +41,6 @@ class ReportError(RuntimeError):
 @dataclass
 class Job:
     name: str
-    path: Path
     overrides: dict[str, str]
     seed: object = None
     metrics: dict | None = None
@@ -96,7 +95,7 @@ def read_job(path: Path, sweep: Path) -> Job:
         except (OSError, ValueError):
             metrics = None  # half-written or damaged: the job counts as unfinished
     name = str(path.relative_to(sweep)) if path != sweep else path.name
-    return Job(name, path, dict(parse_override(item) for item in overrides), config.get("seed"), metrics)
+    return Job(name, dict(parse_override(item) for item in overrides), config.get("seed"), metrics)
 
 
 def group_jobs(jobs: list[Job], ignore: set[str]) -> list[Group]:
@@ -133,8 +132,8 @@ def summarise(group: Group, keys: list[str]) -> dict:
     row: dict = {key: settings.get(key, "") for key in keys}
     row["n"] = len(finished)
     row["seeds"] = " ".join(str(job.seed) for job in finished)
-    for column, metric, _ in ACCURACIES:
-        mean, std = mean_std([job.metrics.get(metric) for job in finished])
+    for column, _ in ACCURACIES:
+        mean, std = mean_std([job.metrics.get(column) for job in finished])
         row[f"{column}_mean"], row[f"{column}_std"] = mean, std
     for column in ("params", "flops_per_image"):
         values = [job.metrics.get(column) for job in finished if job.metrics.get(column) is not None]
@@ -201,7 +200,7 @@ def markdown(
     sweep: Path, rows: list[dict], keys: list[str], groups: list[Group], jobs: list[Job], ignore: set[str]
 ) -> str:
     first = keys or ["configuration"]
-    accuracies = [heading for _, _, heading in ACCURACIES]
+    accuracies = [heading for _, heading in ACCURACIES]
     headings = [*first, "n", *accuracies, "params", "FLOPs/image", "train time"]
     lines = [f"# Results of {sweep}", ""]
     finished = sum(job.metrics is not None for job in jobs)
@@ -223,7 +222,7 @@ def markdown(
         cells = [
             *names,
             str(row["n"]),
-            *(_percent(row[f"{column}_mean"], row[f"{column}_std"]) for column, _, _ in ACCURACIES),
+            *(_percent(row[f"{column}_mean"], row[f"{column}_std"]) for column, _ in ACCURACIES),
             _si(row["params"]),
             _si(row["flops_per_image"]),
             _duration(row["train_time_s_mean"]),
@@ -241,7 +240,7 @@ def plot(path: Path, rows: list[dict], labels: list[str]) -> None:
 
     series = [
         (heading.replace(" (%)", ""), column)
-        for column, _, heading in ACCURACIES
+        for column, heading in ACCURACIES
         if any(row[f"{column}_mean"] is not None for row in rows)
     ]
     figure = Figure(figsize=(8, 1.2 + 0.45 * len(rows) * max(len(series), 1)), layout="constrained")

@@ -119,7 +119,6 @@ class ResNet(nn.Module):
         self.attention = classifier_attention(in_channels) if classifier_attention else nn.Identity()
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(in_channels, num_classes)
-        self.out_channels = in_channels
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The final feature map, after the classifier CBAM (if any) and before pooling."""
