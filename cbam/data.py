@@ -417,14 +417,17 @@ class CIFAR10DataModule(pl.LightningDataModule):
         self._splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._loaders: dict[str, DeviceLoader] = {}
         self._train_state: dict | None = None  # the train loader's position, from a checkpoint
+        self._prepared: Cifar10Arrays | None = None
 
     def prepare_data(self) -> None:
-        load_cifar10(self.root, download=self.download, cache_dir=self.cache_dir)
+        # Kept for setup() in the same process; other ranks read the cache this writes.
+        self._prepared = load_cifar10(self.root, download=self.download, cache_dir=self.cache_dir)
 
     def setup(self, stage: str | None = None) -> None:
         if self._splits:
             return
-        arrays = load_cifar10(self.root, download=False, cache_dir=self.cache_dir)
+        arrays = self._prepared or load_cifar10(self.root, download=False, cache_dir=self.cache_dir)
+        self._prepared = None
         self.classes = arrays.classes
         train_idx, val_idx = split_train_val(len(arrays.train_labels), self.val_size, self.split_seed)
         self._splits = {
