@@ -235,7 +235,10 @@ class DivergenceGuard(Callback):
             self.check(trainer)
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict):
-        self.check(trainer)
+        # This rank's flags only: a save may come from a signal handler (SLURM's SIGUSR1), at a different
+        # point on each rank, where a collective could pair up with another one and hang. A NaN of another
+        # rank reaches these weights through the gradient all-reduce, and the weight check below sees it.
+        self.check(trainer, across_ranks=False)
         tensors = [t for t in checkpoint.get("state_dict", {}).values() if torch.is_floating_point(t)]
         if tensors and not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
             raise TrainingDiverged(trainer.global_step, newest_checkpoint(trainer), what="weights")
@@ -243,9 +246,11 @@ class DivergenceGuard(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.check(trainer)
 
-    def check(self, trainer: pl.Trainer) -> None:
-        """Raise :class:`TrainingDiverged` if a recorded loss was not finite (on any rank)."""
-        if trainer.world_size == 1 and not self._pending:
+    def check(self, trainer: pl.Trainer, across_ranks: bool = True) -> None:
+        """Raise :class:`TrainingDiverged` if a recorded loss was not finite (on any rank, when
+        ``across_ranks``: then every rank must call it at the same step)."""
+        across_ranks = across_ranks and trainer.world_size > 1
+        if not across_ranks and not self._pending:
             return
         pending, self._pending = self._pending, []
         never = torch.iinfo(torch.int64).max
@@ -255,7 +260,7 @@ class DivergenceGuard(Callback):
             bad = (~finite).nonzero()
             if len(bad):
                 first_bad = pending[int(bad[0])][0]
-        if trainer.world_size > 1:  # every rank checks at the same steps: agree on the first bad step
+        if across_ranks:  # every rank checks at the same steps: agree on the first bad step
             device = trainer.strategy.root_device
             first_bad = int(trainer.strategy.reduce(torch.tensor(first_bad, device=device), reduce_op="min"))
         if first_bad != never:

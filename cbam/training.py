@@ -7,6 +7,7 @@ import sys
 import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities import rank_zero_only
 
 from cbam.checks import ConfigError, check_config
 from cbam.data import DataError
@@ -62,13 +63,19 @@ def run(cfg: DictConfig) -> dict[str, float]:
     return {key: float(value) for key, value in metrics.items()}
 
 
+def _fail(error: Exception, status: int) -> None:
+    # Under DDP every rank stops on the same error: one line, from rank 0, is enough.
+    if rank_zero_only.rank == 0:
+        print(f"error: {error}", file=sys.stderr)
+    sys.exit(status)
+
+
 def main(cfg: DictConfig) -> dict[str, float]:
-    """:func:`run`, with bad input reported as one line on stderr and exit status 2 (no traceback)."""
+    """:func:`run`, with bad input reported as one line on stderr and exit status 2, divergence with
+    exit status 3 (no traceback)."""
     try:
         return run(cfg)
     except (ConfigError, DataError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        _fail(error, 2)
     except TrainingDiverged as error:  # a NaN/inf loss: names the step and the last good checkpoint
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(3)
+        _fail(error, 3)
