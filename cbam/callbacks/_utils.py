@@ -18,9 +18,9 @@ def run_dir(trainer: pl.Trainer) -> Path:
 
 
 def plain_network(pl_module: nn.Module) -> nn.Module:
-    """The module's ``net`` (else the module itself), unwrapped from a ``torch.compile`` wrapper."""
-    net = getattr(pl_module, "net", pl_module)
-    return getattr(net, "_orig_mod", net)
+    """The module's ``net`` (else the module itself). ``model.compile`` compiles it in place, so its
+    submodules are the plain ones (see :func:`call_eager` for running it without the compiled call)."""
+    return getattr(pl_module, "net", pl_module)
 
 
 def call_eager(net: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
