@@ -1,26 +1,77 @@
-"""CBAM: Convolutional Block Attention Module (Woo et al., ECCV 2018).
+"""CBAM: Convolutional Block Attention Module (Woo et al., ECCV 2018), with the paper's ablations as switches.
 
 By default the layer equals the authors' released code (github.com/Jongchan/attention-module,
 ``MODELS/cbam.py``): a channel gate whose MLP is shared by the average- and max-pooled descriptors,
 followed by a spatial gate made of a k x k convolution (no bias) and a BatchNorm over the stacked
-channel-wise max and mean maps.
+channel-wise max and mean maps. The switches answer the paper's design questions:
+
+* ``channel_pooling`` (Table 1): which descriptors feed the shared MLP: ``avg_max``, ``avg`` or ``max``;
+* ``spatial_pooling`` (Table 2): ``max_mean`` (the channel-wise max and mean maps) or ``conv`` (a learned
+  1x1 convolution across channels, the alternative Table 2 compares);
+* ``gate_order`` (Table 3): ``channel_first``, ``spatial_first`` or ``parallel``;
+* ``use_channel_gate`` / ``use_spatial_gate``: channel-only or spatial-only attention. SE (Hu et al.) is
+  ``channel_pooling="avg", use_spatial_gate=False``: ``x * sigmoid(MLP(avgpool(x)))``.
+
+``impl`` picks how the default CBAM runs: ``reference`` (plain PyTorch), ``fused`` (Triton kernels of
+``cbam.fused``, same parameters and state_dict keys) or ``auto`` (fused on CUDA, reference elsewhere).
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
+from cbam.errors import InvalidArgument
 
-def _check_arguments(channels: int, reduction_ratio: int, kernel_size: int) -> None:
-    if channels < 1:
-        raise ValueError(f"channels must be >= 1, got {channels}")
-    if not 1 <= reduction_ratio <= channels:
-        raise ValueError(
-            f"reduction_ratio must be between 1 and channels ({channels}), got {reduction_ratio}"
-        )
+log = logging.getLogger(__name__)
+
+CHANNEL_POOLINGS = ("avg_max", "avg", "max")
+SPATIAL_POOLINGS = ("max_mean", "conv")
+GATE_ORDERS = ("channel_first", "spatial_first", "parallel")
+IMPLS = ("reference", "fused", "auto")
+
+
+def _choice(argument: str, value: str, accepted: tuple[str, ...]) -> None:
+    if value not in accepted:
+        raise InvalidArgument(argument, value, f"accepted values are {', '.join(accepted)}")
+
+
+def check_options(
+    reduction_ratio: int = 16,
+    kernel_size: int = 7,
+    channel_pooling: str = "avg_max",
+    spatial_pooling: str = "max_mean",
+    gate_order: str = "channel_first",
+    use_channel_gate: bool = True,
+    use_spatial_gate: bool = True,
+    impl: str = "auto",
+) -> None:
+    """Raise :class:`~cbam.errors.InvalidArgument` for an option :class:`CBAM` cannot take, whatever its
+    channel count (which bounds ``reduction_ratio`` further: checked by the layer itself)."""
+    if reduction_ratio < 1:
+        raise InvalidArgument("reduction_ratio", reduction_ratio, "must be an integer >= 1")
     if kernel_size < 1 or kernel_size % 2 == 0:
-        raise ValueError(f"kernel_size must be an odd integer >= 1, got {kernel_size}")
+        raise InvalidArgument("kernel_size", kernel_size, "must be an odd integer >= 1")
+    _choice("channel_pooling", channel_pooling, CHANNEL_POOLINGS)
+    _choice("spatial_pooling", spatial_pooling, SPATIAL_POOLINGS)
+    _choice("gate_order", gate_order, GATE_ORDERS)
+    _choice("impl", impl, IMPLS)
+    if not (use_channel_gate or use_spatial_gate):
+        raise InvalidArgument(
+            "use_spatial_gate", use_spatial_gate, "use_channel_gate and use_spatial_gate cannot both be false"
+        )
+
+
+def _channel_max(x: torch.Tensor, dim: int | tuple[int, ...]) -> torch.Tensor:
+    """The maximum over ``dim`` through ``torch.max``, whose backward sends the gradient to the saved index
+    of the maximum, as the authors' max pooling does. (``amax``'s backward instead divides by the count of
+    elements equal to the maximum; compiled for a GPU in bf16, that count was seen to be 0, see
+    docs/benchmarks.md.)"""
+    if isinstance(dim, tuple):  # the spatial dimensions (2, 3): one flattened dimension
+        return x.flatten(2).max(dim=2).values
+    return x.max(dim=dim, keepdim=True).values
 
 
 class ChannelAttention(nn.Module):
@@ -28,27 +79,39 @@ class ChannelAttention(nn.Module):
 
     Args:
         channels: number of input channels C.
-        reduction_ratio: the MLP's hidden size is ``C // reduction_ratio``.
+        reduction_ratio: the MLP's hidden size is ``C // reduction_ratio``, ``1 <= reduction_ratio <= C``.
+        pooling: ``avg_max`` (both descriptors, summed after the MLP), ``avg`` or ``max`` (one of them).
     """
 
-    def __init__(self, channels: int, reduction_ratio: int = 16) -> None:
+    def __init__(self, channels: int, reduction_ratio: int = 16, pooling: str = "avg_max") -> None:
         super().__init__()
-        _check_arguments(channels, reduction_ratio, 1)
-        hidden = channels // reduction_ratio  # >= 1, since reduction_ratio <= channels
-        self.mlp = nn.Sequential(
-            nn.Linear(channels, hidden),
-            nn.ReLU(inplace=True),
-            nn.Linear(hidden, channels),
-        )
+        check_options(reduction_ratio=reduction_ratio, channel_pooling=pooling)
+        if channels < 1:
+            raise InvalidArgument("channels", channels, "must be an integer >= 1")
+        if reduction_ratio > channels:
+            raise InvalidArgument(
+                "reduction_ratio", reduction_ratio, f"must be between 1 and {channels}, the channels of this CBAM"
+            )
+        self.pooling = pooling
+        hidden = channels // reduction_ratio
+        self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, channels))
+
+    def descriptors(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The average- and max-pooled descriptors, each (N, C), or None where ``pooling`` leaves it out."""
+        avg = x.mean(dim=(2, 3)) if self.pooling != "max" else None
+        mx = _channel_max(x, (2, 3)) if self.pooling != "avg" else None
+        return avg, mx
+
+    def gate_from_descriptors(self, avg: torch.Tensor | None, mx: torch.Tensor | None) -> torch.Tensor:
+        """The attention weights, (N, C, 1, 1) in (0, 1), from the pooled descriptors."""
+        present = [d for d in (avg, mx) if d is not None]
+        # Both descriptors go through the shared MLP as one batch of 2N rows.
+        logits = self.mlp(torch.cat(present, dim=0)).chunk(len(present), dim=0)
+        return torch.sigmoid(sum(logits[1:], logits[0]))[:, :, None, None]
 
     def gate(self, x: torch.Tensor) -> torch.Tensor:
-        """The attention weights, shape (N, C, 1, 1), values in (0, 1)."""
-        # Both descriptors go through the MLP as one batch of 2N rows. (amax, unlike the authors' max
-        # pooling, shares the gradient among exactly tied maxima; it fuses under torch.compile, where
-        # max pooling with indices ran 1.6x slower on an H100.)
-        descriptors = torch.cat((x.mean(dim=(2, 3)), x.amax(dim=(2, 3))), dim=0)
-        avg_out, max_out = self.mlp(descriptors).chunk(2, dim=0)
-        return torch.sigmoid(avg_out + max_out)[:, :, None, None]
+        """The attention weights of ``x``, shape (N, C, 1, 1), values in (0, 1)."""
+        return self.gate_from_descriptors(*self.descriptors(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.gate(x)
@@ -60,6 +123,7 @@ class MapBatchNorm(nn.BatchNorm2d):
 
     Batch-norm kernels spread their work over channels; with a single channel a training step runs each
     of them on a handful of GPU blocks, which made the spatial gate the slowest part of a CBAM block.
+    The statistics are computed in float32 for half-precision inputs, in float64 for float64 inputs.
     """
 
     def __init__(self, eps: float = 1e-5, momentum: float = 0.1) -> None:
@@ -68,12 +132,13 @@ class MapBatchNorm(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return super().forward(x)
-        values = x.float()
+        values = x.to(torch.promote_types(x.dtype, torch.float32))
         var, mean = torch.var_mean(values, correction=0)
         with torch.no_grad():  # the running estimates use the unbiased variance, as BatchNorm2d does
             count = values.numel()
-            self.running_mean.lerp_(mean.reshape(1), self.momentum)
-            self.running_var.lerp_((var * count / max(count - 1, 1)).reshape(1), self.momentum)
+            unbiased = var * count / max(count - 1, 1)
+            self.running_mean.lerp_(mean.to(self.running_mean.dtype).reshape(1), self.momentum)
+            self.running_var.lerp_(unbiased.to(self.running_var.dtype).reshape(1), self.momentum)
             self.num_batches_tracked.add_(1)
         scale = self.weight * torch.rsqrt(var + self.eps)
         return ((values - mean) * scale + self.bias).to(x.dtype)
@@ -87,37 +152,143 @@ class SpatialAttention(nn.Module):
 
     Args:
         kernel_size: odd size k of the k x k convolution.
+        pooling: ``max_mean`` (the two maps above) or ``conv``: one map from a learned 1x1 convolution
+            across the channels (no bias), the alternative of the paper's Table 2; needs ``channels``.
+        channels: number of input channels C (only used by ``pooling="conv"``).
     """
 
-    def __init__(self, kernel_size: int = 7) -> None:
+    def __init__(self, kernel_size: int = 7, pooling: str = "max_mean", channels: int | None = None) -> None:
         super().__init__()
-        _check_arguments(1, 1, kernel_size)
-        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
+        check_options(kernel_size=kernel_size, spatial_pooling=pooling)
+        self.pooling = pooling
+        if pooling == "conv":
+            if channels is None or channels < 1:
+                raise InvalidArgument("channels", channels, "spatial_pooling=conv needs the channel count")
+            self.pool = nn.Conv2d(channels, 1, 1, bias=False)
+        self.conv = nn.Conv2d(1 if pooling == "conv" else 2, 1, kernel_size, padding=kernel_size // 2, bias=False)
         self.bn = MapBatchNorm(eps=1e-5, momentum=0.01)
 
+    def pooled_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 2, H, W): the channel-wise max and mean maps; (N, 1, H, W) with ``pooling="conv"``."""
+        if self.pooling == "conv":
+            return self.pool(x)
+        return torch.cat((_channel_max(x, 1), x.mean(dim=1, keepdim=True)), dim=1)
+
+    def gate_from_maps(self, maps: torch.Tensor) -> torch.Tensor:
+        """The attention map, (N, 1, H, W) in (0, 1), from the pooled maps."""
+        return torch.sigmoid(self.bn(self.conv(maps)))
+
     def gate(self, x: torch.Tensor) -> torch.Tensor:
-        """The attention map, shape (N, 1, H, W), values in (0, 1)."""
-        pooled = torch.cat((x.amax(dim=1, keepdim=True), x.mean(dim=1, keepdim=True)), dim=1)
-        return torch.sigmoid(self.bn(self.conv(pooled)))
+        """The attention map of ``x``, shape (N, 1, H, W), values in (0, 1)."""
+        return self.gate_from_maps(self.pooled_maps(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.gate(x)
 
 
 class CBAM(nn.Module):
-    """Channel attention followed by spatial attention; the output has the input's shape.
+    """Channel and spatial attention; the output has the input's shape.
+
+    With the defaults: channel attention, then spatial attention on its output, as in the authors' code.
+    ``gate_order="parallel"`` computes both gates from the same input and multiplies the input by both,
+    ``x * M_c(x) * M_s(x)``. The paper compares this arrangement in Section 4.1 ("Arrangement of the
+    channel and spatial attention", Table 3) without giving its formula; the product of the two gates is
+    the reading that keeps each gate as in the sequential arrangements. (BAM, by the same authors, adds
+    the two gates' logits before one sigmoid instead.)
 
     Args:
         channels: number of input channels C.
         reduction_ratio: channel-MLP reduction r (hidden size ``C // r``), ``1 <= r <= C``.
         kernel_size: odd spatial-attention kernel size k >= 1.
+        channel_pooling: ``avg_max``, ``avg`` or ``max`` (see :class:`ChannelAttention`).
+        spatial_pooling: ``max_mean`` or ``conv`` (see :class:`SpatialAttention`).
+        gate_order: ``channel_first``, ``spatial_first`` or ``parallel``.
+        use_channel_gate: include the channel gate.
+        use_spatial_gate: include the spatial gate (at least one of the two).
+        impl: ``reference``, ``fused`` or ``auto``; the fused kernels cover the sequential channel-first
+            layer with ``max_mean`` spatial pooling (any ``channel_pooling``); other variants run the
+            reference code, which is logged once.
     """
 
-    def __init__(self, channels: int, reduction_ratio: int = 16, kernel_size: int = 7) -> None:
+    def __init__(
+        self,
+        channels: int,
+        reduction_ratio: int = 16,
+        kernel_size: int = 7,
+        *,
+        channel_pooling: str = "avg_max",
+        spatial_pooling: str = "max_mean",
+        gate_order: str = "channel_first",
+        use_channel_gate: bool = True,
+        use_spatial_gate: bool = True,
+        impl: str = "auto",
+    ) -> None:
         super().__init__()
-        _check_arguments(channels, reduction_ratio, kernel_size)
-        self.channel = ChannelAttention(channels, reduction_ratio)
-        self.spatial = SpatialAttention(kernel_size)
+        check_options(
+            reduction_ratio, kernel_size, channel_pooling, spatial_pooling, gate_order, use_channel_gate,
+            use_spatial_gate, impl,
+        )
+        self.gate_order, self.impl = gate_order, impl
+        self.channel = ChannelAttention(channels, reduction_ratio, channel_pooling) if use_channel_gate else None
+        self.spatial = (
+            SpatialAttention(kernel_size, spatial_pooling, channels) if use_spatial_gate else None
+        )
+        # What the fused kernels compute: a channel gate, then a max/mean spatial gate on its output.
+        self.fusable = self.channel is not None and self.spatial is not None and (
+            gate_order == "channel_first" and spatial_pooling == "max_mean"
+        )
+
+    def _sequence(self) -> list[nn.Module]:
+        """The gates that are switched on, in the order a sequential arrangement applies them."""
+        parts = [self.channel, self.spatial] if self.gate_order != "spatial_first" else [self.spatial, self.channel]
+        return [part for part in parts if part is not None]
+
+    def gates(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The channel gate (N, C, 1, 1) and spatial gate (N, 1, H, W) that :meth:`forward` multiplies ``x``
+        by (None for a gate that is switched off), each computed from the input it is applied to."""
+        found = {}
+        for part in self._sequence():
+            found[part] = part.gate(x)
+            if self.gate_order != "parallel":
+                x = x * found[part]
+        return found.get(self.channel), found.get(self.spatial)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.spatial(self.channel(x))
+        if self._runs_fused(x):
+            from cbam.fused import cbam_fused
+
+            return cbam_fused(x, self.channel.gate_from_descriptors, self.spatial.gate_from_maps, self.channel.pooling)
+        if self.gate_order == "parallel":
+            gates = [part.gate(x) for part in self._sequence()]
+            for gate in gates:
+                x = x * gate
+            return x
+        for part in self._sequence():
+            x = part(x)
+        return x
+
+    def _runs_fused(self, x: torch.Tensor) -> bool:
+        if self.impl == "reference" or (self.impl == "auto" and not x.is_cuda):
+            return False
+        if not self.fusable:
+            _log_once(f"CBAM impl={self.impl}: this variant has no fused kernels; it runs the reference code")
+            return False
+        from cbam.fused import fused_available
+
+        if fused_available(x.device):
+            return True
+        if self.impl == "fused":
+            raise RuntimeError(
+                f"CBAM impl=fused needs Triton and a CUDA device (or TRITON_INTERPRET=1 on the CPU); got {x.device}"
+            )
+        _log_once("CBAM impl=auto: Triton is not available; the reference code runs")
+        return False
+
+
+_logged: set[str] = set()
+
+
+def _log_once(message: str) -> None:
+    if message not in _logged:
+        _logged.add(message)
+        log.warning(message)

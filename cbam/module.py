@@ -18,6 +18,16 @@ DEFAULT_OPTIMIZER = {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1
 DEFAULT_SCHEDULER = {"_target_": "cbam.schedules.warmup_cosine", "_partial_": True}
 
 
+def avoid_inductor_gradient_bugs() -> None:
+    """Switch off Inductor's mix-order reduction, which computed silently wrong gradients on GPUs
+    (pytorch/pytorch#190796, bf16 gradients turning NaN; fixed by #193103 after torch 2.11). It only
+    exists, and is on by default for GPUs, since torch 2.10."""
+    import torch._inductor.config as inductor_config
+
+    if hasattr(inductor_config.triton, "mix_order_reduction"):
+        inductor_config.triton.mix_order_reduction = False
+
+
 def _plain(config: Any) -> Any:
     return OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else config
 
@@ -27,8 +37,9 @@ class CBAMResNetModule(pl.LightningModule):
     rebuilds the model (``CBAMResNetModule.load_from_checkpoint(path)``).
 
     Args:
-        depth, use_cbam_block, use_cbam_class, reduction_ratio, kernel_size, width, num_classes: passed
-            to :func:`cbam.build_resnet`.
+        depth, use_cbam_block, use_cbam_class, reduction_ratio, kernel_size, channel_pooling,
+            spatial_pooling, gate_order, use_channel_gate, use_spatial_gate, cbam_impl, width, num_classes:
+            passed to :func:`cbam.build_resnet` (the CBAM variant and implementation: see :class:`cbam.CBAM`).
         optimizer: Hydra config of a partial optimizer (``_target_`` and arguments but the parameters).
         scheduler: Hydra config of a partial schedule taking ``(optimizer, total_steps)``, stepped
             every training step.
@@ -44,6 +55,12 @@ class CBAMResNetModule(pl.LightningModule):
         use_cbam_class: bool = False,
         reduction_ratio: int = 16,
         kernel_size: int = 7,
+        channel_pooling: str = "avg_max",
+        spatial_pooling: str = "max_mean",
+        gate_order: str = "channel_first",
+        use_channel_gate: bool = True,
+        use_spatial_gate: bool = True,
+        cbam_impl: str = "auto",
         width: int = 64,
         num_classes: int = 10,
         optimizer: dict | None = None,
@@ -63,12 +80,19 @@ class CBAMResNetModule(pl.LightningModule):
             use_cbam_class=use_cbam_class,
             reduction_ratio=reduction_ratio,
             kernel_size=kernel_size,
+            channel_pooling=channel_pooling,
+            spatial_pooling=spatial_pooling,
+            gate_order=gate_order,
+            use_channel_gate=use_channel_gate,
+            use_spatial_gate=use_spatial_gate,
+            cbam_impl=cbam_impl,
             num_classes=num_classes,
             width=width,
         )
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         if compile:
+            avoid_inductor_gradient_bugs()
             # In place: the state_dict keeps its plain keys, so checkpoints load with or without compile.
             self.net.compile()
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)

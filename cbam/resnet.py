@@ -11,7 +11,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from cbam.attention import CBAM
+from cbam.attention import CBAM, check_options
+from cbam.errors import InvalidArgument
 
 AttentionFactory = Callable[[int], nn.Module]
 
@@ -149,10 +150,16 @@ def build_resnet(
     *,
     use_cbam_block: bool = False,
     use_cbam_class: bool = False,
-    reduction_ratio: int = 16,
-    kernel_size: int = 7,
     num_classes: int = 10,
     width: int = 64,
+    reduction_ratio: int = 16,
+    kernel_size: int = 7,
+    channel_pooling: str = "avg_max",
+    spatial_pooling: str = "max_mean",
+    gate_order: str = "channel_first",
+    use_channel_gate: bool = True,
+    use_spatial_gate: bool = True,
+    cbam_impl: str = "auto",
 ) -> ResNet:
     """Build a CIFAR ResNet of ``depth`` in {18, 34, 50, 101, 152}, with CBAM where asked.
 
@@ -160,19 +167,32 @@ def build_resnet(
         depth: network depth.
         use_cbam_block: a CBAM in every residual block, after the branch's last BatchNorm.
         use_cbam_class: a CBAM on the final feature map, before pooling and the classifier.
-        reduction_ratio: CBAM channel-MLP reduction ratio.
-        kernel_size: CBAM spatial-attention kernel size (odd).
         num_classes: number of classes.
         width: channels of the first stage (64 gives the standard networks).
+        reduction_ratio, kernel_size, channel_pooling, spatial_pooling, gate_order, use_channel_gate,
+            use_spatial_gate: the arguments of every :class:`~cbam.attention.CBAM` (checked even when no
+            CBAM is placed, so a sweep cannot carry an unusable value unnoticed).
+        cbam_impl: the CBAM's ``impl``: ``reference``, ``fused`` or ``auto``.
     """
     if depth not in DEPTHS:
-        raise ValueError(f"depth must be one of {sorted(DEPTHS)}, got {depth}")
+        raise InvalidArgument("depth", depth, f"accepted depths are {', '.join(map(str, DEPTHS))}")
     if width < 1:
-        raise ValueError(f"width must be >= 1, got {width}")
+        raise InvalidArgument("width", width, "must be an integer >= 1")
+    options = dict(
+        reduction_ratio=reduction_ratio,
+        kernel_size=kernel_size,
+        channel_pooling=channel_pooling,
+        spatial_pooling=spatial_pooling,
+        gate_order=gate_order,
+        use_channel_gate=use_channel_gate,
+        use_spatial_gate=use_spatial_gate,
+        impl=cbam_impl,
+    )
+    check_options(**options)
     block, num_blocks = DEPTHS[depth]
 
     def attention(channels: int) -> nn.Module:
-        return CBAM(channels, reduction_ratio=reduction_ratio, kernel_size=kernel_size)
+        return CBAM(channels, **options)
 
     return ResNet(
         block,

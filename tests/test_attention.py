@@ -204,3 +204,220 @@ def test_reference_distinguishes_max_first_from_mean_first():
     with torch.no_grad():
         flipped.weight.copy_(conv.weight.flip(1))
     assert not torch.allclose(spatial(x), reference_spatial(x, flipped, bn, bn_stats(bn), False), atol=1e-4)
+
+
+# ------------------------------------------------- the paper's ablations as switches, in float64
+
+
+def mlp_of(channel: ChannelAttention):
+    fc1, fc2 = linears(channel)
+    return lambda v: F.linear(F.relu(F.linear(v, fc1.weight, fc1.bias)), fc2.weight, fc2.bias)
+
+
+def channel_gate_formula(x: torch.Tensor, channel: ChannelAttention, pooling: str) -> torch.Tensor:
+    """sigmoid of the shared MLP summed over the chosen descriptors (Table 1)."""
+    mlp = mlp_of(channel)
+    descriptors = {"avg": [x.mean(dim=(2, 3))], "max": [x.amax(dim=(2, 3))]}
+    descriptors["avg_max"] = descriptors["avg"] + descriptors["max"]
+    return torch.sigmoid(sum(mlp(d) for d in descriptors[pooling]))[:, :, None, None]
+
+
+def spatial_gate_formula(x: torch.Tensor, spatial: SpatialAttention, pooling: str, training: bool) -> torch.Tensor:
+    """sigmoid(BN(conv_k(maps))): maps = [max_c; mean_c] or a 1x1 convolution across channels (Table 2)."""
+    conv, bn = spatial.conv, spatial.bn
+    if pooling == "conv":
+        maps = F.conv2d(x, spatial.pool.weight)
+    else:
+        maps = torch.cat([x.max(dim=1, keepdim=True)[0], x.mean(dim=1, keepdim=True)], dim=1)
+    y = F.conv2d(maps, conv.weight, None, padding=conv.kernel_size[0] // 2)
+    stats = bn_stats(bn)
+    y = F.batch_norm(y, stats[0], stats[1], bn.weight, bn.bias, training, 0.01, 1e-5)
+    return torch.sigmoid(y)
+
+
+VARIANTS = {
+    "cbam": {},
+    "se": dict(channel_pooling="avg", use_spatial_gate=False),
+    "channel_max": dict(channel_pooling="max", use_spatial_gate=False),
+    "channel_only": dict(use_spatial_gate=False),
+    "spatial_only": dict(use_channel_gate=False),
+    "spatial_first": dict(gate_order="spatial_first"),
+    "parallel": dict(gate_order="parallel"),
+    "conv_pooling": dict(spatial_pooling="conv"),
+    "avg_pooling_spatial_first": dict(channel_pooling="avg", gate_order="spatial_first"),
+}
+
+
+def variant_formula(x: torch.Tensor, cbam: CBAM, options: dict, training: bool) -> torch.Tensor:
+    pooling = options.get("channel_pooling", "avg_max")
+    spatial_pooling = options.get("spatial_pooling", "max_mean")
+    order = options.get("gate_order", "channel_first")
+    channel = (lambda v: channel_gate_formula(v, cbam.channel, pooling)) if cbam.channel else None
+    spatial = (lambda v: spatial_gate_formula(v, cbam.spatial, spatial_pooling, training)) if cbam.spatial else None
+    if order == "parallel":
+        return x * channel(x) * spatial(x)
+    for gate in (channel, spatial) if order == "channel_first" else (spatial, channel):
+        if gate is not None:
+            x = x * gate(x)
+    return x
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize("training", [True, False])
+def test_every_variant_matches_its_formula_in_float64(name, training):
+    torch.manual_seed(5)
+    options = VARIANTS[name]
+    cbam = randomize(CBAM(12, reduction_ratio=3, kernel_size=3, **options)).double().train(training)
+    x = torch.randn(3, 12, 6, 5, dtype=torch.float64)
+    expected = variant_formula(x, cbam, options, training)
+    out = cbam(x)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    # gates() gives what forward multiplies by
+    channel, spatial = cbam.gates(x)
+    assert (channel is None) == (cbam.channel is None) and (spatial is None) == (cbam.spatial is None)
+    product = x * (channel if channel is not None else 1) * (spatial if spatial is not None else 1)
+    torch.testing.assert_close(cbam(x), product, rtol=1e-12, atol=1e-12)
+
+
+def test_the_variants_differ_from_each_other():
+    """Guards the test above: each switch changes the output of one and the same set of weights."""
+    torch.manual_seed(6)
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+    outputs = {}
+    for name, options in VARIANTS.items():
+        if options.get("spatial_pooling") == "conv":
+            continue  # an extra parameter: not the same weights
+        torch.manual_seed(7)
+        outputs[name] = randomize(CBAM(8, 2, 3, **options)).double().eval()(x)
+    names = list(outputs)
+    for i, first in enumerate(names):
+        for second in names[i + 1 :]:
+            assert not torch.allclose(outputs[first], outputs[second], atol=1e-6), (first, second)
+
+
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        ({}, lambda c, h, k: (c * h + h) + (h * c + c) + 2 * k * k + 2),
+        (dict(channel_pooling="avg", use_spatial_gate=False), lambda c, h, k: (c * h + h) + (h * c + c)),
+        (dict(use_channel_gate=False), lambda c, h, k: 2 * k * k + 2),
+        (dict(spatial_pooling="conv"), lambda c, h, k: (c * h + h) + (h * c + c) + c + k * k + 2),
+        (dict(gate_order="parallel"), lambda c, h, k: (c * h + h) + (h * c + c) + 2 * k * k + 2),
+    ],
+)
+def test_parameter_counts_of_the_variants(options, expected):
+    channels, ratio, kernel = 64, 16, 7
+    cbam = CBAM(channels, ratio, kernel, **options)
+    assert sum(p.numel() for p in cbam.parameters()) == expected(channels, channels // ratio, kernel)
+
+
+@pytest.mark.parametrize(
+    "options, argument",
+    [
+        (dict(use_channel_gate=False, use_spatial_gate=False), "use_spatial_gate"),
+        (dict(channel_pooling="mean"), "channel_pooling"),
+        (dict(spatial_pooling="avg"), "spatial_pooling"),
+        (dict(gate_order="sideways"), "gate_order"),
+        (dict(impl="cuda"), "impl"),
+    ],
+)
+def test_bad_variant_options_name_the_argument(options, argument):
+    from cbam.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match=f"^{argument}=") as error:
+        CBAM(16, **options)
+    assert error.value.argument == argument
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize("placement", ["block", "classifier"])
+def test_every_variant_trains_in_every_placement(name, placement):
+    from cbam import build_resnet
+
+    torch.manual_seed(0)
+    net = build_resnet(
+        18, width=4, reduction_ratio=2, kernel_size=3, use_cbam_block=placement == "block",
+        use_cbam_class=placement == "classifier", **{("cbam_impl" if k == "impl" else k): v for k, v in VARIANTS[name].items()},
+    )
+    cbams = [m for m in net.modules() if isinstance(m, CBAM)]
+    assert len(cbams) == (8 if placement == "block" else 1)
+    net(torch.randn(2, 3, 8, 8)).sum().backward()
+    for module in cbams:
+        for parameter_name, parameter in module.named_parameters():
+            assert parameter.grad is not None and parameter.grad.abs().sum() > 0, parameter_name
+
+
+# ------------------------------------------------------------------------------- every dtype
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_cbam_passes_gradcheck_in_float64(training):
+    torch.manual_seed(8)
+    cbam = randomize(CBAM(6, reduction_ratio=2, kernel_size=3)).double().train(training)
+    x = torch.randn(2, 6, 4, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(cbam, (x,), eps=1e-6, atol=1e-5)
+
+
+def test_double_cbam_trains_as_a_new_user_would_call_it():
+    """CBAM(16, 4, 3).double() in training mode used to raise 'expected dtype double for end'."""
+    cbam = CBAM(16, reduction_ratio=4, kernel_size=3).double().train()
+    out = cbam(torch.randn(2, 16, 5, 5, dtype=torch.float64))
+    assert out.dtype == torch.float64
+    assert cbam.spatial.bn.running_mean.dtype == torch.float64
+    assert cbam.spatial.bn.num_batches_tracked.item() == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_keep_batch_statistics_in_float32(dtype):
+    torch.manual_seed(9)
+    spatial = SpatialAttention(3).train()
+    x = (torch.randn(4, 8, 6, 6) * 3 + 1).to(dtype)
+    maps = spatial.pooled_maps(x)
+    assert maps.dtype == dtype
+    conv_out = F.conv2d(maps.float(), spatial.conv.weight, padding=1)
+    expected_mean, expected_var = conv_out.mean(), conv_out.var(unbiased=True)
+    bn = spatial.bn
+    out = bn(spatial.conv.to(dtype)(maps))
+    assert out.dtype == dtype
+    assert bn.running_mean.dtype == torch.float32 and bn.running_var.dtype == torch.float32
+    # statistics of the half-precision conv output, computed in float32 (rounding of the conv output only)
+    tolerance = dict(rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(bn.running_mean, (0.99 * 0 + 0.01 * expected_mean).reshape(1), **tolerance)
+    torch.testing.assert_close(bn.running_var, (0.99 * 1 + 0.01 * expected_var).reshape(1), **tolerance)
+    # and the normalisation itself runs in float32: the same as float32 BN on the upcast input, rounded once
+    reference = F.batch_norm(spatial.conv(maps).float(), None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+    torch.testing.assert_close(out, reference.to(dtype))
+
+
+def test_max_pooling_sends_the_gradient_to_one_maximum_as_the_authors_max_pool_does():
+    """Tied maxima: max pooling (and the layer) gives the whole gradient to one of them; amax would split it."""
+    channel = ChannelAttention(2, 1, pooling="max")
+    x = torch.zeros(1, 2, 2, 2)
+    x[:, :, 0, 0] = x[:, :, 1, 1] = 1.0  # two tied maxima per channel
+    x.requires_grad_(True)
+    channel.descriptors(x)[1].sum().backward()
+    assert sorted(x.grad.flatten(2)[0, 0].tolist()) == [0.0, 0.0, 0.0, 1.0]
+    spatial = SpatialAttention(1)
+    y = torch.ones(1, 3, 1, 1, requires_grad=True)  # three tied channels
+    spatial.pooled_maps(y)[:, 0].sum().backward()
+    assert sorted(y.grad.flatten().tolist()) == [0.0, 0.0, 1.0]  # the max map only
+
+
+@pytest.mark.parametrize("name", ["cbam", "se", "spatial_only", "parallel"])
+def test_attention_maps_record_the_gates_each_variant_has(name):
+    from cbam import build_resnet
+    from cbam.callbacks.attention_maps import attention_gates, find_cbam_sites
+
+    options = {("cbam_impl" if k == "impl" else k): v for k, v in VARIANTS[name].items()}
+    net = build_resnet(18, width=4, reduction_ratio=2, kernel_size=3, use_cbam_block=True, **options).train()
+    images = torch.randn(3, 3, 8, 8)
+    gates = attention_gates(net, images, find_cbam_sites(net))
+    assert list(gates) == ["stage1", "stage2", "stage3", "stage4"]
+    cbam = CBAM(4, reduction_ratio=2, **VARIANTS[name])
+    for gate in gates.values():
+        assert ("channel" in gate) == (cbam.channel is not None)
+        assert ("spatial" in gate) == (cbam.spatial is not None)
+    if "spatial" in gates["stage1"]:
+        assert gates["stage1"]["spatial"].shape == (3, 1, 8, 8) and gates["stage4"]["spatial"].shape == (3, 1, 1, 1)
+    assert net.training  # the mode is restored

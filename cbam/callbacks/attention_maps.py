@@ -54,19 +54,20 @@ def attention_gates(
     net: nn.Module, images: torch.Tensor, sites: list[tuple[str, CBAM]]
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Run ``net`` on ``images`` in eval mode and return, per site, ``spatial`` (N, 1, H, W) and
-    ``channel`` (N, C) gates as float tensors on the CPU. Every module's train/eval mode is restored."""
+    ``channel`` (N, C) gates as float tensors on the CPU (a gate the variant switches off is left out). Every module's train/eval mode is restored."""
     gates: dict[str, dict[str, torch.Tensor]] = {name: {} for name, _ in sites}
     handles = []
     for name, cbam in sites:
 
-        def channel_hook(module, args, output, name=name):
-            gates[name]["channel"] = module.gate(args[0]).flatten(1).float().cpu()
+        # On the CBAM's input, whatever implementation runs its forward (the fused one calls no submodule).
+        def record(module, args, name=name):
+            channel, spatial = module.gates(args[0])
+            if channel is not None:
+                gates[name]["channel"] = channel.flatten(1).float().cpu()
+            if spatial is not None:
+                gates[name]["spatial"] = spatial.float().cpu()
 
-        def spatial_hook(module, args, output, name=name):
-            gates[name]["spatial"] = module.gate(args[0]).float().cpu()
-
-        handles.append(cbam.channel.register_forward_hook(channel_hook))
-        handles.append(cbam.spatial.register_forward_hook(spatial_hook))
+        handles.append(cbam.register_forward_pre_hook(record))
     modes = {module: module.training for module in net.modules()}
     net.eval()
     try:
@@ -161,13 +162,17 @@ class AttentionMaps(pl.Callback):
         gates = attention_gates(net, images, sites)
         names = class_names(trainer, int(getattr(pl_module.hparams, "num_classes", 0) or labels.max() + 1))
         folder, epoch, step = run_dir(trainer) / self.dirname, trainer.current_epoch, trainer.global_step
-        spatial = self.spatial_figure(images, labels, names, gates)
-        publish_figure(trainer, spatial, folder / f"spatial_epoch{epoch:03d}.png", "attention/spatial_maps")
-        channel = self.channel_figure(gates)
-        path = folder / f"channel_epoch{epoch:03d}.png"
-        publish_figure(trainer, channel, path, "attention/channel_histograms")
+        spatial_gates = {name: gate for name, gate in gates.items() if "spatial" in gate}
+        if spatial_gates:
+            figure = self.spatial_figure(images, labels, names, spatial_gates)
+            publish_figure(trainer, figure, folder / f"spatial_epoch{epoch:03d}.png", "attention/spatial_maps")
+        channel_gates = {name: gate for name, gate in gates.items() if "channel" in gate}
+        if channel_gates:
+            figure = self.channel_figure(channel_gates)
+            path = folder / f"channel_epoch{epoch:03d}.png"
+            publish_figure(trainer, figure, path, "attention/channel_histograms")
         for writer in tensorboard_writers(trainer):
-            for name, gate in gates.items():
+            for name, gate in channel_gates.items():
                 writer.add_histogram(f"attention/channel/{name}", gate["channel"], global_step=step)
 
     def mosaic(self, images: torch.Tensor, gates: dict) -> np.ndarray:
