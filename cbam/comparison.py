@@ -29,7 +29,9 @@ class Difference:
         return None if self.low is None else self.low <= 0 <= self.high
 
 
-def welch_difference(values: list[float], baseline: list[float], confidence: float = CONFIDENCE) -> Difference:
+def welch_difference(
+    values: list[float], baseline: list[float], confidence: float = CONFIDENCE
+) -> Difference:
     """The difference of means and its Welch t interval (Welch-Satterthwaite degrees of freedom)."""
     if not values or not baseline:
         raise ValueError("welch_difference needs at least one value on each side")
@@ -40,7 +42,9 @@ def welch_difference(values: list[float], baseline: list[float], confidence: flo
     standard_error = math.sqrt(sum(shares))
     if standard_error == 0:  # identical values on both sides: the difference is exact
         return Difference(difference, difference, difference)
-    freedom = standard_error**4 / sum(share**2 / (len(side) - 1) for share, side in zip(shares, (values, baseline)))
+    freedom = standard_error**4 / sum(
+        share**2 / (len(side) - 1) for share, side in zip(shares, (values, baseline))
+    )
     half_width = stats.t.ppf(0.5 + confidence / 2, freedom) * standard_error
     return Difference(difference, difference - half_width, difference + half_width)
 

@@ -1,6 +1,6 @@
 """Grad-CAM of trained models on the same test images, as in the CBAM paper's Figure 4.
 
-    python -m cbam.gradcam CKPT [CKPT ...] [--data-root DIR] [--num-images 8] [--out gradcam.png] [--run RUN_DIR]
+    python -m cbam.gradcam CKPT [CKPT ...] [--data-root DIR] [--num-images 8] [--out PNG] [--run RUN_DIR]
 
 For each checkpoint (one row of the figure) and each of the first ``--num-images`` test images (one
 column): the Grad-CAM of the network's last stage for the image's true class, over the image, titled with
@@ -32,8 +32,11 @@ from cbam.module import CBAMResNetModule
 MISSING_CAPTUM = 'Grad-CAM needs captum, which is not installed: pip install -e ".[interpret]"'
 #: the attention variants' arguments at their defaults (conf/model): only other values are named in a label
 VARIANT_DEFAULTS = {
-    "channel_pooling": "avg_max", "spatial_pooling": "max_mean", "gate_order": "channel_first",
-    "use_channel_gate": True, "use_spatial_gate": True,
+    "channel_pooling": "avg_max",
+    "spatial_pooling": "max_mean",
+    "gate_order": "channel_first",
+    "use_channel_gate": True,
+    "use_spatial_gate": True,
 }
 
 
@@ -49,7 +52,10 @@ def load_model(path: Path) -> CBAMResNetModule:
     try:
         module = CBAMResNetModule.load_from_checkpoint(path, map_location="cpu")
     except Exception as error:  # any unpickling or key failure: the file is someone else's checkpoint
-        raise GradCamError(f"checkpoint={path} is not a CBAM-ResNet checkpoint ({type(error).__name__}: {error})")
+        reason = " ".join(str(error).split())  # one line, whatever the library's message
+        raise GradCamError(
+            f"checkpoint={path} is not a CBAM-ResNet checkpoint ({type(error).__name__}: {reason})"
+        ) from None
     return module.eval()
 
 
@@ -65,19 +71,33 @@ def run_data_root(checkpoint: Path) -> tuple[str, str | None] | None:
 def describe(module: CBAMResNetModule) -> str:
     """``ResNet18 + CBAM (blocks)``, with any attention variant that is not the default."""
     hparams = module.hparams
-    places = [name for name, on in (("blocks", hparams.use_cbam_block), ("classifier", hparams.use_cbam_class)) if on]
+    places = [
+        name
+        for name, on in (("blocks", hparams.use_cbam_block), ("classifier", hparams.use_cbam_class))
+        if on
+    ]
     if not places:
         return f"ResNet{hparams.depth}"
-    variants = [f"{key}={hparams[key]}" for key, default in VARIANT_DEFAULTS.items() if hparams.get(key, default) != default]
+    variants = [
+        f"{key}={hparams[key]}"
+        for key, default in VARIANT_DEFAULTS.items()
+        if hparams.get(key, default) != default
+    ]
     return f"ResNet{hparams.depth} + CBAM ({', '.join(places + variants)})"
 
 
-def grad_cam(module: CBAMResNetModule, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def grad_cam(
+    module: CBAMResNetModule, inputs: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Maps (N, H, W) in [0, 1] of the last stage for ``labels``, and the probabilities (N,) of ``labels``."""
     from captum.attr import LayerAttribution, LayerGradCam
 
-    attribution = LayerGradCam(module, module.net.stages[-1]).attribute(inputs, target=labels, relu_attributions=True)
-    maps = LayerAttribution.interpolate(attribution.detach(), tuple(inputs.shape[-2:]), interpolate_mode="bilinear")
+    attribution = LayerGradCam(module, module.net.stages[-1]).attribute(
+        inputs, target=labels, relu_attributions=True
+    )
+    maps = LayerAttribution.interpolate(
+        attribution.detach(), tuple(inputs.shape[-2:]), interpolate_mode="bilinear"
+    )
     maps = maps[:, 0].clamp(min=0)
     peaks = maps.flatten(1).amax(1).clamp(min=torch.finfo(maps.dtype).tiny)
     with torch.no_grad():
@@ -114,7 +134,8 @@ def gradcam_figure(checkpoints: list[Path], data_root: str | None, cache_dir: st
         found = run_data_root(checkpoints[0])
         if found is None:
             raise GradCamError(
-                f"no data root: {checkpoints[0]} is not in a run dir with .hydra/config.yaml; pass --data-root"
+                f"no data root: {checkpoints[0]} is not in a run dir with .hydra/config.yaml; "
+                f"pass --data-root"
             )
         data_root, cache_dir = found[0], cache_dir or found[1]
     try:
@@ -130,12 +151,18 @@ def gradcam_figure(checkpoints: list[Path], data_root: str | None, cache_dir: st
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cbam.gradcam", description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoints", nargs="+", type=Path, metavar="CKPT", help="a checkpoint (.ckpt) per row")
-    parser.add_argument("--data-root", help="CIFAR-10 folder (default: data.root of the first checkpoint's run)")
+    parser.add_argument(
+        "checkpoints", nargs="+", type=Path, metavar="CKPT", help="a checkpoint (.ckpt) per row"
+    )
+    parser.add_argument(
+        "--data-root", help="CIFAR-10 folder (default: data.root of the first checkpoint's run)"
+    )
     parser.add_argument("--cache-dir", help="where the decoded cache is or goes (as data.cache_dir)")
     parser.add_argument("--num-images", type=int, default=8, help="the first N test images (default 8)")
     parser.add_argument("--out", type=Path, help="the PNG (default: RUN_DIR/gradcam.png, else gradcam.png)")
-    parser.add_argument("--run", type=Path, metavar="RUN_DIR", help="also log the figure to this run's TensorBoard")
+    parser.add_argument(
+        "--run", type=Path, metavar="RUN_DIR", help="also log the figure to this run's TensorBoard"
+    )
     args = parser.parse_args(argv)
     try:
         import captum  # noqa: F401 (optional: the interpret extra)

@@ -71,9 +71,11 @@ def run_record(device: torch.device, precision: str, data_root: str | Path | Non
 def sweep_command(sweep: Path, job_dirs: list[Path]) -> list[str]:
     """The ``python train.py`` command line(s) that made the sweep, from Hydra's records: the sweep's
     ``multirun.yaml`` (one command), else every job's ``.hydra/hydra.yaml`` (one command per distinct one)."""
-    records = [sweep / "multirun.yaml"] if (sweep / "multirun.yaml").is_file() else [
-        job / ".hydra" / "hydra.yaml" for job in job_dirs if (job / ".hydra" / "hydra.yaml").is_file()
-    ]
+    records = (
+        [sweep / "multirun.yaml"]
+        if (sweep / "multirun.yaml").is_file()
+        else [job / ".hydra" / "hydra.yaml" for job in job_dirs if (job / ".hydra" / "hydra.yaml").is_file()]
+    )
     commands: list[str] = []
     for record in records:
         overrides = OmegaConf.load(record).hydra.overrides

@@ -81,7 +81,8 @@ class Group:
     def baseline_key(self) -> tuple:
         """What a configuration shares with its baseline: the depth and the overrides that are not about
         attention (nor the model preset, whose depth is compared instead)."""
-        others = tuple(sorted((k, v) for k, v in self.overrides if k not in ATTENTION_KEYS | {"model", "model.depth"}))
+        skipped = ATTENTION_KEYS | {"model", "model.depth"}
+        others = tuple(sorted((k, v) for k, v in self.overrides if k not in skipped))
         return self.jobs[0].depth, others
 
 
@@ -246,8 +247,8 @@ def tabulate(sweep: Path, ignore: set[str], data: str | None) -> Table:
         keys=keys,
         is_baseline=[id(group) in compared_with for group in groups],
         common=[f"{k}={v}" for k, v in groups[0].overrides if k not in keys] if keys else [],
-        counts=f"{len(jobs)} jobs, {len(finished)} finished, in {len(groups)} configurations (jobs grouped by "
-        f"all their overrides except {dropped})",
+        counts=f"{len(jobs)} jobs, {len(finished)} finished, in {len(groups)} configurations (jobs grouped "
+        f"by all their overrides except {dropped})",
         unfinished=[job.name for job in jobs if job.metrics is None],
         sentences=sentences,
         provenance=sweep_provenance(sweep, job_dirs, finished, data),
@@ -271,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         help="an override key not to group by, besides seed and hydra* (repeatable)",
     )
     parser.add_argument(
-        "--out", metavar="DIR", help="write the results here instead of into the sweep dir, e.g. results/<study>"
+        "--out", metavar="DIR", help="write the results here, not into the sweep dir: e.g. results/<study>"
     )
     parser.add_argument(
         "--data", metavar="TEXT",

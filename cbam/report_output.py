@@ -78,7 +78,6 @@ def short_value(value: object) -> str:
     return f"{number:.4g}" if "." in text and len(text) > 8 else text
 
 
-
 # ---------------------------------------------------------------------------------------------- writing
 
 
@@ -92,17 +91,25 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 def markdown(table: Table) -> str:
     first = table.keys or ["configuration"]
-    headings = [*first, "n", *(heading for _, heading in ACCURACIES), "Δ test acc vs baseline [95% CI]", "params",
-                "FLOPs/image", "step time", "train time"]
+    headings = [
+        *first,
+        "n",
+        *(heading for _, heading in ACCURACIES),
+        "Δ test acc vs baseline [95% CI]",
+        "params",
+        "FLOPs/image",
+        "step time",
+        "train time",
+    ]
     lines = [f"# {table.title}", ""]
     lines.append(
         f"{table.counts}. Accuracies in %: mean ± sample standard deviation (n − 1) over the finished seeds, "
         f"{DASH} when n = 1. Best val acc is the highest validation accuracy of a run; test acc is the test "
         f"accuracy at its end (best checkpoint). Δ is the difference of mean test accuracy from the "
         f"configuration's baseline (no attention, same depth, same other settings), in points, with a 95% "
-        f"Welch t interval over seeds. FLOPs are counted by torch.utils.flop_counter for one image; step time "
-        f"is the wall-clock time of fit (validation included) per optimizer step and train time that of the "
-        f"whole fit, both means over seeds."
+        f"Welch t interval over seeds. FLOPs are counted by torch.utils.flop_counter for one image; step "
+        f"time is the wall-clock time of fit (validation included) per optimizer step and train time that "
+        f"of the whole fit, both means over seeds."
     )
     if table.common:
         lines += ["", "Common to every configuration: " + " ".join(f"`{item}`" for item in table.common)]

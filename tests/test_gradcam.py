@@ -22,8 +22,14 @@ from cbam.module import CBAMResNetModule
 
 
 def save_checkpoint(module: CBAMResNetModule, path: Path) -> Path:
-    trainer = pl.Trainer(accelerator="cpu", max_steps=0, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.strategy.connect(module)
     path.parent.mkdir(parents=True, exist_ok=True)
     trainer.save_checkpoint(path)
@@ -61,7 +67,9 @@ def reference_grad_cam(module: CBAMResNetModule, inputs: torch.Tensor, labels: t
     score = logits.gather(1, labels[:, None]).sum()
     (gradients,) = torch.autograd.grad(score, features)
     maps = torch.relu((gradients.mean((2, 3), keepdim=True) * features).sum(1, keepdim=True)).detach()
-    maps = torch.nn.functional.interpolate(maps, size=inputs.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    maps = torch.nn.functional.interpolate(
+        maps, size=inputs.shape[-2:], mode="bilinear", align_corners=False
+    )[:, 0]
     return maps / maps.flatten(1).amax(1).clamp(min=1e-30)[:, None, None]
 
 
@@ -128,4 +136,7 @@ def test_bad_input_is_one_line_and_exit_status_2(runs, tmp_path, capsys):
 def test_missing_captum_is_one_line_naming_the_extra(runs, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "captum", None)  # import captum now raises ImportError
     assert main([str(runs[1][0])]) == 2
-    assert capsys.readouterr().err.strip() == 'error: Grad-CAM needs captum, which is not installed: pip install -e ".[interpret]"'
+    assert (
+        capsys.readouterr().err.strip()
+        == 'error: Grad-CAM needs captum, which is not installed: pip install -e ".[interpret]"'
+    )

@@ -280,7 +280,8 @@ def test_report_groups_seeds(sweep, capsys):
     assert float(rows[1]["test_acc_diff"]) == pytest.approx(difference, abs=1e-6)
     assert float(rows[1]["test_acc_diff_ci_low"]) <= difference <= float(rows[1]["test_acc_diff_ci_high"])
     provenance = json.loads((sweep / "provenance.json").read_text())
-    assert provenance["command"][0].startswith("python train.py -m ") and "experiment=ablation" in provenance["command"][0]
+    (command,) = provenance["command"]
+    assert command.startswith("python train.py -m ") and "experiment=ablation" in command
     markdown = (sweep / "results.md").read_text()
     assert "| cbam | n |" in markdown and "±" in markdown
     assert (sweep / "results.png").stat().st_size > 1000
@@ -423,7 +424,7 @@ def fake_job(job: Path, overrides: list[str], model: dict, seed: int, metrics: d
         (job / "metrics.json").write_text(json.dumps({**record, **metrics}))
 
 
-def fake_sweep(folder: Path, configurations: list[tuple[list[str], dict, list[float]]], command: list[str]) -> Path:
+def fake_sweep(folder: Path, configurations: list[tuple[list[str], dict, list[float]]], command: list[str]):
     """Jobs 0, 1, ... : per configuration (overrides, resolved model keys, test accuracy of each seed)."""
     number = 0
     for overrides, model, test_accuracies in configurations:
@@ -477,8 +478,9 @@ def test_report_compares_each_configuration_with_the_baseline_of_its_depth(tmp_p
             continue
         baseline = accuracy[(depth, "none")]
         assert row["baseline"] == f"model.depth={depth}, cbam=none"
-        assert float(row["test_acc_diff"]) == pytest.approx(np.mean(accuracy[(depth, cbam)]) - np.mean(baseline))
-        interval = stats.ttest_ind(accuracy[(depth, cbam)], baseline, equal_var=False).confidence_interval(0.95)
+        values = accuracy[(depth, cbam)]
+        assert float(row["test_acc_diff"]) == pytest.approx(np.mean(values) - np.mean(baseline))
+        interval = stats.ttest_ind(values, baseline, equal_var=False).confidence_interval(0.95)
         assert float(row["test_acc_diff_ci_low"]) == pytest.approx(interval.low)
         assert float(row["test_acc_diff_ci_high"]) == pytest.approx(interval.high)
         assert float(row["step_time_s_mean"]) == pytest.approx(0.1)
@@ -517,7 +519,8 @@ def test_report_writes_results_and_provenance_into_out(tmp_path):
     from cbam.report import main
 
     assert main([str(sweep), "--out", str(out), "--data", "CIFAR-10 JPEG copy, quality 75"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["provenance.json", "results.csv", "results.md", "results.png"]
+    written = sorted(p.name for p in out.iterdir())
+    assert written == ["provenance.json", "results.csv", "results.md", "results.png"]
     assert not (sweep / "results.csv").exists()
     provenance = json.loads((out / "provenance.json").read_text())
     assert provenance["command"] == [
