@@ -10,6 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cbam import build_resnet
 from cbam.data import Cifar10Arrays, load_cifar10
+from cbam.provenance import describe_device  # noqa: F401 (the benchmarks' device line, one definition)
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets, in TFLOP/s (fp32 peaks for fp32 runs are
 # not used: MFU is quoted against the bf16 peak, the ceiling a mixed-precision run can aim at).
@@ -21,12 +22,6 @@ def peak_tflops(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((peak for key, peak in BF16_PEAK_TFLOPS.items() if key in name), None)
-
-
-def describe_device(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def software_versions() -> dict[str, str]:

@@ -1,15 +1,22 @@
-"""Tabulate a Hydra multirun: ``python -m cbam.report <sweep dir>``.
+"""Tabulate a Hydra multirun: ``python -m cbam.report <sweep dir> [--out results/<study>]``.
 
 Every job folder of the sweep (any folder holding ``.hydra/config.yaml``) is read: its overrides
 (``.hydra/overrides.yaml``), its resolved config and the ``metrics.json`` that
 :class:`cbam.callbacks.RunMetrics` writes when the run ends. Jobs are grouped by configuration, i.e. by all
-their overrides except ``seed`` and ``hydra*`` (and any ``--ignore`` key), and the sweep dir receives:
+their overrides except ``seed`` and ``hydra*`` (and any ``--ignore`` key), and the sweep dir (or ``--out``)
+receives:
 
 * ``results.csv``: one row per configuration: the overrides that vary, the number of finished seeds,
-  best val acc and final test acc (mean and sample standard deviation over seeds), parameters, FLOPs per
-  image, mean training time, the unfinished jobs;
-* ``results.md``: the same as a Markdown table (accuracies in %);
-* ``results.png``: best val acc and test acc per configuration, mean with std error bars.
+  best val acc and final test acc (mean and sample standard deviation over seeds), each one's difference
+  from the configuration's baseline with a 95% Welch t interval over seeds, parameters, FLOPs per image,
+  mean time per optimizer step and of the whole fit, the unfinished jobs;
+* ``results.md``: the same as a Markdown table (accuracies in %), each comparison in words, provenance;
+* ``results.png``: best val acc and test acc per configuration, mean with std error bars;
+* ``provenance.json``: the sweep's command and what its runs recorded (see :mod:`cbam.provenance`).
+
+A configuration's baseline is the configuration without attention (resolved ``model.use_cbam_block`` and
+``model.use_cbam_class`` both false) of the same depth whose other overrides are the same, attention keys
+(:data:`ATTENTION_KEYS`) aside.
 
 A job without ``metrics.json`` is unfinished: it is counted, not averaged. A missing folder, a folder with
 no job and a sweep with no finished job end with a one-line error and exit status 2.
@@ -18,7 +25,6 @@ no job and a sweep with no finished job end with a one-line error and exit statu
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import statistics
@@ -28,10 +34,21 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-METRICS_FILE = "metrics.json"
-#: (key in metrics.json and column of results.csv, heading in results.md)
-ACCURACIES = (("best_val_acc", "best val acc (%)"), ("test_acc", "test acc (%)"))
-DASH = "–"
+from cbam.comparison import Difference, in_words, welch_difference
+from cbam.provenance import sweep_provenance
+from cbam.report_output import ACCURACIES, METRICS_FILE, Table, short_value, write_all
+
+#: overrides that choose the attention only: a configuration and its baseline may differ in these
+ATTENTION_KEYS = frozenset(
+    ["cbam", "attention"]
+    + [
+        f"model.{key}"
+        for key in (
+            "use_cbam_block", "use_cbam_class", "reduction_ratio", "kernel_size", "channel_pooling",
+            "spatial_pooling", "gate_order", "use_channel_gate", "use_spatial_gate", "cbam_impl",
+        )
+    ]
+)
 
 
 class ReportError(RuntimeError):
@@ -44,6 +61,8 @@ class Job:
     overrides: dict[str, str]
     seed: object = None
     metrics: dict | None = None
+    depth: object = None
+    has_attention: bool = True
 
 
 @dataclass
@@ -58,6 +77,13 @@ class Group:
     @property
     def unfinished(self) -> list[Job]:
         return [job for job in self.jobs if job.metrics is None]
+
+    def baseline_key(self) -> tuple:
+        """What a configuration shares with its baseline: the depth and the overrides that are not about
+        attention (nor the model preset, whose depth is compared instead)."""
+        skipped = ATTENTION_KEYS | {"model", "model.depth"}
+        others = tuple(sorted((k, v) for k, v in self.overrides if k not in skipped))
+        return self.jobs[0].depth, others
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -95,7 +121,10 @@ def read_job(path: Path, sweep: Path) -> Job:
         except (OSError, ValueError):
             metrics = None  # half-written or damaged: the job counts as unfinished
     name = str(path.relative_to(sweep)) if path != sweep else path.name
-    return Job(name, dict(parse_override(item) for item in overrides), config.get("seed"), metrics)
+    model = config.get("model") or {}
+    has_attention = bool(model.get("use_cbam_block", True) or model.get("use_cbam_class", True))
+    overrides = dict(parse_override(item) for item in overrides)
+    return Job(name, overrides, config.get("seed"), metrics, model.get("depth"), has_attention)
 
 
 def group_jobs(jobs: list[Job], ignore: set[str]) -> list[Group]:
@@ -126,7 +155,34 @@ def mean_std(values: list[float]) -> tuple[float | None, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
-def summarise(group: Group, keys: list[str]) -> dict:
+def find_baselines(groups: list[Group]) -> list[Group | None]:
+    """Each group's baseline group (None for a baseline itself, or when the sweep has none for it); of
+    several candidates, the first."""
+    baselines: dict[tuple, Group] = {}
+    for group in groups:
+        if not group.jobs[0].has_attention:
+            baselines.setdefault(group.baseline_key(), group)
+    return [None if not g.jobs[0].has_attention else baselines.get(g.baseline_key()) for g in groups]
+
+
+def accuracies(group: Group, column: str) -> list[float]:
+    return [job.metrics[column] for job in group.finished if job.metrics.get(column) is not None]
+
+
+def compare(group: Group, baseline: Group | None, column: str) -> Difference | None:
+    values, reference = accuracies(group, column), accuracies(baseline, column) if baseline else []
+    return welch_difference(values, reference) if values and reference else None
+
+
+def label(group: Group, keys: list[str]) -> str:
+    """The configuration in a few words: its varied overrides (all of them when none varies)."""
+    settings = dict(group.overrides)
+    if keys:
+        return ", ".join(f"{key}={short_value(settings.get(key, ''))}" for key in keys)
+    return " ".join(f"{k}={v}" for k, v in group.overrides) or "(defaults)"
+
+
+def summarise(group: Group, keys: list[str], baseline: Group | None, baseline_label: str) -> dict:
     finished = group.finished
     settings = dict(group.overrides)
     row: dict = {key: settings.get(key, "") for key in keys}
@@ -135,141 +191,24 @@ def summarise(group: Group, keys: list[str]) -> dict:
     for column, _ in ACCURACIES:
         mean, std = mean_std([job.metrics.get(column) for job in finished])
         row[f"{column}_mean"], row[f"{column}_std"] = mean, std
+    row["baseline"] = baseline_label if baseline else ""
+    for column, _ in ACCURACIES:
+        result = compare(group, baseline, column)
+        row[f"{column}_diff"] = result.difference if result else None
+        row[f"{column}_diff_ci_low"] = result.low if result else None
+        row[f"{column}_diff_ci_high"] = result.high if result else None
     for column in ("params", "flops_per_image"):
         values = [job.metrics.get(column) for job in finished if job.metrics.get(column) is not None]
         row[column] = round(statistics.fmean(values)) if values else None
+    row["step_time_s_mean"] = mean_std([job.metrics.get("step_time_s") for job in finished])[0]
     row["train_time_s_mean"] = mean_std([job.metrics.get("train_time_s") for job in finished])[0]
     row["unfinished"] = " ".join(job.name for job in group.unfinished)
     row["jobs"] = " ".join(job.name for job in group.jobs)
     return row
 
 
-def _percent(mean: float | None, std: float | None) -> str:
-    if mean is None:
-        return DASH
-    return f"{100 * mean:.2f} ± {DASH if std is None else f'{100 * std:.2f}'}"
-
-
-def _si(value: float | None) -> str:
-    if value is None:
-        return DASH
-    for factor, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= factor:
-            return f"{value / factor:.2f} {suffix}"
-    return f"{value:.0f}"
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return DASH
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, seconds = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
-
-
-def _short(value: object) -> str:
-    """An override value for display: long floats (an Optuna trial's) to 4 significant digits."""
-    text = str(value)
-    try:
-        number = float(text)
-    except ValueError:
-        return text
-    return f"{number:.4g}" if "." in text and len(text) > 8 else text
-
-
-def _label(row: dict, keys: list[str], group: Group) -> str:
-    if keys:
-        return ", ".join(f"{key}={_short(row[key])}" for key in keys)
-    return " ".join(f"{k}={v}" for k, v in group.overrides) or "(defaults)"
-
-
-# ---------------------------------------------------------------------------------------------- writing
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: "" if v is None else v for k, v in row.items()})
-
-
-def markdown(
-    sweep: Path, rows: list[dict], keys: list[str], groups: list[Group], jobs: list[Job], ignore: set[str]
-) -> str:
-    first = keys or ["configuration"]
-    accuracies = [heading for _, heading in ACCURACIES]
-    headings = [*first, "n", *accuracies, "params", "FLOPs/image", "train time"]
-    lines = [f"# Results of {sweep}", ""]
-    finished = sum(job.metrics is not None for job in jobs)
-    dropped = ", ".join(["seed", "hydra*", *sorted(ignore)])
-    lines.append(
-        f"{len(jobs)} jobs, {finished} finished, in {len(groups)} configurations (jobs grouped by all their "
-        f"overrides except {dropped}). Accuracies in %: mean ± sample standard deviation (n − 1) over the "
-        f"finished seeds, {DASH} when n = 1. Best val acc is the highest validation accuracy of a run; "
-        f"test acc is the test accuracy at its end (best checkpoint). FLOPs are counted by "
-        f"torch.utils.flop_counter for one image; train time is the mean wall-clock time of fit."
-    )
-    common = [f"`{k}={v}`" for k, v in groups[0].overrides if k not in keys] if keys else []
-    if common:
-        lines += ["", "Common to every configuration: " + " ".join(common)]
-    rule = "|" + "|".join(["---"] * len(first) + ["---:"] * (len(headings) - len(first))) + "|"
-    lines += ["", "| " + " | ".join(headings) + " |", rule]
-    for row, group in zip(rows, groups):
-        names = [_short(row[key]) for key in keys] if keys else [_label(row, keys, group)]
-        cells = [
-            *names,
-            str(row["n"]),
-            *(_percent(row[f"{column}_mean"], row[f"{column}_std"]) for column, _ in ACCURACIES),
-            _si(row["params"]),
-            _si(row["flops_per_image"]),
-            _duration(row["train_time_s_mean"]),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    unfinished = [job.name for job in jobs if job.metrics is None]
-    if unfinished:
-        lines += ["", f"Unfinished jobs (no {METRICS_FILE}, not counted): {', '.join(unfinished)}"]
-    return "\n".join(lines) + "\n"
-
-
-def plot(path: Path, rows: list[dict], labels: list[str]) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    series = [
-        (heading.replace(" (%)", ""), column)
-        for column, heading in ACCURACIES
-        if any(row[f"{column}_mean"] is not None for row in rows)
-    ]
-    figure = Figure(figsize=(8, 1.2 + 0.45 * len(rows) * max(len(series), 1)), layout="constrained")
-    FigureCanvasAgg(figure)
-    axis = figure.subplots()
-    height = 0.8 / max(len(series), 1)
-    positions = range(len(rows))
-    lows = []
-    for index, (name, column) in enumerate(series):
-        means = [100 * (row[f"{column}_mean"] or 0) for row in rows]
-        stds = [100 * (row[f"{column}_std"] or 0) for row in rows]
-        offsets = [p - 0.4 + height * (index + 0.5) for p in positions]
-        axis.barh(offsets, means, height, xerr=stds, capsize=3, label=name)
-        lows += [m - s for m, s, row in zip(means, stds, rows) if row[f"{column}_mean"] is not None]
-    axis.set_yticks(list(positions), labels, fontsize=8)
-    axis.invert_yaxis()
-    if lows:
-        axis.set_xlim(left=max(0.0, min(lows) - 5))
-    axis.set_xlabel("accuracy (%): mean ± std over seeds")
-    axis.grid(axis="x", alpha=0.3)
-    if series:
-        axis.legend(fontsize=8)
-    axis.set_title(f"{path.parent.name}: {len(rows)} configurations")
-    figure.savefig(path, dpi=120)
-
-
-def report(sweep: str | Path, ignore: set[str] = frozenset()) -> dict[str, Path]:
-    """Write results.csv, results.md and results.png into ``sweep``; returns their paths."""
-    sweep = Path(sweep)
+def tabulate(sweep: Path, ignore: set[str], data: str | None) -> Table:
+    """Read the sweep and compute every row, comparison and the provenance."""
     if not sweep.is_dir():
         raise ReportError(f"{sweep}: no such directory")
     job_dirs = find_job_dirs(sweep)
@@ -278,19 +217,51 @@ def report(sweep: str | Path, ignore: set[str] = frozenset()) -> dict[str, Path]
             f"{sweep} holds no Hydra job (no <job>/.hydra/config.yaml): an empty or not-yet-started sweep?"
         )
     jobs = [read_job(path, sweep) for path in job_dirs]
-    if not any(job.metrics is not None for job in jobs):
+    finished = [job.metrics for job in jobs if job.metrics is not None]
+    if not finished:
         raise ReportError(
             f"none of the {len(jobs)} jobs in {sweep} has finished (no {METRICS_FILE} yet): rerun the report "
             f"when a job has ended"
         )
-    groups = [group for group in group_jobs(jobs, set(ignore)) if group.finished]
+    groups = [group for group in group_jobs(jobs, ignore) if group.finished]
     keys = varied_keys(groups)
-    rows = [summarise(group, keys) for group in groups]
-    paths = {name: sweep / f"results.{name}" for name in ("csv", "md", "png")}
-    write_csv(paths["csv"], rows)
-    paths["md"].write_text(markdown(sweep, rows, keys, groups, jobs, set(ignore)))
-    plot(paths["png"], rows, [_label(row, keys, group) for row, group in zip(rows, groups)])
-    return paths
+    labels = [label(group, keys) for group in groups]
+    baselines = find_baselines(groups)
+    label_of = {id(group): text for group, text in zip(groups, labels)}
+    rows = [
+        summarise(group, keys, baseline, label_of[id(baseline)] if baseline else "")
+        for group, baseline in zip(groups, baselines)
+    ]
+    sentences = []
+    for row, text, group, baseline in zip(rows, labels, groups, baselines):
+        result = compare(group, baseline, "test_acc")
+        if result is not None:
+            baseline_n = len(accuracies(baseline, "test_acc"))
+            sentences.append(in_words(text, label_of[id(baseline)], result, row["n"], baseline_n))
+    dropped = ", ".join(["seed", "hydra*", *sorted(ignore)])
+    compared_with = {id(baseline) for baseline in baselines if baseline is not None}
+    return Table(
+        title=f"Results of {sweep}",
+        rows=rows,
+        labels=labels,
+        keys=keys,
+        is_baseline=[id(group) in compared_with for group in groups],
+        common=[f"{k}={v}" for k, v in groups[0].overrides if k not in keys] if keys else [],
+        counts=f"{len(jobs)} jobs, {len(finished)} finished, in {len(groups)} configurations (jobs grouped "
+        f"by all their overrides except {dropped})",
+        unfinished=[job.name for job in jobs if job.metrics is None],
+        sentences=sentences,
+        provenance=sweep_provenance(sweep, job_dirs, finished, data),
+    )
+
+
+def report(
+    sweep: str | Path, ignore: set[str] = frozenset(), out: str | Path | None = None, data: str | None = None
+) -> dict[str, Path]:
+    """Write results.csv, results.md, results.png and provenance.json into ``out`` (default: the sweep
+    dir); returns their paths. ``data`` describes the data when the runs' record is not enough."""
+    sweep = Path(sweep)
+    return write_all(Path(out) if out is not None else sweep, tabulate(sweep, set(ignore), data))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -300,9 +271,17 @@ def main(argv: list[str] | None = None) -> int:
         "--ignore", action="append", default=[], metavar="KEY",
         help="an override key not to group by, besides seed and hydra* (repeatable)",
     )
+    parser.add_argument(
+        "--out", metavar="DIR", help="write the results here, not into the sweep dir: e.g. results/<study>"
+    )
+    parser.add_argument(
+        "--data", metavar="TEXT",
+        help='describe the data in the provenance, e.g. "CIFAR-10 JPEG copy, quality 75" (default: what the '
+        "runs recorded: the kind of data and its folder)",
+    )
     args = parser.parse_args(argv)
     try:
-        paths = report(args.sweep_dir, set(args.ignore))
+        paths = report(args.sweep_dir, set(args.ignore), args.out, args.data)
     except ReportError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -234,6 +234,26 @@ def test_model_summary_logged_with_the_hparams(block_run):
     assert 0 <= metrics["best_val_acc"] <= 1 and metrics["epochs"] == 1
 
 
+def test_metrics_record_step_time_and_where_the_run_ran(block_run, data_root):
+    from datetime import datetime, timezone
+
+    import torch
+
+    folder, _ = block_run
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["global_step"] == 5  # 120 training images - 40 for validation, batches of 16, one epoch
+    assert metrics["step_time_s"] == pytest.approx(metrics["train_time_s"] / 5, rel=1e-3)
+    assert metrics["device"].startswith("CPU") and metrics["torch_version"] == torch.__version__
+    assert metrics["precision"] == "32-true"
+    assert metrics["data"] == f"CIFAR-10 image folder (train/, test/) at {data_root}"
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:  # a git checkout: the revision is this commit (+dirty with local changes)
+        assert metrics["git_revision"].split("+")[0] == head.stdout.strip()
+    age = datetime.now(timezone.utc) - datetime.fromisoformat(metrics["date"])
+    assert 0 <= age.total_seconds() < 3600
+    assert not list(folder.glob(".metrics.json*"))  # the atomic write left no temporary file
+
+
 # ------------------------------------------------------------------------------------------------ report
 
 
@@ -254,6 +274,14 @@ def test_report_groups_seeds(sweep, capsys):
         assert int(row["params"]) > 0 and int(row["flops_per_image"]) > 0
         assert float(row["train_time_s_mean"]) > 0
     assert int(rows[1]["params"]) > int(rows[0]["params"])  # CBAM adds parameters
+    # cbam=none is recognised as the baseline from the jobs' resolved configs
+    assert rows[0]["baseline"] == "" and rows[1]["baseline"] == "cbam=none"
+    difference = float(rows[1]["test_acc_mean"]) - float(rows[0]["test_acc_mean"])
+    assert float(rows[1]["test_acc_diff"]) == pytest.approx(difference, abs=1e-6)
+    assert float(rows[1]["test_acc_diff_ci_low"]) <= difference <= float(rows[1]["test_acc_diff_ci_high"])
+    provenance = json.loads((sweep / "provenance.json").read_text())
+    (command,) = provenance["command"]
+    assert command.startswith("python train.py -m ") and "experiment=ablation" in command
     markdown = (sweep / "results.md").read_text()
     assert "| cbam | n |" in markdown and "±" in markdown
     assert (sweep / "results.png").stat().st_size > 1000
@@ -315,6 +343,20 @@ def test_ablation_sweep_definition():
     }
 
 
+def test_paper_tables_sweep_definition():
+    """Read from the file: the attention group it sweeps is composed by the layer variants' configs."""
+    definition = yaml.safe_load((REPO / "conf" / "experiment" / "paper_tables.yaml").read_text())
+    params = {key: str(value).split(",") for key, value in definition["hydra"]["sweeper"]["params"].items()}
+    assert params == {
+        "model.depth": ["18"],
+        "cbam": ["block"],
+        "attention": ["none", "cbam", "se", "channel_avg", "channel_max", "channel_only", "spatial_only",
+                      "conv_pooling", "spatial_first", "parallel"],
+        "seed": ["0", "1", "2"],
+    }
+    assert definition["hydra"]["sweep"]["dir"].startswith("multirun/paper_tables/")
+
+
 def test_optuna_search_of_two_trials(optuna_sweep):
     cfg = compose(["hparams_search=optuna"])
     assert cfg.hydra.sweeper.direction == "maximize"
@@ -361,3 +403,132 @@ def test_curves_record_every_epoch_of_train_and_val(tiny_cifar_folder, tmp_path,
         assert curves.history[key][epoch] == pytest.approx(value), (key, epoch)
     assert len({round(v, 6) for v in curves.history["train/loss"].values()}) == 3  # three distinct epochs
     assert (tmp_path / "curves.png").is_file()
+
+
+# ------------------------------------------------------------------- report on fake sweeps (no training)
+
+
+def fake_job(job: Path, overrides: list[str], model: dict, seed: int, metrics: dict | None) -> None:
+    """A job folder as Hydra and RunMetrics leave it: .hydra/{config,overrides,hydra}.yaml, metrics.json."""
+    (job / ".hydra").mkdir(parents=True)
+    config = {"seed": seed, "model": {"depth": 18, "use_cbam_block": False, "use_cbam_class": False, **model}}
+    (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([*overrides, f"seed={seed}"]))
+    hydra = {"hydra": {"overrides": {"hydra": ["hydra.mode=RUN"], "task": [*overrides, f"seed={seed}"]}}}
+    (job / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(hydra))
+    if metrics is not None:
+        record = {"device": "NVIDIA H100 80GB HBM3", "torch_version": "2.14.1", "git_revision": "abc123",
+                  "precision": "bf16-mixed", "data": "CIFAR-10 image folder (train/, test/) at /data/c10",
+                  "date": f"2026-01-0{seed + 1}T10:00:00+00:00", "params": 1000, "flops_per_image": 2_000_000,
+                  "train_time_s": 100.0, "global_step": 1000, "step_time_s": 0.1}
+        (job / "metrics.json").write_text(json.dumps({**record, **metrics}))
+
+
+def fake_sweep(folder: Path, configurations: list[tuple[list[str], dict, list[float]]], command: list[str]):
+    """Jobs 0, 1, ... : per configuration (overrides, resolved model keys, test accuracy of each seed)."""
+    number = 0
+    for overrides, model, test_accuracies in configurations:
+        for seed, accuracy in enumerate(test_accuracies):
+            metrics = {"test_acc": accuracy, "best_val_acc": accuracy + 0.01}
+            fake_job(folder / str(number), overrides, model, seed, metrics)
+            number += 1
+    multirun = {"hydra": {"overrides": {"hydra": ["hydra.mode=MULTIRUN", f"hydra.sweep.dir={folder}"],
+                                        "task": command}}}
+    (folder / "multirun.yaml").write_text(yaml.safe_dump(multirun))
+    return folder
+
+
+BLOCK, CLASSIFIER = {"use_cbam_block": True}, {"use_cbam_class": True}
+PLACEMENT_BY_DEPTH = [
+    (["model.depth=18", "cbam=none"], {}, [0.90, 0.91, 0.92]),
+    (["model.depth=18", "cbam=block"], BLOCK, [0.95, 0.96, 0.97]),  # clearly better than its baseline
+    (["model.depth=18", "cbam=classifier"], CLASSIFIER, [0.905, 0.915, 0.90]),  # no clear difference
+    (["model.depth=50", "cbam=none"], {"depth": 50}, [0.80, 0.82, 0.81]),
+    (["model.depth=50", "cbam=block"], {"depth": 50, **BLOCK}, [0.70, 0.71, 0.69]),  # clearly worse
+]
+
+
+def test_welch_difference_matches_scipy():
+    from scipy import stats
+
+    from cbam.comparison import welch_difference
+
+    values, baseline = [0.95, 0.93, 0.97, 0.90], [0.90, 0.91, 0.93]
+    result = welch_difference(values, baseline)
+    expected = stats.ttest_ind(values, baseline, equal_var=False).confidence_interval(0.95)
+    assert result.difference == pytest.approx(np.mean(values) - np.mean(baseline))
+    assert (result.low, result.high) == pytest.approx((expected.low, expected.high))
+    assert welch_difference([0.9], baseline).low is None  # one seed: no variance, no interval
+    exact = welch_difference([0.9, 0.9], [0.8, 0.8])
+    assert (exact.low, exact.high) == pytest.approx((0.1, 0.1)) and not exact.contains_zero
+
+
+def test_report_compares_each_configuration_with_the_baseline_of_its_depth(tmp_path, capsys):
+    from scipy import stats
+
+    from cbam.report import main
+
+    sweep = fake_sweep(tmp_path / "sweep", PLACEMENT_BY_DEPTH, ["experiment=ablation"])
+    assert main([str(sweep)]) == 0
+    rows = {(row["model.depth"], row["cbam"]): row for row in read_rows(sweep / "results.csv")}
+    accuracy = {(o[0].split("=")[1], o[1].split("=")[1]): values for o, _, values in PLACEMENT_BY_DEPTH}
+    for (depth, cbam), row in rows.items():
+        if cbam == "none":
+            assert row["baseline"] == "" and row["test_acc_diff"] == ""
+            continue
+        baseline = accuracy[(depth, "none")]
+        assert row["baseline"] == f"model.depth={depth}, cbam=none"
+        values = accuracy[(depth, cbam)]
+        assert float(row["test_acc_diff"]) == pytest.approx(np.mean(values) - np.mean(baseline))
+        interval = stats.ttest_ind(values, baseline, equal_var=False).confidence_interval(0.95)
+        assert float(row["test_acc_diff_ci_low"]) == pytest.approx(interval.low)
+        assert float(row["test_acc_diff_ci_high"]) == pytest.approx(interval.high)
+        assert float(row["step_time_s_mean"]) == pytest.approx(0.1)
+    markdown = (sweep / "results.md").read_text()
+    sentences = {line.split(":")[0]: line for line in markdown.splitlines() if " vs " in line}
+    assert "excludes zero; better" in sentences["- model.depth=18, cbam=block vs model.depth=18, cbam=none"]
+    assert "contains zero" in sentences["- model.depth=18, cbam=classifier vs model.depth=18, cbam=none"]
+    assert "excludes zero; worse" in sentences["- model.depth=50, cbam=block vs model.depth=50, cbam=none"]
+    assert markdown.count("| baseline |") == 2 and "100.0 ms" in markdown
+
+
+def test_attention_study_baseline_is_recognised_from_the_resolved_config(tmp_path):
+    """attention=none under cbam=block switches attention off: the job's resolved config says so, not its
+    overrides."""
+    from cbam.report import report
+
+    configurations = [
+        (["cbam=block", "attention=none"], {}, [0.90, 0.92]),
+        (["cbam=block", "attention=se"], BLOCK, [0.93, 0.95]),
+        (["cbam=block", "attention=spatial_only"], BLOCK, [0.91]),
+    ]
+    sweep = fake_sweep(tmp_path / "sweep", configurations, ["experiment=paper_tables"])
+    report(sweep)
+    rows = {row["attention"]: row for row in read_rows(sweep / "results.csv")}
+    assert rows["se"]["baseline"] == rows["spatial_only"]["baseline"] == "attention=none"
+    assert float(rows["se"]["test_acc_diff"]) == pytest.approx(0.03)
+    assert rows["spatial_only"]["test_acc_diff_ci_low"] == ""  # one seed
+    markdown = (sweep / "results.md").read_text()
+    assert "attention=spatial_only vs attention=none: +0.00 points; no interval (n = 1 vs 2" in markdown
+    assert "Common to every configuration: `cbam=block`" in markdown
+
+
+def test_report_writes_results_and_provenance_into_out(tmp_path):
+    sweep = fake_sweep(tmp_path / "sweep", PLACEMENT_BY_DEPTH[:2], ["experiment=ablation", "seed=0,1,2"])
+    out = tmp_path / "results" / "ablation"
+    from cbam.report import main
+
+    assert main([str(sweep), "--out", str(out), "--data", "CIFAR-10 JPEG copy, quality 75"]) == 0
+    written = sorted(p.name for p in out.iterdir())
+    assert written == ["provenance.json", "results.csv", "results.md", "results.png"]
+    assert not (sweep / "results.csv").exists()
+    provenance = json.loads((out / "provenance.json").read_text())
+    assert provenance["command"] == [
+        f"python train.py -m hydra.sweep.dir={sweep} experiment=ablation seed=0,1,2"
+    ]
+    assert provenance["device"] == ["NVIDIA H100 80GB HBM3"] and provenance["torch_version"] == ["2.14.1"]
+    assert provenance["git_revision"] == ["abc123"] and provenance["precision"] == ["bf16-mixed"]
+    assert provenance["data"] == ["CIFAR-10 JPEG copy, quality 75"]
+    assert provenance["dates"] == ["2026-01-01T10:00:00+00:00", "2026-01-03T10:00:00+00:00"]
+    assert provenance["runs"] == provenance["runs_finished"] == 6
+    assert "- command: python train.py -m" in (out / "results.md").read_text()

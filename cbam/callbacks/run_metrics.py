@@ -1,19 +1,22 @@
 """``<run dir>/metrics.json``: the run's final numbers, read by ``python -m cbam.report``.
 
-Written at the end of fit (best and last val/acc, training time, epochs) and again at the end of test
-(with every ``test/*`` metric). A job of a sweep without this file has not finished.
+Written at the end of fit (best and last val/acc, training time, epochs, optimizer steps, time per step)
+and again at the end of test (with every ``test/*`` metric), with where the run ran (device, torch
+version, git revision, precision, data, date: :func:`cbam.provenance.run_record`). A job of a sweep without
+this file has not finished.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import pytorch_lightning as pl
 
+from cbam.atomic import write_atomically
 from cbam.callbacks._utils import plain_network, run_dir
 from cbam.callbacks.model_summary import ModelStats, count_flops, count_parameters
+from cbam.provenance import run_record
 
 
 class RunMetrics(pl.Callback):
@@ -73,6 +76,8 @@ class RunMetrics(pl.Callback):
                 "epochs": trainer.current_epoch,
                 "global_step": trainer.global_step,
                 "train_time_s": round(self.train_time_s, 3),
+                # The whole fit (validation included) per optimizer step: what a configuration costs to train.
+                "step_time_s": self.train_time_s / trainer.global_step if trainer.global_step else None,
             }
         )
         self._write(trainer, pl_module)
@@ -87,8 +92,10 @@ class RunMetrics(pl.Callback):
         numbers = self._model_numbers(trainer, pl_module)
         if not trainer.is_global_zero:
             return
+        data_root = getattr(trainer.datamodule, "root", None)
+        record = run_record(trainer.strategy.root_device, trainer.precision, data_root)
+        text = json.dumps({**self.values, **numbers, **record}, indent=2) + "\n"
         path = run_dir(trainer) / self.filename
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.tmp")
-        temporary.write_text(json.dumps({**self.values, **numbers}, indent=2) + "\n")
-        os.replace(temporary, path)  # a reader never sees a half-written file
+        # a reader (cbam.report, while the sweep runs) never sees a half-written file
+        write_atomically(path, lambda file: file.write(text.encode()), prefix=f".{path.name}.")

@@ -1,0 +1,197 @@
+"""Grad-CAM of trained models on the same test images, as in the CBAM paper's Figure 4.
+
+    python -m cbam.gradcam CKPT [CKPT ...] [--data-root DIR] [--num-images 8] [--out PNG] [--run RUN_DIR]
+
+For each checkpoint (one row of the figure) and each of the first ``--num-images`` test images (one
+column): the Grad-CAM of the network's last stage for the image's true class, over the image, titled with
+the model's softmax probability of that class. The first row shows the images. The maps come from
+captum's ``LayerGradCam`` (ReLU of the gradient-weighted sum of the stage's channels), upsampled
+bilinearly to the image and divided by each map's maximum. ``--run RUN_DIR`` also logs the figure as the
+TensorBoard image ``gradcam`` under ``RUN_DIR/tensorboard``.
+
+The data default to the first checkpoint's run: ``data.root`` of ``<run dir>/.hydra/config.yaml`` (a
+checkpoint in ``<run dir>/checkpoints/``). Bad input (a missing file, a file that is not a checkpoint of
+this project, no data) ends with one line ``error: ...`` and exit status 2. Needs captum:
+``pip install -e ".[interpret]"``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from cbam.callbacks._utils import new_figure, render
+from cbam.checks import ConfigError, check_checkpoint
+from cbam.data import DataError, load_cifar10, normalize
+from cbam.module import CBAMResNetModule
+
+MISSING_CAPTUM = 'Grad-CAM needs captum, which is not installed: pip install -e ".[interpret]"'
+#: the attention variants' arguments at their defaults (conf/model): only other values are named in a label
+VARIANT_DEFAULTS = {
+    "channel_pooling": "avg_max",
+    "spatial_pooling": "max_mean",
+    "gate_order": "channel_first",
+    "use_channel_gate": True,
+    "use_spatial_gate": True,
+}
+
+
+class GradCamError(RuntimeError):
+    """Input that cannot be drawn; the message is one line."""
+
+
+def load_model(path: Path) -> CBAMResNetModule:
+    try:
+        check_checkpoint(path, key="checkpoint")
+    except ConfigError as error:
+        raise GradCamError(str(error)) from None
+    try:
+        module = CBAMResNetModule.load_from_checkpoint(path, map_location="cpu")
+    except Exception as error:  # any unpickling or key failure: the file is someone else's checkpoint
+        reason = " ".join(str(error).split())  # one line, whatever the library's message
+        raise GradCamError(
+            f"checkpoint={path} is not a CBAM-ResNet checkpoint ({type(error).__name__}: {reason})"
+        ) from None
+    return module.eval()
+
+
+def run_data_root(checkpoint: Path) -> tuple[str, str | None] | None:
+    """``(data.root, data.cache_dir)`` of the run that wrote ``checkpoint``, if its Hydra config is there."""
+    config = checkpoint.resolve().parent.parent / ".hydra" / "config.yaml"
+    if not config.is_file():
+        return None
+    data = OmegaConf.load(config).get("data") or {}
+    return (str(data["root"]), data.get("cache_dir")) if "root" in data else None
+
+
+def describe(module: CBAMResNetModule) -> str:
+    """``ResNet18 + CBAM (blocks)``, with any attention variant that is not the default."""
+    hparams = module.hparams
+    places = [
+        name
+        for name, on in (("blocks", hparams.use_cbam_block), ("classifier", hparams.use_cbam_class))
+        if on
+    ]
+    if not places:
+        return f"ResNet{hparams.depth}"
+    variants = [
+        f"{key}={hparams[key]}"
+        for key, default in VARIANT_DEFAULTS.items()
+        if hparams.get(key, default) != default
+    ]
+    return f"ResNet{hparams.depth} + CBAM ({', '.join(places + variants)})"
+
+
+def grad_cam(
+    module: CBAMResNetModule, inputs: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Maps (N, H, W) in [0, 1] of the last stage for ``labels``, and the probabilities (N,) of ``labels``."""
+    from captum.attr import LayerAttribution, LayerGradCam
+
+    attribution = LayerGradCam(module, module.net.stages[-1]).attribute(
+        inputs, target=labels, relu_attributions=True
+    )
+    maps = LayerAttribution.interpolate(
+        attribution.detach(), tuple(inputs.shape[-2:]), interpolate_mode="bilinear"
+    )
+    maps = maps[:, 0].clamp(min=0)
+    peaks = maps.flatten(1).amax(1).clamp(min=torch.finfo(maps.dtype).tiny)
+    with torch.no_grad():
+        probabilities = module(inputs).softmax(1).gather(1, labels[:, None])[:, 0]
+    return maps / peaks[:, None, None], probabilities
+
+
+def draw(images: torch.Tensor, names: list[str], rows: list[tuple[str, torch.Tensor, torch.Tensor]]):
+    """The figure: the images, then per model its maps over them with P(true class)."""
+    count = len(names)
+    figure = new_figure(1.3 * count + 1.6, 1.45 * (len(rows) + 1), layout="constrained")
+    axes = figure.subplots(len(rows) + 1, count, squeeze=False)
+    for column, name in enumerate(names):
+        axes[0][column].imshow(images[column].numpy())
+        axes[0][column].set_title(name, fontsize=8)
+    axes[0][0].set_ylabel("input", fontsize=8)
+    for row, (label, maps, probabilities) in enumerate(rows, start=1):
+        for column in range(count):
+            axis = axes[row][column]
+            axis.imshow(images[column].numpy())
+            axis.imshow(maps[column].numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1)
+            axis.set_title(f"P = {probabilities[column]:.2f}", fontsize=8)
+        axes[row][0].set_ylabel(label.replace(" + ", "\n+ "), fontsize=7)
+    for axis in axes.flat:
+        axis.set_xticks([])
+        axis.set_yticks([])
+    return figure
+
+
+def gradcam_figure(checkpoints: list[Path], data_root: str | None, cache_dir: str | None, num_images: int):
+    """The figure of ``checkpoints`` on the first ``num_images`` test images, as an (H, W, 3) uint8 array."""
+    models = [load_model(path) for path in checkpoints]
+    if data_root is None:
+        found = run_data_root(checkpoints[0])
+        if found is None:
+            raise GradCamError(
+                f"no data root: {checkpoints[0]} is not in a run dir with .hydra/config.yaml; "
+                f"pass --data-root"
+            )
+        data_root, cache_dir = found[0], cache_dir or found[1]
+    try:
+        arrays = load_cifar10(data_root, download=False, cache_dir=cache_dir)
+    except DataError as error:
+        raise GradCamError(str(error)) from None
+    images, labels = arrays.test_images[:num_images], arrays.test_labels[:num_images]
+    inputs = normalize(images).contiguous()
+    rows = [(describe(module), *grad_cam(module, inputs, labels)) for module in models]
+    names = [arrays.classes[label] for label in labels.tolist()]
+    return render(draw(images, names, rows), dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cbam.gradcam", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "checkpoints", nargs="+", type=Path, metavar="CKPT", help="a checkpoint (.ckpt) per row"
+    )
+    parser.add_argument(
+        "--data-root", help="CIFAR-10 folder (default: data.root of the first checkpoint's run)"
+    )
+    parser.add_argument("--cache-dir", help="where the decoded cache is or goes (as data.cache_dir)")
+    parser.add_argument("--num-images", type=int, default=8, help="the first N test images (default 8)")
+    parser.add_argument("--out", type=Path, help="the PNG (default: RUN_DIR/gradcam.png, else gradcam.png)")
+    parser.add_argument(
+        "--run", type=Path, metavar="RUN_DIR", help="also log the figure to this run's TensorBoard"
+    )
+    args = parser.parse_args(argv)
+    try:
+        import captum  # noqa: F401 (optional: the interpret extra)
+    except ImportError:
+        print(f"error: {MISSING_CAPTUM}", file=sys.stderr)
+        return 2
+    try:
+        if args.num_images < 1:
+            raise GradCamError(f"--num-images={args.num_images}: must be at least 1")
+        if args.run is not None and not args.run.is_dir():
+            raise GradCamError(f"--run={args.run}: no such run dir")
+        image = gradcam_figure(args.checkpoints, args.data_root, args.cache_dir, args.num_images)
+    except GradCamError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    from PIL import Image
+
+    out = args.out or (args.run / "gradcam.png" if args.run is not None else Path("gradcam.png"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(out)
+    print(f"wrote {out}")
+    if args.run is not None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        with SummaryWriter(log_dir=str(args.run / "tensorboard" / "gradcam")) as writer:
+            writer.add_image("gradcam", image, dataformats="HWC")
+        print(f"logged the TensorBoard image gradcam under {args.run / 'tensorboard' / 'gradcam'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""What ``python -m cbam.report`` writes: results.csv, results.md, results.png and provenance.json, from
+the :class:`Table` that :mod:`cbam.report` computes (this module formats, it computes no statistics)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+#: (key in metrics.json and column of results.csv, heading in results.md)
+ACCURACIES = (("best_val_acc", "best val acc (%)"), ("test_acc", "test acc (%)"))
+DASH = "–"
+METRICS_FILE = "metrics.json"
+
+
+@dataclass
+class Table:
+    """One study: a row per configuration and everything said around the rows."""
+
+    title: str
+    rows: list[dict]  # results.csv's rows
+    labels: list[str]  # one per row: its varied overrides, for the figure and the sentences
+    keys: list[str]  # the overrides that vary between configurations: the first columns
+    is_baseline: list[bool]  # per row: some configuration is compared with it
+    common: list[str]  # overrides shared by every configuration
+    counts: str  # "N jobs, M finished, in K configurations (...)"
+    unfinished: list[str]  # names of jobs without metrics.json
+    sentences: list[str]  # each comparison with a baseline, in words
+    provenance: dict
+
+
+# -------------------------------------------------------------------------------------------- formatting
+
+
+def _percent(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return DASH
+    return f"{100 * mean:.2f} ± {DASH if std is None else f'{100 * std:.2f}'}"
+
+
+def _difference(row: dict, column: str) -> str:
+    difference, low, high = (row[f"{column}_diff{part}"] for part in ("", "_ci_low", "_ci_high"))
+    if difference is None:
+        return DASH
+    interval = f" [{100 * low:+.2f}, {100 * high:+.2f}]" if low is not None else ""
+    return f"{100 * difference:+.2f}{interval}"
+
+
+def _si(value: float | None) -> str:
+    if value is None:
+        return DASH
+    for factor, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.2f} {suffix}"
+    return f"{value:.0f}"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return DASH
+    if seconds < 1:
+        return f"{1000 * seconds:.1f} ms"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
+
+def short_value(value: object) -> str:
+    """An override value for display: long floats (an Optuna trial's) to 4 significant digits."""
+    text = str(value)
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return f"{number:.4g}" if "." in text and len(text) > 8 else text
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if v is None else v for k, v in row.items()})
+
+
+def markdown(table: Table) -> str:
+    first = table.keys or ["configuration"]
+    headings = [
+        *first,
+        "n",
+        *(heading for _, heading in ACCURACIES),
+        "Δ test acc vs baseline [95% CI]",
+        "params",
+        "FLOPs/image",
+        "step time",
+        "train time",
+    ]
+    lines = [f"# {table.title}", ""]
+    lines.append(
+        f"{table.counts}. Accuracies in %: mean ± sample standard deviation (n − 1) over the finished seeds, "
+        f"{DASH} when n = 1. Best val acc is the highest validation accuracy of a run; test acc is the test "
+        f"accuracy at its end (best checkpoint). Δ is the difference of mean test accuracy from the "
+        f"configuration's baseline (no attention, same depth, same other settings), in points, with a 95% "
+        f"Welch t interval over seeds. FLOPs are counted by torch.utils.flop_counter for one image; step "
+        f"time is the wall-clock time of fit (validation included) per optimizer step and train time that "
+        f"of the whole fit, both means over seeds."
+    )
+    if table.common:
+        lines += ["", "Common to every configuration: " + " ".join(f"`{item}`" for item in table.common)]
+    rule = "|" + "|".join(["---"] * len(first) + ["---:"] * (len(headings) - len(first))) + "|"
+    lines += ["", "| " + " | ".join(headings) + " |", rule]
+    for row, label, is_baseline in zip(table.rows, table.labels, table.is_baseline):
+        cells = [
+            *([short_value(row[key]) for key in table.keys] if table.keys else [label]),
+            str(row["n"]),
+            *(_percent(row[f"{column}_mean"], row[f"{column}_std"]) for column, _ in ACCURACIES),
+            "baseline" if is_baseline else _difference(row, "test_acc"),
+            _si(row["params"]),
+            _si(row["flops_per_image"]),
+            _duration(row["step_time_s_mean"]),
+            _duration(row["train_time_s_mean"]),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    if table.unfinished:
+        lines += ["", f"Unfinished jobs (no {METRICS_FILE}, not counted): {', '.join(table.unfinished)}"]
+    lines += ["", "## Against the baseline (test accuracy)", ""]
+    lines += [f"- {sentence}" for sentence in table.sentences] or [
+        "No configuration has a baseline row (no attention, same depth) in this sweep."
+    ]
+    lines += ["", "## Provenance", ""]
+    for key, value in table.provenance.items():
+        lines.append(f"- {key}: {'; '.join(map(str, value)) if isinstance(value, list) else value}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(path: Path, rows: list[dict], labels: list[str]) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    series = [
+        (heading.replace(" (%)", ""), column)
+        for column, heading in ACCURACIES
+        if any(row[f"{column}_mean"] is not None for row in rows)
+    ]
+    figure = Figure(figsize=(8, 1.2 + 0.45 * len(rows) * max(len(series), 1)), layout="constrained")
+    FigureCanvasAgg(figure)
+    axis = figure.subplots()
+    height = 0.8 / max(len(series), 1)
+    positions = range(len(rows))
+    lows = []
+    for index, (name, column) in enumerate(series):
+        means = [100 * (row[f"{column}_mean"] or 0) for row in rows]
+        stds = [100 * (row[f"{column}_std"] or 0) for row in rows]
+        offsets = [p - 0.4 + height * (index + 0.5) for p in positions]
+        axis.barh(offsets, means, height, xerr=stds, capsize=3, label=name)
+        lows += [m - s for m, s, row in zip(means, stds, rows) if row[f"{column}_mean"] is not None]
+    axis.set_yticks(list(positions), labels, fontsize=8)
+    axis.invert_yaxis()
+    if lows:
+        axis.set_xlim(left=max(0.0, min(lows) - 5))
+    axis.set_xlabel("accuracy (%): mean ± std over seeds")
+    axis.grid(axis="x", alpha=0.3)
+    if series:
+        axis.legend(fontsize=8)
+    axis.set_title(f"{path.parent.name}: {len(rows)} configurations")
+    figure.savefig(path, dpi=120)
+
+
+def write_all(folder: Path, table: Table) -> dict[str, Path]:
+    """results.csv, results.md, results.png and provenance.json into ``folder`` (created); their paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {name: folder / f"results.{name}" for name in ("csv", "md", "png")}
+    paths["provenance"] = folder / "provenance.json"
+    write_csv(paths["csv"], table.rows)
+    paths["md"].write_text(markdown(table))
+    plot(paths["png"], table.rows, table.labels)
+    paths["provenance"].write_text(json.dumps(table.provenance, indent=2) + "\n")
+    return paths
