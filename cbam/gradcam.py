@@ -18,25 +18,26 @@ this project, no data) ends with one line ``error: ...`` and exit status 2. Need
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
+from cbam.attention import CBAM
 from cbam.callbacks._utils import new_figure, render
 from cbam.checks import ConfigError, check_checkpoint
 from cbam.data import DataError, load_cifar10, normalize
 from cbam.module import CBAMResNetModule
 
 MISSING_CAPTUM = 'Grad-CAM needs captum, which is not installed: pip install -e ".[interpret]"'
-#: the attention variants' arguments at their defaults (conf/model): only other values are named in a label
+#: the attention variants' arguments at their defaults (CBAM's keyword arguments but the implementation):
+#: only other values are named in a label
 VARIANT_DEFAULTS = {
-    "channel_pooling": "avg_max",
-    "spatial_pooling": "max_mean",
-    "gate_order": "channel_first",
-    "use_channel_gate": True,
-    "use_spatial_gate": True,
+    name: parameter.default
+    for name, parameter in inspect.signature(CBAM).parameters.items()
+    if parameter.kind is inspect.Parameter.KEYWORD_ONLY and name != "impl"
 }
 
 

@@ -344,17 +344,21 @@ def test_ablation_sweep_definition():
 
 
 def test_paper_tables_sweep_definition():
-    """Read from the file: the attention group it sweeps is composed by the layer variants' configs."""
+    """Every swept attention preset composes into a different network (none: no attention at all)."""
     definition = yaml.safe_load((REPO / "conf" / "experiment" / "paper_tables.yaml").read_text())
     params = {key: str(value).split(",") for key, value in definition["hydra"]["sweeper"]["params"].items()}
-    assert params == {
-        "model.depth": ["18"],
-        "cbam": ["block"],
-        "attention": ["none", "cbam", "se", "channel_avg", "channel_max", "channel_only", "spatial_only",
-                      "conv_pooling", "spatial_first", "parallel"],
-        "seed": ["0", "1", "2"],
-    }
+    variants = ["none", "cbam", "se", "channel_max", "channel_only", "spatial_only", "conv_pooling",
+                "spatial_first", "parallel"]
+    assert params == {"model.depth": ["18"], "cbam": ["block"], "attention": variants, "seed": ["0", "1", "2"]}
     assert definition["hydra"]["sweep"]["dir"].startswith("multirun/paper_tables/")
+    keys = ("use_cbam_block", "channel_pooling", "spatial_pooling", "gate_order", "use_channel_gate",
+            "use_spatial_gate")
+    models = {}
+    for variant in variants:
+        model = compose(["experiment=paper_tables", "cbam=block", f"attention={variant}"]).model
+        models[variant] = tuple(model[key] for key in keys)
+    assert models["none"][0] is False and all(models[v][0] is True for v in variants[1:])
+    assert len(set(models[v] for v in variants[1:])) == len(variants) - 1
 
 
 def test_optuna_search_of_two_trials(optuna_sweep):
