@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-import cbam.data.sources as sources
 from cbam.data import (
     CACHE_NAME,
     CIFAR10DataModule,
@@ -19,6 +18,7 @@ from cbam.data import (
     WorkersLoader,
     load_cifar10,
     normalize,
+    sources,
     split_train_val,
 )
 from cbam.data.sources import FOLDER_ORDER_SEED
@@ -423,7 +423,9 @@ def test_workers_loader_cuts_the_device_loaders_batches_whatever_its_worker_coun
     device = DeviceLoader(images, ids, 8, train=True, seed=9, rank=1, world_size=2)
     for num_workers in (0, 2):
         torch.manual_seed(num_workers + 1)
-        workers = WorkersLoader(images, ids, 8, train=True, seed=9, rank=1, world_size=2, num_workers=num_workers)
+        workers = WorkersLoader(
+            images, ids, 8, train=True, seed=9, rank=1, world_size=2, num_workers=num_workers
+        )
         assert len(workers) == len(device) == 2
         for epoch in (0, 3):
             device.sampler.set_epoch(epoch)
@@ -511,7 +513,9 @@ def test_loader_reshuffles_per_epoch_and_is_deterministic(loader_class):
     assert all(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(first, second, strict=True))
 
 
-@pytest.mark.parametrize("loader_class, num_workers", [(DeviceLoader, None), (WorkersLoader, 0), (WorkersLoader, 1)])
+@pytest.mark.parametrize(
+    "loader_class, num_workers", [(DeviceLoader, None), (WorkersLoader, 0), (WorkersLoader, 1)]
+)
 def test_loader_resumes_within_an_epoch(loader_class, num_workers):
     """The position saved is the batches handed out, not those a worker process fetched ahead."""
     images, ids = random_images(40), torch.arange(40)

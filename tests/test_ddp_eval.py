@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from helpers import run_train
 from PIL import Image
 
 from cbam.data import CIFAR10DataModule
 from cbam.module import CBAMResNetModule
-from helpers import run_train
 
 CLASSES = [f"class{label}" for label in range(10)]
 TEST_PER_CLASS = 10  # + one more image of class 3: 101
@@ -47,7 +47,9 @@ def evaluation(tmp_path_factory) -> dict:
     the 2-process test runs of train.py with each loader (side by side)."""
     base = tmp_path_factory.mktemp("ddp_eval")
     root = write_colour_coded_images(base / "data")
-    data = CIFAR10DataModule(root=str(root), download=False, batch_size=16, num_workers=0, val_size=0, loader="device")
+    data = CIFAR10DataModule(
+        root=str(root), download=False, batch_size=16, num_workers=0, val_size=0, loader="device"
+    )
     torch.manual_seed(0)
     model = CBAMResNetModule(depth=18, width=4, use_cbam_block=True, reduction_ratio=2)
     trainer = pl.Trainer(
@@ -69,7 +71,8 @@ def evaluation(tmp_path_factory) -> dict:
     def ddp_test(loader: str):
         run_dir = base / loader
         result = run_train([
-            "train=false", f"ckpt_path={checkpoint}", "trainer=ddp_sim", "logger=csv", f"hydra.run.dir={run_dir}",
+            "train=false", f"ckpt_path={checkpoint}", "trainer=ddp_sim", "logger=csv",
+            f"hydra.run.dir={run_dir}",
             f"data.root={root}", "data.download=false", f"data.loader={loader}", "data.num_workers=1",
             "data.batch_size=8", "data.val_size=0",
         ])  # fmt: skip

@@ -175,7 +175,8 @@ def workers_runs(tmp_path_factory) -> dict:
 
     def lane_b() -> None:
         out["b"] = [train(*b_run, "+callbacks.signals.steps=[6]", "+callbacks.signals.signals=[SIGKILL]")]
-        out["b"].append(train(*b_run, "+callbacks.signals.steps=[]", "+callbacks.signals.signals=[]", "ckpt_path=last"))
+        no_signals = ["+callbacks.signals.steps=[]", "+callbacks.signals.signals=[]"]
+        out["b"].append(train(*b_run, *no_signals, "ckpt_path=last"))
         out["b_started"] = [int(line) for line in record.read_text().split()] if record.is_file() else []
 
     with ThreadPoolExecutor(2) as pool:
@@ -192,7 +193,7 @@ def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(request, loader_r
     runs = request.getfixturevalue(loader_runs)
     a, b = runs["a"], runs["b"]
     assert a.returncode == 0, show(a)
-    assert [run.returncode for run in b[:killed]] == [-signal.SIGKILL] * killed, [show(run) for run in b[:killed]]
+    assert [r.returncode for r in b[:killed]] == [-signal.SIGKILL] * killed, [show(r) for r in b[:killed]]
     assert all(run.returncode == 0 for run in b[killed:]), [show(run) for run in b[killed:]]
     # each restart resumed from the checkpoint (a restart from scratch would end the same way too)
     assert runs["b_started"] == started

@@ -20,7 +20,9 @@ PADDING = 4
 IMAGE_SIZE = 32
 
 
-def normalize(images: torch.Tensor, mean: torch.Tensor | None = None, std: torch.Tensor | None = None) -> torch.Tensor:
+def normalize(
+    images: torch.Tensor, mean: torch.Tensor | None = None, std: torch.Tensor | None = None
+) -> torch.Tensor:
     """uint8 NHWC images -> float NCHW (channels_last in memory), scaled to [0, 1] and standardised.
 
     ``mean`` and ``std`` may be given already on the images' device: building them here is a blocking
@@ -72,7 +74,8 @@ def epoch_plan(total: int, *, train: bool, seed: int, epoch: int, rank: int, wor
     size = shard_size(total, train=train, rank=rank, world_size=world_size)
     if not train:
         centred = torch.full((size,), PADDING, dtype=torch.long)
-        return Plan(torch.arange(rank, total, world_size), centred, centred.clone(), torch.zeros(size, dtype=torch.bool))
+        unflipped = torch.zeros(size, dtype=torch.bool)
+        return Plan(torch.arange(rank, total, world_size), centred, centred.clone(), unflipped)
     epoch_seed = seed * 1_000_003 + epoch
     order = torch.randperm(total, generator=torch.Generator().manual_seed(epoch_seed))
     own = torch.Generator().manual_seed(epoch_seed * 8191 + rank)

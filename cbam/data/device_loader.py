@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
-from cbam.data.batches import CIFAR10_MEAN, CIFAR10_STD, LoaderPosition, cut, epoch_plan, normalize, pad, shard_size
+from cbam.data.batches import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    LoaderPosition,
+    cut,
+    epoch_plan,
+    normalize,
+    pad,
+    shard_size,
+)
 
 
 class DeviceLoader:

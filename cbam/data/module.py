@@ -114,18 +114,17 @@ class CIFAR10DataModule(pl.LightningDataModule):
     def _build_loader(self, split: str) -> DeviceLoader | WorkersLoader:
         images, labels = self._splits[split]
         trainer = self.trainer
-        common = dict(
-            train=split == "train",
-            seed=self.seed,
-            rank=trainer.global_rank if trainer else 0,
-            world_size=trainer.world_size if trainer else 1,
-        )
+        common = {
+            "train": split == "train",
+            "seed": self.seed,
+            "rank": trainer.global_rank if trainer else 0,
+            "world_size": trainer.world_size if trainer else 1,
+        }
         device = self._device()
         if self.uses_device_loader():
             return DeviceLoader(images, labels, self.batch_size, device=device, **common)
-        return WorkersLoader(
-            images, labels, self.batch_size, num_workers=self.num_workers, pin_memory=device.type == "cuda", **common
-        )
+        options = {"num_workers": self.num_workers, "pin_memory": device.type == "cuda"}
+        return WorkersLoader(images, labels, self.batch_size, **options, **common)
 
     def _loader(self, split: str) -> DeviceLoader | WorkersLoader:
         # Built once: the device loader's images stay on the device, the workers stay up, and the train
