@@ -10,17 +10,19 @@ import numpy as np
 import pytest
 import torch
 
-import cbam.data as data
 from cbam.data import (
     CACHE_NAME,
     CIFAR10DataModule,
     DataError,
     DeviceLoader,
-    ImageDataset,
+    WorkersLoader,
     load_cifar10,
     normalize,
+    sources,
     split_train_val,
 )
+from cbam.data.sources import FOLDER_ORDER_SEED
+from cbam.errors import InvalidArgument
 
 
 def cache_files(folder) -> list[str]:
@@ -36,13 +38,13 @@ def assert_no_temporary_files(folder):
 def count_decodes(monkeypatch):
     """Counts the images decoded from an image folder (the expensive step the cache saves)."""
     calls = []
-    original = data._decode_image
+    original = sources._decode_image
 
     def counting(path):
         calls.append(path)
         return original(path)
 
-    monkeypatch.setattr(data, "_decode_image", counting)
+    monkeypatch.setattr(sources, "_decode_image", counting)
     return calls
 
 
@@ -67,21 +69,59 @@ def test_batches_folder_is_read_in_nhwc_layout(tmp_path, make_batches):
     assert arrays.train_images[n, h, w, c].item() == written["train_data"][n, c * 1024 + h * 32 + w]
 
 
-def test_image_folder_is_read_with_sorted_classes(tmp_path, make_image_folder):
+def written_index(image: torch.Tensor, written: list, tolerance: int = 0) -> int:
+    """The position in ``written`` of the file an image was read from (JPEG: within ``tolerance``)."""
+    errors = [(image.int() - torch.from_numpy(pixels).int()).abs().max().item() for _, pixels, _ in written]
+    best = int(np.argmin(errors))
+    assert errors[best] <= tolerance, f"no written image within {tolerance} levels (closest: {errors[best]})"
+    return best
+
+
+def test_image_folder_is_read_with_sorted_classes_in_a_fixed_mixed_order(tmp_path, make_image_folder):
     written = make_image_folder(
-        tmp_path, classes=["zebra", "cat", "mouse"], train_per_class=3, test_per_class=2
+        tmp_path, classes=["zebra", "cat", "mouse"], train_per_class=4, test_per_class=3
     )
     arrays = load_cifar10(tmp_path, download=False)
     assert arrays.classes == ["cat", "mouse", "zebra"]
-    assert arrays.train_images.shape == (9, 32, 32, 3) and arrays.test_images.shape == (6, 32, 32, 3)
-    assert arrays.train_labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
-    assert arrays.test_labels.tolist() == [0, 0, 1, 1, 2, 2]
-    # PNG is lossless: exact pixels, in (class, file name) order
-    for image, (_, pixels, name) in zip(arrays.train_images, written["train"]):
-        assert torch.equal(image, torch.from_numpy(pixels)), name
-    # JPEG is lossy: the flat colours come back within a few levels
-    for image, (_, pixels, _) in zip(arrays.test_images, written["test"]):
-        assert (image.int() - torch.from_numpy(pixels).int()).abs().max() <= 4
+    assert arrays.train_images.shape == (12, 32, 32, 3) and arrays.test_images.shape == (9, 32, 32, 3)
+    # every file read once, and each image keeps its own label (PNG is lossless: exact pixels; JPEG is
+    # lossy: the flat colours come back within a few levels)
+    splits = (
+        (arrays.train_images, arrays.train_labels, written["train"], 0),
+        (arrays.test_images, arrays.test_labels, written["test"], 4),
+    )
+    for images, labels, files, tolerance in splits:
+        order = [written_index(image, files, tolerance) for image in images]
+        assert sorted(order) == list(range(len(files)))
+        assert [arrays.classes[label] for label in labels] == [files[i][2] for i in order]
+        # not sorted by class: the same permutation of the (class, file name) order as FOLDER_ORDER_SEED draws
+        seeded = torch.Generator().manual_seed(FOLDER_ORDER_SEED)
+        assert order == torch.randperm(len(files), generator=seeded).tolist()
+    assert arrays.train_labels.tolist() != sorted(arrays.train_labels.tolist())
+
+
+def test_image_folder_order_mixes_the_classes_and_is_the_same_on_every_build(tmp_path, make_image_folder):
+    make_image_folder(tmp_path, train_per_class=2, test_per_class=10)  # 10 classes
+    first = load_cifar10(tmp_path, download=False, cache_dir=tmp_path / "cache1")
+    # the first 20 of 100 test images: a fair sample, not the first two classes
+    assert len(set(first.test_labels[:20].tolist())) >= 6
+    again = load_cifar10(tmp_path, download=False, cache_dir=tmp_path / "cache2")  # built afresh
+    for name in ("train_images", "train_labels", "test_images", "test_labels"):
+        assert torch.equal(getattr(first, name), getattr(again, name)), name
+
+
+def test_cache_of_version_1_is_rebuilt(tmp_path, make_image_folder, count_decodes):
+    make_image_folder(tmp_path, classes=["a", "b"], train_per_class=3, test_per_class=2)
+    fresh = load_cifar10(tmp_path, download=False)
+    cache = tmp_path / CACHE_NAME
+    payload = torch.load(cache, weights_only=True)
+    payload["version"] = 1  # an intact cache of the class-sorted order, from before the fixed order
+    torch.save(payload, cache)
+    assert len(count_decodes) == 10
+    arrays = load_cifar10(tmp_path, download=False)
+    assert len(count_decodes) == 20
+    assert torch.equal(arrays.train_labels, fresh.train_labels)
+    assert torch.load(cache, weights_only=True)["version"] == sources.CACHE_VERSION
 
 
 def test_image_folder_with_different_test_classes_is_rejected(tmp_path, make_image_folder):
@@ -107,7 +147,7 @@ def test_download_is_called_for_an_empty_root(tmp_path, monkeypatch, make_batche
         calls.append(root)
         make_batches(root, per_batch=2, num_test=3)
 
-    monkeypatch.setattr(data, "_download", fake_download)
+    monkeypatch.setattr(sources, "_download", fake_download)
     root = tmp_path / "new" / "data"
     arrays = load_cifar10(root, download=True)
     assert calls == [root]
@@ -118,7 +158,7 @@ def test_download_is_called_for_an_empty_root(tmp_path, monkeypatch, make_batche
 
 
 def test_empty_root_without_download_raises_naming_data_root(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "_download", lambda root: pytest.fail("must not download"))
+    monkeypatch.setattr(sources, "_download", lambda root: pytest.fail("must not download"))
     with pytest.raises(DataError, match="data.root"):
         load_cifar10(tmp_path / "missing", download=False)
     with pytest.raises(DataError, match="data.root"):
@@ -145,8 +185,8 @@ def test_cache_is_written_once_and_reused(tmp_path, make_image_folder, count_dec
 def test_cache_of_batches_is_reused(tmp_path, make_batches, monkeypatch):
     make_batches(tmp_path)
     calls = []
-    original = data._read_batches
-    monkeypatch.setattr(data, "_read_batches", lambda root: calls.append(root) or original(root))
+    original = sources._read_batches
+    monkeypatch.setattr(sources, "_read_batches", lambda root: calls.append(root) or original(root))
     first = load_cifar10(tmp_path, download=False)
     second = load_cifar10(tmp_path, download=False)
     assert len(calls) == 1
@@ -176,7 +216,7 @@ def test_cache_is_rebuilt_when_a_source_file_is_touched(tmp_path, make_image_fol
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))
     arrays = load_cifar10(tmp_path, download=False)
     assert len(count_decodes) == 12
-    assert torch.equal(arrays.train_images[1], torch.from_numpy(changed))
+    assert (arrays.train_images == torch.from_numpy(changed)).flatten(1).all(1).sum() == 1
     load_cifar10(tmp_path, download=False)
     assert len(count_decodes) == 12
     # touching alone (same content) also invalidates: the fingerprint cannot know the content is unchanged
@@ -193,8 +233,9 @@ def test_cache_is_rebuilt_when_a_file_is_added(tmp_path, make_image_folder, coun
 
     Image.fromarray(np.full((32, 32, 3), 7, np.uint8)).save(tmp_path / "train" / "b" / "zzz.png")
     arrays = load_cifar10(tmp_path, download=False)
-    assert len(arrays.train_labels) == 5 and arrays.train_labels.tolist() == [0, 0, 1, 1, 1]
-    assert (arrays.train_images[4] == 7).all()
+    assert len(arrays.train_labels) == 5 and sorted(arrays.train_labels.tolist()) == [0, 0, 1, 1, 1]
+    added = (arrays.train_images == 7).flatten(1).all(1)
+    assert added.sum() == 1 and arrays.train_labels[added].item() == 1
     assert len(count_decodes) == 6 + 7
 
 
@@ -212,8 +253,7 @@ def test_damaged_cache_is_rebuilt(tmp_path, make_image_folder, count_decodes, da
         cache.write_bytes(b"")
     arrays = load_cifar10(tmp_path, download=False)
     assert len(count_decodes) == 12
-    for image, (_, pixels, _) in zip(arrays.train_images, written["train"]):
-        assert torch.equal(image, torch.from_numpy(pixels))
+    assert sorted(written_index(image, written["train"]) for image in arrays.train_images) == [0, 1, 2, 3]
     # the rebuilt cache is intact again and used
     load_cifar10(tmp_path, download=False)
     assert len(count_decodes) == 12
@@ -295,9 +335,29 @@ def test_datamodule_without_validation(tmp_path, make_batches):
     assert len(module.train_dataloader()) == 5
 
 
-def test_datamodule_rejects_unknown_loader():
-    with pytest.raises(DataError, match="data.loader"):
-        CIFAR10DataModule(loader="gpu")
+@pytest.mark.parametrize(
+    "argument, value",
+    [("batch_size", 0), ("batch_size", True), ("batch_size", "8"), ("num_workers", -1), ("val_size", -1),
+     ("val_size", 50000), ("val_size", 2.5), ("loader", "gpu")],
+)  # fmt: skip
+def test_datamodule_rejects_arguments_it_cannot_use(tmp_path, make_batches, argument, value):
+    make_batches(tmp_path)
+    with pytest.raises(InvalidArgument) as raised:
+        CIFAR10DataModule(root=str(tmp_path), download=False, **{argument: value})
+    assert (raised.value.argument, raised.value.value) == (argument, value)
+    assert raised.value.accepted.startswith(("must be", "accepted values are auto, device, workers"))
+
+
+def test_datamodule_rejects_a_root_without_cifar10_when_it_may_not_download(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for root, state in ((tmp_path / "missing", "does not exist"), (tmp_path / "empty", "holds no CIFAR-10")):
+        with pytest.raises(InvalidArgument) as raised:
+            CIFAR10DataModule(root=str(root), download=False)
+        assert (raised.value.argument, raised.value.value) == ("root", str(root))
+        assert raised.value.accepted.startswith(state)
+        assert "cifar-10-batches-py/" in raised.value.accepted and "train/<class>/" in raised.value.accepted
+    CIFAR10DataModule(root=str(tmp_path / "missing"), download=True)  # it may be downloaded into
+    assert not (tmp_path / "missing").exists()  # (not by the constructor)
 
 
 # ----------------------------------------------------------------------------------------- augmentation
@@ -338,24 +398,14 @@ def check_augmentation_statistics(offsets: list[tuple[int, int, bool]]):
     assert len({(r, c) for r, c, _ in offsets}) > 40  # rows and columns drawn independently
 
 
-def test_workers_dataset_crops_shifted_flipped_copies():
-    torch.manual_seed(0)
-    images = random_images(4)
-    dataset = ImageDataset(images, torch.arange(4), augment=True)
-    candidates = [candidate_crops(image) for image in images]
-    offsets = []
-    for draw in range(400):
-        index = draw % 4
-        crop, label = dataset[index]
-        assert crop.shape == (3, 32, 32) and crop.dtype == torch.float32 and label == index
-        offsets.append(identify(crop, candidates[index]))
-    check_augmentation_statistics(offsets)
+LOADERS = [DeviceLoader, WorkersLoader]
 
 
-def test_device_loader_crops_shifted_flipped_copies():
+@pytest.mark.parametrize("loader_class", LOADERS)
+def test_loaders_crop_shifted_flipped_copies(loader_class):
     images = random_images(20, seed=1)
     ids = torch.arange(20)  # the labels identify the source image
-    loader = DeviceLoader(images, ids, batch_size=10, train=True, seed=3)
+    loader = loader_class(images, ids, batch_size=10, train=True, seed=3)
     candidates = [candidate_crops(image) for image in images]
     offsets = []
     for epoch in range(20):
@@ -365,6 +415,24 @@ def test_device_loader_crops_shifted_flipped_copies():
             offsets += [identify(crop, candidates[int(i)]) for crop, i in zip(batch, labels)]
     assert len(offsets) == 400
     check_augmentation_statistics(offsets)
+
+
+def test_workers_loader_cuts_the_device_loaders_batches_whatever_its_worker_count():
+    images, ids = random_images(45, seed=4), torch.arange(45)
+    torch.manual_seed(0)  # the global random state plays no part: changed between the loaders below
+    device = DeviceLoader(images, ids, 8, train=True, seed=9, rank=1, world_size=2)
+    for num_workers in (0, 2):
+        torch.manual_seed(num_workers + 1)
+        workers = WorkersLoader(
+            images, ids, 8, train=True, seed=9, rank=1, world_size=2, num_workers=num_workers
+        )
+        assert len(workers) == len(device) == 2
+        for epoch in (0, 3):
+            device.sampler.set_epoch(epoch)
+            workers.sampler.set_epoch(epoch)
+            for (x_device, y_device), (x_workers, y_workers) in zip(device, workers, strict=True):
+                assert torch.equal(y_device, y_workers)
+                torch.testing.assert_close(x_workers, x_device, atol=1e-6, rtol=0)
 
 
 def test_unaugmented_paths_give_the_same_normalised_values():
@@ -377,58 +445,57 @@ def test_unaugmented_paths_give_the_same_normalised_values():
     std = torch.tensor([0.2470, 0.2435, 0.2616], dtype=torch.float64)[:, None, None]
     manual = (images.permute(0, 3, 1, 2).double() / 255 - mean) / std
     torch.testing.assert_close(expected.double(), manual, atol=1e-5, rtol=0)
-    dataset = ImageDataset(images, labels, augment=False)
-    for i in range(6):
-        image, label = dataset[i]
-        torch.testing.assert_close(image, expected[i], atol=1e-6, rtol=0)
-        assert label == labels[i]
-    batches = list(DeviceLoader(images, labels, batch_size=4, train=False))
-    assert [len(b[1]) for b in batches] == [4, 2]  # evaluation keeps the last partial batch
-    torch.testing.assert_close(torch.cat([b[0] for b in batches]), expected, atol=1e-6, rtol=0)
-    assert torch.equal(torch.cat([b[1] for b in batches]), labels)
+    for loader in (DeviceLoader, WorkersLoader):
+        batches = list(loader(images, labels, batch_size=4, train=False))
+        assert [len(b[1]) for b in batches] == [4, 2], loader  # evaluation keeps the last partial batch
+        torch.testing.assert_close(torch.cat([b[0] for b in batches]), expected, atol=1e-6, rtol=0)
+        assert torch.equal(torch.cat([b[1] for b in batches]), labels)
 
 
 # ------------------------------------------------------------------------------------------ DeviceLoader
 
 
-def epoch_ids(loader: DeviceLoader, epoch: int) -> list[int]:
+def epoch_ids(loader, epoch: int) -> list[int]:
     loader.sampler.set_epoch(epoch)
     return [int(i) for _, labels in loader for i in labels]
 
 
-def test_device_loader_length():
+@pytest.mark.parametrize("loader_class", LOADERS)
+def test_loader_length(loader_class):
     ids = torch.arange(103)
     images = random_images(103)
-    assert len(DeviceLoader(images, ids, 10, train=True)) == 10  # drops the partial batch
-    assert len(DeviceLoader(images, ids, 10, train=False)) == 11  # keeps it
-    assert len(DeviceLoader(images, ids, 10, train=True, rank=1, world_size=2)) == 5
-    assert len(DeviceLoader(images, ids, 10, train=False, rank=1, world_size=2)) == 6  # 51 images
-    loader = DeviceLoader(images, ids, 10, train=True)
+    assert len(loader_class(images, ids, 10, train=True)) == 10  # drops the partial batch
+    assert len(loader_class(images, ids, 10, train=False)) == 11  # keeps it
+    assert len(loader_class(images, ids, 10, train=True, rank=1, world_size=2)) == 5
+    assert len(loader_class(images, ids, 10, train=False, rank=1, world_size=2)) == 6  # 51 images
+    loader = loader_class(images, ids, 10, train=True)
     assert len(list(loader)) == len(loader)
 
 
+@pytest.mark.parametrize("loader_class", LOADERS)
 @pytest.mark.parametrize("total", [100, 101])
-def test_device_loader_shards_are_disjoint_and_equally_sized(total):
+def test_loader_shards_are_disjoint_and_equally_sized(loader_class, total):
     images, ids = random_images(total), torch.arange(total)
     shards = [
-        epoch_ids(DeviceLoader(images, ids, 10, train=True, seed=5, rank=rank, world_size=2), epoch=0)
+        epoch_ids(loader_class(images, ids, 10, train=True, seed=5, rank=rank, world_size=2), epoch=0)
         for rank in (0, 1)
     ]
     assert len(shards[0]) == len(shards[1]) == 50
     assert len(set(shards[0])) == 50 and set(shards[0]).isdisjoint(shards[1])
     assert len(set(shards[0]) | set(shards[1])) == 100
-    # evaluation: every image exactly once over the two ranks
+    # evaluation: every image exactly once over the two ranks, none repeated to even them out
     evaluation = [
-        epoch_ids(DeviceLoader(images, ids, 10, train=False, rank=rank, world_size=2), 0) for rank in (0, 1)
+        epoch_ids(loader_class(images, ids, 10, train=False, rank=rank, world_size=2), 0) for rank in (0, 1)
     ]
     assert sorted(evaluation[0] + evaluation[1]) == list(range(total))
 
 
-def test_device_loader_reshuffles_per_epoch_and_is_deterministic():
+@pytest.mark.parametrize("loader_class", LOADERS)
+def test_loader_reshuffles_per_epoch_and_is_deterministic(loader_class):
     images, ids = random_images(64), torch.arange(64)
 
     def loader(seed):
-        return DeviceLoader(images, ids, 8, train=True, seed=seed)
+        return loader_class(images, ids, 8, train=True, seed=seed)
 
     epoch0, epoch1 = epoch_ids(loader(0), 0), epoch_ids(loader(0), 1)
     assert sorted(epoch0) == sorted(epoch1) == list(range(64))
@@ -446,20 +513,34 @@ def test_device_loader_reshuffles_per_epoch_and_is_deterministic():
     assert all(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(first, second, strict=True))
 
 
-def test_device_loader_resumes_within_an_epoch():
+@pytest.mark.parametrize(
+    "loader_class, num_workers", [(DeviceLoader, None), (WorkersLoader, 0), (WorkersLoader, 1)]
+)
+def test_loader_resumes_within_an_epoch(loader_class, num_workers):
+    """The position saved is the batches handed out, not those a worker process fetched ahead."""
     images, ids = random_images(40), torch.arange(40)
-    full = DeviceLoader(images, ids, 8, train=True, seed=2)
+    options = {} if num_workers is None else {"num_workers": num_workers}
+
+    def loader():
+        return loader_class(images, ids, 8, train=True, seed=2, **options)
+
+    full = loader()
     full.sampler.set_epoch(1)
     expected = [labels.tolist() for _, labels in full]
-    partial = DeviceLoader(images, ids, 8, train=True, seed=2)
+    partial = loader()
     partial.sampler.set_epoch(1)
     iterator = iter(partial)
     next(iterator), next(iterator)
     state = partial.state_dict()
-    resumed = DeviceLoader(images, ids, 8, train=True, seed=2)
+    assert state == {"epoch": 1, "batches_done": 2}
+    resumed = loader()
     resumed.load_state_dict(state)
     assert [labels.tolist() for _, labels in resumed] == expected[2:]
     assert [labels.tolist() for _, labels in resumed] == expected  # and the next pass is a full epoch
+    # a state saved at an epoch's end resumes into the next epoch from its start
+    ended = loader()
+    ended.load_state_dict({"epoch": 1, "batches_done": len(ended)})
+    assert epoch_ids(ended, 2) == epoch_ids(loader(), 2)
 
 
 def test_pickled_batches_with_a_damaged_file_name_it(tmp_path, make_batches):

@@ -1,0 +1,127 @@
+"""What both loaders share: which images an epoch visits, how each is cropped and flipped, and where a
+loader stands in its epoch.
+
+An epoch's plan (image order, crop offsets and flips) is drawn on the CPU from ``(seed, epoch, rank)``
+alone, never from the global random state, so the ``device`` and the ``workers`` loaders cut the same
+batches for the same seed, whatever the device or the number of worker processes, and a resumed run can
+skip exactly the batches it already trained on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+#: zero padding around each image before a random 32x32 crop (the usual CIFAR-10 augmentation)
+PADDING = 4
+IMAGE_SIZE = 32
+
+
+def normalize(
+    images: torch.Tensor, mean: torch.Tensor | None = None, std: torch.Tensor | None = None
+) -> torch.Tensor:
+    """uint8 NHWC images -> float NCHW (channels_last in memory), scaled to [0, 1] and standardised.
+
+    ``mean`` and ``std`` may be given already on the images' device: building them here is a blocking
+    host-to-device copy, which a per-batch caller should not pay.
+    """
+    mean = torch.tensor(CIFAR10_MEAN, device=images.device) if mean is None else mean
+    std = torch.tensor(CIFAR10_STD, device=images.device) if std is None else std
+    return ((images.float() / 255 - mean) / std).permute(0, 3, 1, 2)
+
+
+def pad(images: torch.Tensor) -> torch.Tensor:
+    """uint8 NHWC images with ``PADDING`` zero pixels on every side: a crop is then a plain gather."""
+    return torch.nn.functional.pad(images, (0, 0, PADDING, PADDING, PADDING, PADDING))
+
+
+@dataclass
+class Plan:
+    """Images to visit, in order, with the top-left corner of each one's crop in its padded copy and
+    whether it is mirrored. All four are 1-d tensors of one length."""
+
+    indices: torch.Tensor
+    rows: torch.Tensor
+    cols: torch.Tensor
+    flips: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, window: slice) -> Plan:
+        return Plan(self.indices[window], self.rows[window], self.cols[window], self.flips[window])
+
+    def to(self, device: torch.device) -> Plan:
+        return Plan(*(t.to(device) for t in (self.indices, self.rows, self.cols, self.flips)))
+
+
+def shard_size(total: int, *, train: bool, rank: int, world_size: int) -> int:
+    """Images one rank visits per epoch: training shards are equally long (the remainder is left out, as
+    every rank must take the same number of steps); evaluation shards cover every image exactly once."""
+    return total // world_size if train else len(range(rank, total, world_size))
+
+
+def epoch_plan(total: int, *, train: bool, seed: int, epoch: int, rank: int, world_size: int) -> Plan:
+    """This rank's plan for an epoch over ``total`` images.
+
+    Training: a permutation shared by all ranks (from ``seed`` and ``epoch``), dealt out round-robin, and
+    per-image crops and flips from a generator of this rank's own. Evaluation: every ``world_size``-th
+    image from ``rank`` on, centred and unflipped, so the ranks' shards are disjoint and complete.
+    """
+    size = shard_size(total, train=train, rank=rank, world_size=world_size)
+    if not train:
+        centred = torch.full((size,), PADDING, dtype=torch.long)
+        unflipped = torch.zeros(size, dtype=torch.bool)
+        return Plan(torch.arange(rank, total, world_size), centred, centred.clone(), unflipped)
+    epoch_seed = seed * 1_000_003 + epoch
+    order = torch.randperm(total, generator=torch.Generator().manual_seed(epoch_seed))
+    own = torch.Generator().manual_seed(epoch_seed * 8191 + rank)
+    rows = torch.randint(0, 2 * PADDING + 1, (size,), generator=own)
+    cols = torch.randint(0, 2 * PADDING + 1, (size,), generator=own)
+    flips = torch.rand(size, generator=own) < 0.5
+    return Plan(order[rank::world_size][:size], rows, cols, flips)
+
+
+def cut(padded: torch.Tensor, plan: Plan) -> torch.Tensor:
+    """The planned crops of padded uint8 NHWC images, as uint8 (len(plan), 32, 32, 3): one gather."""
+    grid = torch.arange(IMAGE_SIZE, device=padded.device)
+    rows = plan.rows[:, None] + grid  # (B, 32)
+    # A flip reads the columns of the crop right to left.
+    cols = plan.cols[:, None] + torch.where(plan.flips[:, None], IMAGE_SIZE - 1 - grid, grid)
+    return padded[plan.indices[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+class LoaderPosition:
+    """The epoch a training loader is in and how many of its batches it has handed out: all a checkpoint
+    needs to resume it exactly, since the epoch's plan follows from the seed and the epoch.
+
+    Lightning calls ``set_epoch`` before each epoch. A pass over the epoch starts at its first batch,
+    unless it is the first pass over the epoch a loaded state was saved in: that one skips the batches
+    already trained on.
+    """
+
+    def __init__(self) -> None:
+        self.epoch = 0
+        self.batches_done = 0
+        self._resume: tuple[int, int] | None = None  # (epoch, batches_done) of a loaded state
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def begin_pass(self, num_batches: int) -> int:
+        """The batch this pass starts at (0, or the resume point)."""
+        start, resume, self._resume = 0, self._resume, None
+        if resume is not None and resume[0] == self.epoch:
+            start = min(resume[1], num_batches)
+        self.batches_done = start
+        return start
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches_done": self.batches_done}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.batches_done = state["epoch"], state["batches_done"]
+        self._resume = (state["epoch"], state["batches_done"])
