@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -101,8 +102,11 @@ def _constructed(group: str, build) -> Any:
     """``build()``, with an :class:`InvalidArgument` of its constructor named by its config key."""
     try:
         return build()
-    except InvalidArgument as error:
-        raise ConfigError(f"{group}.{error.argument}={error.value}: {error.accepted}") from None
+    except InstantiationException as error:  # Hydra's wrapper around the constructor's own error
+        cause = error.__cause__
+        if isinstance(cause, InvalidArgument):
+            raise ConfigError(f"{group}.{cause.argument}={cause.value}: {cause.accepted}") from None
+        raise
 
 
 def _check_gpu(cfg: DictConfig) -> None:

@@ -56,4 +56,4 @@ def write_random_pngs(root: Path, train_per_class: int, test_per_class: int, cla
 
 
 def load_checkpoint(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)  # our checkpoints never need more
