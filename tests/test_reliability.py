@@ -266,6 +266,7 @@ def stop_runs(tmp_path_factory) -> dict:
         stop = [SIGNALS, "+callbacks.signals.steps=[3]", "+callbacks.signals.signals=[SIGTERM]", "+callbacks.signals.rank=1"]
         out["ddp_stopped"] = train(*ddp, f"hydra.run.dir={out['ddp_b']}", *stop)
         out["ddp_stopped_step"] = load_checkpoint(out["ddp_b"] / "checkpoints" / "last.ckpt")["global_step"]
+        out["ddp_stopped_files"] = sorted(path.name for path in (out["ddp_b"] / "checkpoints").iterdir())
         out["ddp_resumed"] = train(*ddp, f"hydra.run.dir={out['ddp_b']}", "ckpt_path=last")
 
     def lane_2() -> None:
@@ -288,7 +289,7 @@ def test_sigterm_to_one_ddp_rank_stops_both_after_the_same_batch_and_resumes_exa
     assert stopped.stderr.count("SIGTERM: saved") == 1, show(stopped)
     assert f"SIGTERM: saved {last} at step 3" in stopped.stderr, show(stopped)
     assert stop_runs["ddp_stopped_step"] == 3
-    assert sorted(p.name for p in last.parent.glob("*.ckpt")) == ["last.ckpt"]
+    assert stop_runs["ddp_stopped_files"] == ["last.ckpt"]
     assert f"Restoring states from the checkpoint path at {last}" in resumed.stdout + resumed.stderr
     uninterrupted = load_checkpoint(stop_runs["ddp_a"] / "checkpoints" / "last.ckpt")
     final = load_checkpoint(last)
