@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,6 +54,12 @@ def write_random_pngs(root: Path, train_per_class: int, test_per_class: int, cla
             for index in range(count):
                 Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{index:03d}.png")
     return Path(root)
+
+
+def conf_file(name: str) -> dict:
+    """``conf/<name>``, e.g. ``conf_file("optim/sgd.yaml")``: the defaults as train.py gets them, for tests
+    that build the module in Python."""
+    return yaml.safe_load((REPO / "conf" / name).read_text())
 
 
 def load_checkpoint(path: Path) -> dict:
