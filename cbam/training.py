@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import pytorch_lightning as pl
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
@@ -38,8 +39,11 @@ def build_trainer(cfg: DictConfig) -> pl.Trainer:
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     try:
         return instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
-    except MisconfigurationException as error:  # Lightning's own check of the trainer.* arguments
-        raise ConfigError(f"trainer: {error}") from None
+    except InstantiationException as error:  # Hydra's wrapper around the Trainer's check of its arguments
+        if isinstance(error.__cause__, (MisconfigurationException, ValueError)):
+            reason = str(error.__cause__).strip().splitlines()[0]
+            raise ConfigError(f"trainer: {reason}") from None
+        raise
 
 
 def best_checkpoint(trainer: pl.Trainer) -> str | None:

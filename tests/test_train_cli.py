@@ -302,6 +302,8 @@ SUBPROCESS_CASES = {
     "depth": ({"model.depth": 20}, "error: model.depth=20"),
     "unsafe_ckpt_test_only": BAD_INPUT["unsafe_ckpt_test_only"][:1] + ("error: ckpt_path=",),
     "gpu_without_gpu": ({"trainer": "gpu"}, "error: trainer.accelerator=gpu: this machine has no usable CUDA GPU"),
+    # Lightning's own check of its arguments, passed on as one line
+    "trainer_devices": ({"trainer.devices": 0}, "error: trainer: `Trainer(devices=0)` value is not a valid input"),
 }
 
 
