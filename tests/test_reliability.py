@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import load_checkpoint, run_train, subprocess_env, write_random_pngs
 from PIL import Image
 
 import cbam.data as data
@@ -28,8 +29,6 @@ from cbam.atomic import _UMASK
 from cbam.checks import ConfigError, check_checkpoint
 from cbam.module import CBAMResNetModule
 from cbam.reliability import PARTIAL_PREFIX, PARTIAL_SUFFIX, SIGINT_EXIT_STATUS, AtomicCheckpointIO
-from helpers import REPO, load_checkpoint, run_train, subprocess_env, write_random_pngs
-
 
 #: 10 classes x 10 train images - 20 for validation = 80 images = 10 batches of 8 per epoch; 2 epochs
 STEPS_PER_EPOCH, EPOCHS = 10, 2
@@ -255,11 +254,12 @@ DDP_STEPS_PER_EPOCH = STEPS_PER_EPOCH // 2
 @pytest.fixture(scope="module")
 def stop_runs(tmp_path_factory) -> dict:
     """Lane 1: a 2-process ddp_sim run whose rank 1 alone gets SIGTERM after step 3, then its resumption
-    (ckpt_path=last). Lane 2: the same ddp_sim run uninterrupted, then a single process that gets SIGINT
-    (Ctrl-C) after step 3. trainer.log_every_n_steps=1: the ranks agree on a stop after every step."""
+    (ckpt_path=last). Lane 2: the same ddp_sim run uninterrupted (and tested), then a single process that
+    gets SIGINT (Ctrl-C) after step 3. trainer.log_every_n_steps=1: the ranks agree on a stop after every
+    step."""
     base = tmp_path_factory.mktemp("stops")
-    common = [f"data.root={write_images(base / 'data')}", *TINY, "trainer.log_every_n_steps=1", "test=false"]
-    ddp = [*common, "trainer=ddp_sim"]
+    common = [f"data.root={write_images(base / 'data')}", *TINY, "trainer.log_every_n_steps=1"]
+    ddp = [*common, "trainer=ddp_sim", "test=false"]
     out: dict = {"ddp_a": base / "ddp_a", "ddp_b": base / "ddp_b", "sigint": base / "sigint"}
 
     def lane_1() -> None:
@@ -270,9 +270,9 @@ def stop_runs(tmp_path_factory) -> dict:
         out["ddp_resumed"] = train(*ddp, f"hydra.run.dir={out['ddp_b']}", "ckpt_path=last")
 
     def lane_2() -> None:
-        out["ddp_uninterrupted"] = train(*ddp, f"hydra.run.dir={out['ddp_a']}")
+        out["ddp_uninterrupted"] = train(*common, "trainer=ddp_sim", f"hydra.run.dir={out['ddp_a']}")
         stop = [SIGNALS, "+callbacks.signals.steps=[3]", "+callbacks.signals.signals=[SIGINT]"]
-        out["sigint_run"] = train(*common, f"hydra.run.dir={out['sigint']}", *stop)
+        out["sigint_run"] = train(*common, "test=false", f"hydra.run.dir={out['sigint']}", *stop)
 
     with ThreadPoolExecutor(2) as pool:
         for lane in [pool.submit(lane_1), pool.submit(lane_2)]:
@@ -293,7 +293,9 @@ def test_sigterm_to_one_ddp_rank_stops_both_after_the_same_batch_and_resumes_exa
     assert f"Restoring states from the checkpoint path at {last}" in resumed.stdout + resumed.stderr
     uninterrupted = load_checkpoint(stop_runs["ddp_a"] / "checkpoints" / "last.ckpt")
     final = load_checkpoint(last)
+    # each rank trained on its own half of the images, and both tested at the end
     assert uninterrupted["global_step"] == final["global_step"] == EPOCHS * DDP_STEPS_PER_EPOCH
+    assert "test/acc" in whole.stdout
     assert max_weight_difference(uninterrupted, final) <= 1e-6
 
 

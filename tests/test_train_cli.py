@@ -1,5 +1,5 @@
 """train.py end to end, as subprocesses on a tiny image folder: fit + test, multirun, resume, extending a
-run, two-process DDP on CPU, an Optuna search resumed from its SQLite storage, and bad input reported as
+run, an Optuna search resumed from its SQLite storage, and bad input reported as
 one line naming the key (in-process where no exit status through Hydra is needed)."""
 
 from __future__ import annotations
@@ -15,13 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import load_checkpoint, run_train
 
 from cbam import CBAM
 from cbam.checks import ConfigError
 from cbam.module import CBAMResNetModule
 from cbam.training import build_model, load_weights, main
-from helpers import load_checkpoint, run_train
-
 
 #: settings every run here shares: a narrow network, small batches, one epoch, no download, no workers
 TINY = {
@@ -188,18 +187,6 @@ def test_weights_from_starts_a_new_run_from_a_checkpoints_weights(compose_config
         load_weights(wider, str(path))
 
 
-# ---------------------------------------------------------------------------------------------------- DDP
-
-
-def test_ddp_sim_with_two_cpu_processes(run, tmp_path):
-    result = run("trainer=ddp_sim", hydra__run__dir=tmp_path)
-    assert succeeded(result)
-    checkpoint = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
-    # each of the two ranks trains on its own half of the 160 images: 5 steps of 16 images
-    assert checkpoint["global_step"] == STEPS_PER_EPOCH // 2
-    assert "test/acc" in result.stdout
-
-
 # ----------------------------------------------------------------------------------------------- Optuna
 
 
@@ -299,7 +286,6 @@ def test_bad_input_is_one_clear_line(case, compose_config, tiny_cifar_folder, fi
 
 #: what only a real train.py process shows: the exit status and stderr through Hydra, no run started
 SUBPROCESS_CASES = {
-    "depth": ({"model.depth": 20}, "error: model.depth=20"),
     "unsafe_ckpt_test_only": BAD_INPUT["unsafe_ckpt_test_only"][:1] + ("error: ckpt_path=",),
     "gpu_without_gpu": ({"trainer": "gpu"}, "error: trainer.accelerator=gpu: this machine has no usable CUDA GPU"),
     # Lightning's own check of its arguments, passed on as one line
