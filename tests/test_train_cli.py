@@ -175,6 +175,17 @@ def test_resuming_with_a_longer_schedule_is_refused_before_training(run, first_r
     assert not (tmp_path / "checkpoints" / "last.ckpt").exists()  # not one step trained
 
 
+def test_train_py_with_weights_from_trains_from_those_weights(run, first_run, tmp_path):
+    source = first_run / "checkpoints" / "last.ckpt"
+    # learning rate 0: the trained weights stay those it started from (BatchNorm statistics still move)
+    result = run(hydra__run__dir=tmp_path, weights_from=source, optim__lr=0.0, test="false")
+    assert succeeded(result)
+    started, final = load_checkpoint(source), load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert final["global_step"] == STEPS_PER_EPOCH and final["epoch"] == 0  # its own count and schedule
+    weights = [key for key in final["state_dict"] if key.endswith(".weight")]
+    assert weights and all(torch.equal(final["state_dict"][k], started["state_dict"][k]) for k in weights)
+
+
 def test_weights_from_starts_a_new_run_from_a_checkpoints_weights(compose_config, first_run):
     path = first_run / "checkpoints" / "last.ckpt"
     model = build_model(compose_config("model.width=4", "model.reduction_ratio=4"))
