@@ -173,8 +173,10 @@ def run_lightning(args, arrays, depth: int, cbam: bool, device: torch.device) ->
 
     optimizer = {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.05, "momentum": 0.9,
                  "nesterov": True, "weight_decay": 5e-4, "fused": gpu or None}
+    constant = {"_target_": "cbam.schedules.constant", "_partial_": True}  # a schedule costs nothing to time
     module = CBAMResNetModule(
-        depth, use_cbam_block=cbam, width=args.width, optimizer=optimizer, channels_last=gpu, compile=args.compile
+        depth, use_cbam_block=cbam, width=args.width, optimizer=optimizer, scheduler=constant, channels_last=gpu,
+        compile=args.compile,
     )
     clock = _Clock()
     trainer = pl.Trainer(

@@ -1,35 +1,94 @@
-"""Checks of a resolved config before any work starts: each failure is one line naming the key."""
+"""Checks of a resolved config before any work starts: each failure is one line naming the key.
+
+The rules for the model's and the data's arguments live in their constructors, which raise
+:class:`cbam.errors.InvalidArgument`; here the model is built on the meta device (no memory, no
+computation, even for ResNet152) and the data module is constructed, and their errors are mapped to the
+config key they came from. This module adds only what no constructor can know: YAML value types, the
+data on disk, the machine's GPUs, checkpoint files and combinations of top-level keys.
+"""
 
 from __future__ import annotations
 
+import pickle
+import re
 import zipfile
 from pathlib import Path
+from typing import Any
 
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from cbam.data import find_source
-from cbam.resnet import DEPTHS, smallest_attention_channels
+from cbam.errors import InvalidArgument
 
 
 class ConfigError(ValueError):
     """A config value that cannot be used; the message names the key and what is accepted."""
 
 
-def check_checkpoint(path: str | Path, key: str = "ckpt_path") -> None:
-    """A checkpoint written by torch.save is a zip archive; test every member's CRC, which catches
-    missing, truncated, corrupted and foreign files without unpickling anything."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{key}={path}: no such file")
+# ------------------------------------------------------------------------------------------ checkpoints
+
+
+def _zip_problem(path: Path) -> str | None:
+    """Why ``path`` is not an intact torch.save archive, or None (CRCs are tested, nothing unpickled)."""
+    with open(path, "rb") as file:
+        looks_like_zip = file.read(4) == b"PK\x03\x04"
     try:
         with zipfile.ZipFile(path) as archive:
             damaged = archive.testzip()
             if damaged is not None:
-                raise ConfigError(f"{key}={path} is corrupt (bad member {damaged})")
+                return f"is corrupt (member {damaged} fails its checksum)"
             if not any(name.endswith("data.pkl") for name in archive.namelist()):
-                raise ConfigError(f"{key}={path} is not a PyTorch checkpoint")
-    except (zipfile.BadZipFile, OSError, EOFError) as error:
-        raise ConfigError(f"{key}={path} is not a readable checkpoint (truncated or corrupt: {error})") from None
+                return "is not a PyTorch checkpoint (a zip archive without data.pkl)"
+    except (zipfile.BadZipFile, EOFError, OSError) as error:
+        if looks_like_zip:
+            return f"is truncated or corrupt ({error})"
+        return "is not a PyTorch checkpoint (not a torch.save zip archive)"
+    return None
+
+
+def read_checkpoint(
+    path: str | Path, key: str = "ckpt_path", mmap: bool = False, map_location: Any = "cpu"
+) -> dict[str, Any]:
+    """The checkpoint at ``path``, loaded with ``weights_only=True`` (onto ``map_location``).
+
+    Raises :class:`ConfigError` ``"<key>=<path> ..."`` saying which problem it has: no such file;
+    truncated or corrupt; not a checkpoint; or holding objects that need arbitrary code to unpickle
+    (refused for safety: ``weights_only=False`` would run that code). With ``mmap`` the tensors are mapped
+    from the file, not read: a cheap check of a large checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{key}={path}: no such file")
+    problem = _zip_problem(path)
+    if problem is not None:
+        raise ConfigError(f"{key}={path} {problem}")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as error:
+        # torch names the first refused object: "Unsupported global: GLOBAL fractions.Fraction was not ..."
+        found = re.search(r"Unsupported (?:global|class|operand)[:\s]+(?:GLOBAL\s+)?([\w.]+)", str(error))
+        what = f" ({found[1]})" if found else ""
+        raise ConfigError(
+            f"{key}={path} holds objects that need arbitrary code to unpickle{what}: refused for safety "
+            f"(this project's checkpoints never do)"
+        ) from None
+    except Exception as error:  # a damaged member that still passes the CRC, an unknown storage type ...
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ConfigError(f"{key}={path} cannot be loaded ({reason})") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ConfigError(f"{key}={path} is not a Lightning checkpoint (no state_dict)")
+    return checkpoint
+
+
+def check_checkpoint(path: str | Path, key: str = "ckpt_path") -> None:
+    """Raise :class:`ConfigError` if :func:`read_checkpoint` would (the tensors are memory-mapped, not read)."""
+    read_checkpoint(path, key, mmap=True)
+
+
+# ------------------------------------------------------------------------------------------------ config
 
 
 def _require(cfg: DictConfig, key: str, kind: type, described: str) -> None:
@@ -39,39 +98,37 @@ def _require(cfg: DictConfig, key: str, kind: type, described: str) -> None:
         raise ConfigError(f"{key}={value}: must be {described}")
 
 
+def _constructed(group: str, build) -> Any:
+    """``build()``, with an :class:`InvalidArgument` of its constructor named by its config key."""
+    try:
+        return build()
+    except InstantiationException as error:  # Hydra's wrapper around the constructor's own error
+        cause = error.__cause__
+        if isinstance(cause, InvalidArgument):
+            raise ConfigError(f"{group}.{cause.argument}={cause.value}: {cause.accepted}") from None
+        raise
+
+
+def _check_gpu(cfg: DictConfig) -> None:
+    accelerator = str(OmegaConf.select(cfg, "trainer.accelerator", default="auto"))
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"trainer.accelerator={accelerator}: this machine has no usable CUDA GPU; run on a GPU machine, "
+            f"or leave out trainer=gpu/ddp (trainer=default uses the CPU here, trainer=ddp_sim simulates DDP)"
+        )
+
+
 def check_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` for the first unusable value of ``cfg``."""
-    model, data = cfg.model, cfg.data
     for key in ("model.depth", "model.width", "model.kernel_size", "model.reduction_ratio", "data.batch_size",
                 "data.num_workers", "data.val_size"):
         _require(cfg, key, int, "an integer")
     for key in ("model.use_cbam_block", "model.use_cbam_class", "data.download", "train", "test"):
         _require(cfg, key, bool, "true or false")
-    if model.depth not in DEPTHS:
-        raise ConfigError(f"model.depth={model.depth}: accepted depths are {', '.join(map(str, DEPTHS))}")
-    if model.width < 1:
-        raise ConfigError(f"model.width={model.width}: must be an integer >= 1")
-    if model.kernel_size < 1 or model.kernel_size % 2 == 0:
-        raise ConfigError(f"model.kernel_size={model.kernel_size}: must be an odd integer >= 1")
-    if model.reduction_ratio < 1:
-        raise ConfigError(f"model.reduction_ratio={model.reduction_ratio}: must be an integer >= 1")
-    if model.use_cbam_block or model.use_cbam_class:
-        smallest = smallest_attention_channels(
-            model.depth, use_cbam_block=model.use_cbam_block, use_cbam_class=model.use_cbam_class, width=model.width
-        )
-        if not 1 <= model.reduction_ratio <= smallest:
-            raise ConfigError(
-                f"model.reduction_ratio={model.reduction_ratio}: must be between 1 and {smallest}, the "
-                f"smallest channel count a CBAM sees in this network"
-            )
-    if data.batch_size < 1:
-        raise ConfigError(f"data.batch_size={data.batch_size}: must be an integer >= 1")
-    if data.num_workers < 0:
-        raise ConfigError(f"data.num_workers={data.num_workers}: must be an integer >= 0")
-    if not 0 <= data.val_size < 50000:
-        raise ConfigError(f"data.val_size={data.val_size}: must be in [0, 50000)")
-    if data.loader not in ("auto", "device", "workers"):
-        raise ConfigError(f"data.loader={data.loader}: accepted values are auto, device, workers")
+    with torch.device("meta"):  # the constructors' checks, without allocating or initialising weights
+        _constructed("model", lambda: instantiate(cfg.model, _recursive_=False, _convert_="all"))
+    _constructed("data", lambda: instantiate(cfg.data))
+    data = cfg.data
     if not data.download and find_source(Path(data.root).expanduser()) is None:
         root = Path(data.root).expanduser()
         state = "does not exist" if not root.exists() else "holds no CIFAR-10"
@@ -79,9 +136,15 @@ def check_config(cfg: DictConfig) -> None:
             f"data.root={data.root} {state} and data.download=false: point it at a folder with "
             f"cifar-10-batches-py/ or train/<class>/ + test/<class>/ images"
         )
+    _check_gpu(cfg)
     if not cfg.train and not cfg.test:
         raise ConfigError("train=false and test=false: nothing to do")
     if not cfg.train and cfg.ckpt_path in (None, "last"):
         raise ConfigError("train=false needs ckpt_path=<checkpoint file> to test")
     if cfg.ckpt_path not in (None, "last"):
         check_checkpoint(cfg.ckpt_path)
+    weights_from = cfg.get("weights_from")
+    if weights_from is not None:
+        if cfg.ckpt_path is not None:
+            raise ConfigError(f"weights_from={weights_from}: give either weights_from (weights only) or ckpt_path (resume)")
+        check_checkpoint(weights_from, key="weights_from")

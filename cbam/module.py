@@ -12,20 +12,9 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from cbam.checks import ConfigError, check_checkpoint
+from cbam.lightning_internals import attached_trainer, avoid_inductor_gradient_bugs
 from cbam.resnet import build_resnet
-
-DEFAULT_OPTIMIZER = {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1, "momentum": 0.9}
-DEFAULT_SCHEDULER = {"_target_": "cbam.schedules.warmup_cosine", "_partial_": True}
-
-
-def avoid_inductor_gradient_bugs() -> None:
-    """Switch off Inductor's mix-order reduction, which computed silently wrong gradients on GPUs
-    (pytorch/pytorch#190796, bf16 gradients turning NaN; fixed by #193103 after torch 2.11). It only
-    exists, and is on by default for GPUs, since torch 2.10."""
-    import torch._inductor.config as inductor_config
-
-    if hasattr(inductor_config.triton, "mix_order_reduction"):
-        inductor_config.triton.mix_order_reduction = False
 
 
 def _plain(config: Any) -> Any:
@@ -40,9 +29,10 @@ class CBAMResNetModule(pl.LightningModule):
         depth, use_cbam_block, use_cbam_class, reduction_ratio, kernel_size, channel_pooling,
             spatial_pooling, gate_order, use_channel_gate, use_spatial_gate, cbam_impl, width, num_classes:
             passed to :func:`cbam.build_resnet` (the CBAM variant and implementation: see :class:`cbam.CBAM`).
-        optimizer: Hydra config of a partial optimizer (``_target_`` and arguments but the parameters).
+        optimizer: Hydra config of a partial optimizer (``_target_`` and arguments but the parameters);
+            needed for training only (the defaults are ``conf/optim/sgd.yaml``).
         scheduler: Hydra config of a partial schedule taking ``(optimizer, total_steps)``, stepped
-            every training step.
+            every training step; needed for training only (default: ``conf/scheduler/cosine.yaml``).
         label_smoothing: cross-entropy label smoothing.
         channels_last: run the network in NHWC memory format (faster convolutions on tensor cores).
         compile: wrap the network in ``torch.compile``.
@@ -71,8 +61,7 @@ class CBAMResNetModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         # Plain dicts, so checkpoints hold no OmegaConf objects; save_hyperparameters reads these locals.
-        optimizer = _plain(optimizer) or DEFAULT_OPTIMIZER
-        scheduler = _plain(scheduler) or DEFAULT_SCHEDULER
+        optimizer, scheduler = _plain(optimizer), _plain(scheduler)
         self.save_hyperparameters()
         self.net = build_resnet(
             depth,
@@ -142,7 +131,7 @@ class CBAMResNetModule(pl.LightningModule):
         loss = self._step(batch, "train")
         # Logged only every trainer.log_every_n_steps steps: each self.log costs CPU time that a fast GPU
         # step cannot hide.
-        trainer = self._trainer  # None when the step is called outside a Trainer (self.trainer raises)
+        trainer = attached_trainer(self)  # None when the step is called outside a Trainer
         # The steps at which Lightning writes step metrics to the logger.
         every = trainer.log_every_n_steps if trainer is not None else 0
         if every and (self.global_step + 1) % every == 0:
@@ -164,7 +153,21 @@ class CBAMResNetModule(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test")
 
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None, **kwargs):
+        """Lightning's loader, with ``weights_only=True`` and a :class:`cbam.checks.ConfigError` naming the
+        file when it is missing, truncated, not a checkpoint, or needs arbitrary code to unpickle."""
+        check_checkpoint(checkpoint_path, key="checkpoint_path")
+        kwargs["weights_only"] = True
+        return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict, **kwargs)
+
     def configure_optimizers(self) -> dict:
+        missing = [name for name in ("optimizer", "scheduler") if not self.hparams[name]]
+        if missing:
+            raise ConfigError(
+                f"CBAMResNetModule needs {' and '.join(missing)} to train: Hydra configs such as "
+                f"conf/optim/sgd.yaml and conf/scheduler/cosine.yaml (train.py passes cfg.optim, cfg.scheduler)"
+            )
         optimizer = instantiate(self.hparams.optimizer)(self.net.parameters())
         scheduler = instantiate(self.hparams.scheduler)(
             optimizer, total_steps=int(self.trainer.estimated_stepping_batches)

@@ -1,5 +1,5 @@
 """Fault tolerance: atomic checkpoint files, an always-current last.ckpt (every epoch, every N steps, on
-SIGTERM), a divergence guard, and the check of the checkpoint that ``ckpt_path=last`` resumes from.
+SIGTERM and Ctrl-C), a divergence guard, and the check of the checkpoint that ``ckpt_path=last`` resumes from.
 
 What each piece guarantees, and the test that checks it, is listed in the README's "Reliability" section.
 """
@@ -22,7 +22,13 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from cbam.atomic import write_atomically
-from cbam.checks import ConfigError, check_checkpoint
+from cbam.checks import ConfigError, check_checkpoint, read_checkpoint
+from cbam.lightning_internals import (
+    last_checkpoint_candidates,
+    last_saved_path,
+    last_saved_step,
+    save_last_checkpoint,
+)
 
 #: prefix and suffix of a checkpoint being written; the name never contains "last", so Lightning's
 #: ``ckpt_path="last"`` (which takes the newest ``last*.ckpt``) can never pick a partial file
@@ -38,7 +44,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     truncated one. Leftover temporary files of killed saves (``.ckpt-*.partial``) are removed by the
     next save into the same folder. Remote paths (``s3://...``) fall back to Lightning's own writer.
 
-    A checkpoint that cannot be read is reported as a :class:`ConfigError` naming the file.
+    Checkpoints are read with ``weights_only=True`` (whatever Lightning asks for); one that cannot be
+    read is reported as a :class:`ConfigError` naming the file and the problem (see
+    :func:`cbam.checks.read_checkpoint`).
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
@@ -54,18 +62,25 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         write_atomically(target, lambda file: torch.save(checkpoint, file), PARTIAL_PREFIX, PARTIAL_SUFFIX)
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict:
-        kwargs = {} if map_location is None else {"map_location": map_location}
-        try:
-            return super().load_checkpoint(path, weights_only=weights_only, **kwargs)
-        except FileNotFoundError:
-            raise ConfigError(f"checkpoint {path}: no such file") from None
-        except Exception as error:  # torch's zip reader, a short or foreign pickle, ...
-            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            message = f"checkpoint {path} cannot be loaded (corrupt or truncated? {reason})"
-            raise ConfigError(message) from None
+        text = os.fspath(path)
+        if "://" in text and not text.startswith("file://"):
+            return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        # Onto the CPU unless asked otherwise: Lightning moves the states to the training device itself.
+        return read_checkpoint(text.removeprefix("file://"), map_location=map_location or "cpu")
 
 
 # ------------------------------------------------------------------------------------------ last.ckpt
+
+#: exit status after Ctrl-C once last.ckpt is saved: the shell's convention for death by SIGINT (128 + 2)
+SIGINT_EXIT_STATUS = 128 + signal.SIGINT
+
+
+class StoppedBySigint(SystemExit):
+    """Ends the run after Ctrl-C saved last.ckpt (exit status :data:`SIGINT_EXIT_STATUS`)."""
+
+    def __init__(self) -> None:
+        super().__init__(SIGINT_EXIT_STATUS)
+
 
 
 class LastCheckpoint(ModelCheckpoint):
@@ -73,16 +88,18 @@ class LastCheckpoint(ModelCheckpoint):
 
     It is written at the end of every training epoch (after its validation), every
     ``every_n_train_steps`` training steps when that is set (a kill then loses at most that many steps),
-    and, with ``save_on_sigterm``, when the process receives SIGTERM: the flag set by the signal is read
-    after every training batch; the checkpoint of that batch is written and the run exits with status 0.
+    and, with ``save_on_sigterm``, when the process receives SIGTERM or SIGINT (Ctrl-C): the signal only
+    sets a flag, read after every training batch; the checkpoint of that batch is written and the run
+    exits, with status 0 after SIGTERM (a scheduler's preemption) and :data:`SIGINT_EXIT_STATUS` after
+    Ctrl-C. A second Ctrl-C interrupts at once (Lightning's handling: no checkpoint, status 1).
 
     (Lightning 2.6's ``ModelCheckpoint(save_last=True)`` only rewrites last.ckpt when it also saves a
     top-k checkpoint, so with a monitored metric that stops improving last.ckpt goes stale: this
     callback owns last.ckpt instead.)
 
-    Under DDP the SIGTERM flag is combined over the ranks every ``trainer.log_every_n_steps`` batches (one
-    all-reduce of a boolean), so every rank stops after the same batch; a single process reads a Python
-    flag after every batch, with no synchronisation.
+    Under DDP the signal flag is combined over the ranks every ``trainer.log_every_n_steps`` batches (one
+    all-reduce of a small integer), so every rank stops after the same batch even when only one rank got
+    the signal; a single process reads a Python flag after every batch, with no synchronisation.
     """
 
     def __init__(
@@ -103,76 +120,86 @@ class LastCheckpoint(ModelCheckpoint):
             enable_version_counter=False,  # always last.ckpt, never last-v1.ckpt
         )
         self.save_on_sigterm = save_on_sigterm
-        self._sigterm = False
-        self._previous_handler: Any = None
+        self._received = 0  # the stop signal's number (SIGTERM wins over SIGINT), 0 for none
+        self._previous_handlers: dict[int, Any] = {}
 
-    # -- SIGTERM ------------------------------------------------------------------------------------
+    # -- SIGTERM and SIGINT -------------------------------------------------------------------------
 
-    def _on_sigterm(self, signum: int, frame: Any) -> None:
-        self._sigterm = True
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self._received = max(self._received, signum)
+        if signum == signal.SIGINT:  # a second Ctrl-C interrupts at once
+            signal.signal(signal.SIGINT, self._previous_handlers.get(signal.SIGINT, signal.default_int_handler))
+            # os.write, not print: a handler may run while the main thread is inside a print to stderr
+            os.write(2, b"Ctrl-C: saving last.ckpt after this batch (press Ctrl-C again to stop at once)\n")
 
-    def _install_handler(self, trainer: pl.Trainer) -> None:
-        # After Lightning's own handler (registered before training starts): that one stops the run
-        # at the end of the batch without a checkpoint, so it is replaced for the training loop.
+    def _install_handlers(self, trainer: pl.Trainer) -> None:
+        # After Lightning's own SIGTERM handler (registered before training starts): that one stops the
+        # run at the end of the batch without a checkpoint, so it is replaced for the training loop.
         if self.save_on_sigterm and threading.current_thread() is threading.main_thread():
-            self._sigterm = self._sigterm or bool(getattr(trainer, "received_sigterm", False))
-            self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+            if trainer.received_sigterm:
+                self._received = max(self._received, signal.SIGTERM)
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
 
-    def _restore_handler(self) -> None:
-        if self._previous_handler is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self._previous_handler)
-        self._previous_handler = None
+    def _restore_handlers(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for signum, handler in self._previous_handlers.items():
+                signal.signal(signum, handler)
+        self._previous_handlers = {}
 
-    def _stop_requested(self, trainer: pl.Trainer, every_step: bool = False) -> bool:
+    def _stop_signal(self, trainer: pl.Trainer, every_step: bool = False) -> int:
+        """The signal that stops the run now (SIGTERM or SIGINT, on any rank), else 0."""
         if not self.save_on_sigterm:
-            return False
+            return 0
         if trainer.world_size > 1:
             # The ranks agree at the same steps (every log_every_n_steps steps, so the all-reduce and
             # its host synchronisation are rare), hence they stop after the same batch.
             interval = 1 if every_step else max(trainer.log_every_n_steps, 1)
             if trainer.global_step % interval:
-                return False
-            return trainer.strategy.reduce_boolean_decision(self._sigterm, all=False)
-        return self._sigterm
+                return 0
+            received = torch.tensor(self._received, device=trainer.strategy.root_device)
+            return int(trainer.strategy.reduce(received, reduce_op="max"))
+        return self._received
 
-    def _exit(self, trainer: pl.Trainer, message: str) -> None:
+    def _exit(self, trainer: pl.Trainer, signum: int, message: str) -> None:
+        name = signal.Signals(signum).name
         if trainer.is_global_zero:
-            print(f"SIGTERM: {message}; exiting (resume with ckpt_path=last)", file=sys.stderr, flush=True)
-        raise SIGTERMException  # a SystemExit with status 0; Lightning tears the run down on its way out
+            print(f"{name}: {message}; exiting (resume with ckpt_path=last)", file=sys.stderr, flush=True)
+        # SystemExits: Lightning tears the run down on their way out (SIGTERMException's status is 0)
+        raise StoppedBySigint if signum == signal.SIGINT else SIGTERMException
 
     # -- hooks --------------------------------------------------------------------------------------
 
     def _saving_allowed(self, trainer: pl.Trainer) -> bool:
         return not (trainer.sanity_checking or trainer.fast_dev_run or trainer.state.fn != "fit")
 
-    def _save_last(self, trainer: pl.Trainer) -> None:
-        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._install_handler(trainer)
+        self._install_handlers(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)  # every N steps
-        if self._stop_requested(trainer):
-            if self._last_global_step_saved != trainer.global_step and self._saving_allowed(trainer):
-                self._save_last(trainer)
-            self._exit(trainer, f"saved {self.last_model_path} at step {trainer.global_step}")
+        signum = self._stop_signal(trainer)
+        if signum:
+            if last_saved_step(self) != trainer.global_step and self._saving_allowed(trainer):
+                save_last_checkpoint(self, trainer)
+            self._exit(trainer, signum, f"saved {self.last_model_path} at step {trainer.global_step}")
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._saving_allowed(trainer):
-            self._save_last(trainer)
+            save_last_checkpoint(self, trainer)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pass  # last.ckpt is the state at a batch's or an epoch's end, not after a mid-epoch validation
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._restore_handler()
+        self._restore_handlers()
         # Decided together: a rank that skipped testing alone would leave the others hanging in it.
-        if self._stop_requested(trainer, every_step=True):  # came during the last epoch's end: skip testing
-            self._exit(trainer, f"training had finished, {self.last_model_path} is its final state")
+        signum = self._stop_signal(trainer, every_step=True)
+        if signum:  # came during the last epoch's end: skip testing
+            self._exit(trainer, signum, f"training had finished, {self.last_model_path} is its final state")
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException):
-        self._restore_handler()
+        self._restore_handlers()
 
 
 # --------------------------------------------------------------------------------------------- divergence
@@ -197,7 +224,7 @@ def newest_checkpoint(trainer: pl.Trainer) -> str | None:
             candidates |= {
                 callback.last_model_path,
                 callback.best_model_path,
-                getattr(callback, "_last_checkpoint_saved", ""),
+                last_saved_path(callback),
             }
     files = [Path(path) for path in candidates if path and Path(path).is_file()]
     return str(max(files, key=lambda path: path.stat().st_mtime_ns)) if files else None
@@ -273,12 +300,11 @@ class DivergenceGuard(Callback):
 def last_checkpoint(trainer: pl.Trainer) -> Path | None:
     """The file Lightning resumes from for ``ckpt_path="last"``: the newest ``last*.ckpt`` in the
     folders of the trainer's checkpoint callbacks (None when there is none yet)."""
-    candidates: set[str] = set()
+    candidates: set[Path] = set()
     for callback in trainer.checkpoint_callbacks:
         if isinstance(callback, ModelCheckpoint):
-            with contextlib.suppress(Exception):
-                candidates |= callback._find_last_checkpoints(trainer)
-    files = [Path(path) for path in candidates if Path(path).is_file()]
+            candidates |= last_checkpoint_candidates(callback, trainer)
+    files = [path for path in candidates if path.is_file()]
     return max(files, key=lambda path: path.stat().st_mtime_ns) if files else None
 
 

@@ -129,22 +129,6 @@ class ResNet(nn.Module):
         return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
 
 
-def smallest_attention_channels(
-    depth: int, *, use_cbam_block: bool, use_cbam_class: bool, width: int = 64
-) -> int | None:
-    """The smallest channel count a CBAM sees in this network (None without CBAM).
-
-    The reduction ratio may not exceed it; this lets configs be checked before any model is built.
-    """
-    block, _ = DEPTHS[depth]
-    counts = []
-    if use_cbam_block:
-        counts.append(width * block.expansion)
-    if use_cbam_class:
-        counts.append(width * 8 * block.expansion)
-    return min(counts) if counts else None
-
-
 def build_resnet(
     depth: int,
     *,

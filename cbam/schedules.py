@@ -1,4 +1,9 @@
-"""Per-step learning-rate schedules; each takes the optimizer and the run's total number of steps."""
+"""Per-step learning-rate schedules; each takes the optimizer and the run's total number of steps.
+
+The schedules with a shape over the run (warm-up + cosine, one-cycle) keep their length in their state,
+and refuse to resume from a checkpoint whose schedule had another length: a resumed run with a larger
+``trainer.max_epochs`` would otherwise jump to another curve (cosine) or fail part-way (one-cycle).
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,47 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, OneCycleLR
 
 
+class ScheduleLengthChanged(ValueError):
+    """A checkpoint's schedule was made for another number of steps than the run resuming from it."""
+
+    def __init__(self, saved_steps: int, total_steps: int) -> None:
+        self.saved_steps, self.total_steps = saved_steps, total_steps
+        super().__init__(
+            f"its learning-rate schedule spans {saved_steps} steps, this run's would span {total_steps} "
+            f"(trainer.max_epochs, trainer.max_steps, the batch size, devices or data differ)"
+        )
+
+
+def _check_length(state: dict, total_steps: int) -> None:
+    saved = state.get("total_steps")
+    if saved is not None and saved != total_steps:
+        raise ScheduleLengthChanged(saved, total_steps)
+
+
+class FixedLengthLambdaLR(LambdaLR):
+    """LambdaLR whose state records ``total_steps`` (LambdaLR saves its attributes) and checks it on load."""
+
+    def __init__(self, optimizer: Optimizer, factor, total_steps: int) -> None:
+        self.total_steps = total_steps
+        super().__init__(optimizer, factor)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        _check_length(state_dict, self.total_steps)
+        super().load_state_dict(state_dict)
+
+
+class FixedLengthOneCycleLR(OneCycleLR):
+    """OneCycleLR that refuses a saved state of another length (torch would take the saved length and
+    fail once the new run steps past it)."""
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        _check_length(state_dict, self.total_steps)
+        super().load_state_dict(state_dict)
+
+
 def warmup_cosine(
     optimizer: Optimizer, total_steps: int, warmup_fraction: float = 0.0, final_lr_ratio: float = 0.0
-) -> LambdaLR:
+) -> FixedLengthLambdaLR:
     """Linear warm-up from 0 over ``warmup_fraction`` of the steps, then cosine decay to
     ``final_lr_ratio`` times the base learning rate."""
     warmup = int(warmup_fraction * total_steps)
@@ -21,7 +64,7 @@ def warmup_cosine(
         progress = min((step - warmup) / max(total_steps - warmup, 1), 1.0)
         return final_lr_ratio + (1 - final_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
-    return LambdaLR(optimizer, factor)
+    return FixedLengthLambdaLR(optimizer, factor, total_steps)
 
 
 def one_cycle(
@@ -30,14 +73,14 @@ def one_cycle(
     warmup_fraction: float = 0.25,
     start_lr_ratio: float = 0.04,
     final_lr_ratio: float = 1e-4,
-) -> OneCycleLR:
+) -> FixedLengthOneCycleLR:
     """torch's one-cycle policy peaking at the optimizer's learning rate after ``warmup_fraction`` of
     the steps, with linear ramps and the optimizer's momentum left alone."""
     peak = [group["lr"] for group in optimizer.param_groups]
     # torch divides by the number of steps of each phase minus one: keep both phases >= 2 steps long.
     if total_steps >= 4:
         warmup_fraction = min(max(warmup_fraction, 2 / total_steps), 1 - 2 / total_steps)
-    return OneCycleLR(
+    return FixedLengthOneCycleLR(
         optimizer,
         max_lr=peak,
         total_steps=total_steps,
@@ -50,5 +93,5 @@ def one_cycle(
 
 
 def constant(optimizer: Optimizer, total_steps: int) -> LambdaLR:
-    """The optimizer's learning rate throughout."""
+    """The optimizer's learning rate throughout (any length: a resumed run may train longer)."""
     return LambdaLR(optimizer, lambda step: 1.0)

@@ -5,14 +5,17 @@ from __future__ import annotations
 import sys
 
 import pytorch_lightning as pl
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-from cbam.checks import ConfigError, check_config
+from cbam.checks import ConfigError, check_config, read_checkpoint
 from cbam.data import DataError
 from cbam.module import CBAMResNetModule
 from cbam.reliability import TrainingDiverged, check_last_checkpoint
+from cbam.schedules import ScheduleLengthChanged
 
 
 def build_model(cfg: DictConfig) -> CBAMResNetModule:
@@ -21,10 +24,26 @@ def build_model(cfg: DictConfig) -> CBAMResNetModule:
     return instantiate(cfg.model, optimizer=cfg.optim, scheduler=cfg.scheduler, _recursive_=False, _convert_="all")
 
 
+def load_weights(model: CBAMResNetModule, path: str) -> None:
+    """Start ``model`` from the weights of checkpoint ``path`` (``weights_from``): no optimizer, schedule
+    or step count, so the run trains ``trainer.max_epochs`` more epochs with a schedule of its own."""
+    try:
+        model.load_state_dict(read_checkpoint(path, key="weights_from")["state_dict"])
+    except RuntimeError as error:  # other layers or shapes: torch lists every mismatch, one per line
+        reason = str(error).strip().splitlines()[0]
+        raise ConfigError(f"weights_from={path}: its weights do not fit this model.* config ({reason})") from None
+
+
 def build_trainer(cfg: DictConfig) -> pl.Trainer:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    try:
+        return instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    except InstantiationException as error:  # Hydra's wrapper around the Trainer's check of its arguments
+        if isinstance(error.__cause__, (MisconfigurationException, ValueError)):
+            reason = str(error.__cause__).strip().splitlines()[0]
+            raise ConfigError(f"trainer: {reason}") from None
+        raise
 
 
 def best_checkpoint(trainer: pl.Trainer) -> str | None:
@@ -50,9 +69,18 @@ def run(cfg: DictConfig) -> dict[str, float]:
     metrics = {}  # trainer.test resets callback_metrics: keep fit's (val/acc, which the sweepers maximise)
     if cfg.train:
         model = build_model(cfg)
+        if cfg.weights_from:
+            load_weights(model, cfg.weights_from)
         if trainer.logger:
             trainer.logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        try:
+            trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        except ScheduleLengthChanged as error:  # raised while the checkpoint is restored, before any step
+            raise ConfigError(
+                f"ckpt_path={cfg.ckpt_path}: {error}. Resume with the settings the run had; to train longer, "
+                f"start a new run from its weights: weights_from=<checkpoint> (new schedule over "
+                f"trainer.max_epochs), or use scheduler=constant, which resumes with any length"
+            ) from None
         metrics.update(trainer.callback_metrics)
     else:
         # The checkpoint alone rebuilds the model it was trained with, whatever cfg.model says.

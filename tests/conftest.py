@@ -128,3 +128,18 @@ def quiet_trainer(tmp_path):
         return pl.Trainer(**(options | kwargs))
 
     return make
+
+
+@pytest.fixture
+def compose_config():
+    """``compose_config(*overrides)``: conf/train.yaml composed in-process, as train.py would (Hydra's
+    compose API; no run dir, no subprocess). ``hydra=True`` also returns the ``hydra`` node."""
+    from hydra import compose, initialize_config_dir
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+
+    def compose_train(*overrides: str, hydra: bool = False):
+        with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+            return compose(config_name="train", overrides=list(overrides), return_hydra_config=hydra)
+
+    return compose_train

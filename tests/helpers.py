@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,5 +56,11 @@ def write_random_pngs(root: Path, train_per_class: int, test_per_class: int, cla
     return Path(root)
 
 
+def conf_file(name: str) -> dict:
+    """``conf/<name>``, e.g. ``conf_file("optim/sgd.yaml")``: the defaults as train.py gets them, for tests
+    that build the module in Python."""
+    return yaml.safe_load((REPO / "conf" / name).read_text())
+
+
 def load_checkpoint(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)  # our checkpoints never need more

@@ -16,14 +16,17 @@ from pytorch_lightning.callbacks import Callback
 
 
 class SignalAtSteps(Callback):
-    """Send ``signals[i]`` to this process at the end of global step ``steps[i]``; append the global step
-    of the first training batch to the file ``record`` (when given)."""
+    """Send ``signals[i]`` to this process at the end of global step ``steps[i]`` (only in the process of
+    DDP rank ``rank``, when given); append the global step of the first training batch to the file
+    ``record`` (when given)."""
 
-    def __init__(self, steps: list[int] = (), signals: list[str] = (), record: str | None = None) -> None:
+    def __init__(
+        self, steps: list[int] = (), signals: list[str] = (), record: str | None = None, rank: int | None = None
+    ) -> None:
         if len(steps) != len(signals):
             raise ValueError("steps and signals must have the same length")
         self.plan = {int(step): getattr(signal, name) for step, name in zip(steps, signals)}
-        self.record = record
+        self.record, self.rank = record, rank
         self._recorded = False
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -34,5 +37,5 @@ class SignalAtSteps(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         signum = self.plan.get(trainer.global_step)
-        if signum is not None:
+        if signum is not None and self.rank in (None, trainer.global_rank):
             os.kill(os.getpid(), signum)

@@ -7,6 +7,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from cbam import CBAM
+from cbam.checks import ConfigError
 from cbam.module import CBAMResNetModule
 from cbam.schedules import constant, one_cycle, warmup_cosine
 
@@ -73,10 +74,12 @@ def test_checkpoint_alone_rebuilds_architecture_and_weights(tmp_path, quiet_trai
         assert restored(images).shape == (16, 7)
 
 
-def test_default_optimizer_and_schedule_are_saved():
-    module = CBAMResNetModule(depth=18, width=4)
-    assert module.hparams.optimizer["_target_"] == "torch.optim.SGD"
-    assert module.hparams.scheduler["_target_"] == "cbam.schedules.warmup_cosine"
+def test_training_without_optimizer_or_schedule_is_a_clear_error(quiet_trainer):
+    # the defaults live in conf/optim and conf/scheduler only; a Python user passes them explicitly
+    module = CBAMResNetModule(depth=18, width=4, reduction_ratio=2)
+    images, labels = fixed_batch(8)
+    with pytest.raises(ConfigError, match="needs optimizer and scheduler to train"):
+        quiet_trainer(max_steps=1).fit(module, DataLoader(TensorDataset(images, labels), batch_size=8))
 
 
 # ------------------------------------------------------------------------------------------- schedules

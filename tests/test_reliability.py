@@ -8,6 +8,7 @@ augmentation come from the seed and the epoch), one CPU thread each.
 
 from __future__ import annotations
 
+import fractions
 import multiprocessing
 import os
 import re
@@ -20,14 +21,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import load_checkpoint, run_train, subprocess_env, write_random_pngs
 from PIL import Image
 
 import cbam.data.sources as data
 from cbam.atomic import _UMASK
 from cbam.checks import ConfigError, check_checkpoint
-from cbam.reliability import PARTIAL_PREFIX, PARTIAL_SUFFIX, AtomicCheckpointIO
-from helpers import REPO, load_checkpoint, run_train, subprocess_env, write_random_pngs
-
+from cbam.module import CBAMResNetModule
+from cbam.reliability import PARTIAL_PREFIX, PARTIAL_SUFFIX, SIGINT_EXIT_STATUS, AtomicCheckpointIO
 
 #: 10 classes x 10 train images - 20 for validation = 80 images = 10 batches of 8 per epoch; 2 epochs
 STEPS_PER_EPOCH, EPOCHS = 10, 2
@@ -272,6 +273,69 @@ def test_submitit_local_two_job_sweep(runs):
     assert len(list((sweep / ".submitit").glob("*/*_result.pkl"))) == 2
 
 
+# ------------------------------------------------------------------- Ctrl-C; SIGTERM to one DDP rank
+
+#: ddp_sim: each of the 2 ranks takes 40 of the 80 training images: 5 steps of 8 per epoch
+DDP_STEPS_PER_EPOCH = STEPS_PER_EPOCH // 2
+
+
+@pytest.fixture(scope="module")
+def stop_runs(tmp_path_factory) -> dict:
+    """Lane 1: a 2-process ddp_sim run whose rank 1 alone gets SIGTERM after step 3, then its resumption
+    (ckpt_path=last). Lane 2: the same ddp_sim run uninterrupted (and tested), then a single process that
+    gets SIGINT (Ctrl-C) after step 3. trainer.log_every_n_steps=1: the ranks agree on a stop after every
+    step."""
+    base = tmp_path_factory.mktemp("stops")
+    common = [f"data.root={write_images(base / 'data')}", *TINY, "trainer.log_every_n_steps=1"]
+    ddp = [*common, "trainer=ddp_sim", "test=false"]
+    out: dict = {"ddp_a": base / "ddp_a", "ddp_b": base / "ddp_b", "sigint": base / "sigint"}
+
+    def lane_1() -> None:
+        stop = [SIGNALS, "+callbacks.signals.steps=[3]", "+callbacks.signals.signals=[SIGTERM]", "+callbacks.signals.rank=1"]
+        out["ddp_stopped"] = train(*ddp, f"hydra.run.dir={out['ddp_b']}", *stop)
+        out["ddp_stopped_step"] = load_checkpoint(out["ddp_b"] / "checkpoints" / "last.ckpt")["global_step"]
+        out["ddp_stopped_files"] = sorted(path.name for path in (out["ddp_b"] / "checkpoints").iterdir())
+        out["ddp_resumed"] = train(*ddp, f"hydra.run.dir={out['ddp_b']}", "ckpt_path=last")
+
+    def lane_2() -> None:
+        out["ddp_uninterrupted"] = train(*common, "trainer=ddp_sim", f"hydra.run.dir={out['ddp_a']}")
+        stop = [SIGNALS, "+callbacks.signals.steps=[3]", "+callbacks.signals.signals=[SIGINT]"]
+        out["sigint_run"] = train(*common, "test=false", f"hydra.run.dir={out['sigint']}", *stop)
+
+    with ThreadPoolExecutor(2) as pool:
+        for lane in [pool.submit(lane_1), pool.submit(lane_2)]:
+            lane.result()
+    return out
+
+
+def test_sigterm_to_one_ddp_rank_stops_both_after_the_same_batch_and_resumes_exactly(stop_runs):
+    stopped, resumed, whole = stop_runs["ddp_stopped"], stop_runs["ddp_resumed"], stop_runs["ddp_uninterrupted"]
+    for result in (stopped, resumed, whole):
+        assert result.returncode == 0, show(result)
+    last = stop_runs["ddp_b"] / "checkpoints" / "last.ckpt"
+    # one message (rank 0 speaks for both), one checkpoint, of the batch after which rank 1 got the signal
+    assert stopped.stderr.count("SIGTERM: saved") == 1, show(stopped)
+    assert f"SIGTERM: saved {last} at step 3" in stopped.stderr, show(stopped)
+    assert stop_runs["ddp_stopped_step"] == 3
+    assert stop_runs["ddp_stopped_files"] == ["last.ckpt"]
+    assert f"Restoring states from the checkpoint path at {last}" in resumed.stdout + resumed.stderr
+    uninterrupted = load_checkpoint(stop_runs["ddp_a"] / "checkpoints" / "last.ckpt")
+    final = load_checkpoint(last)
+    # each rank trained on its own half of the images, and both tested at the end
+    assert uninterrupted["global_step"] == final["global_step"] == EPOCHS * DDP_STEPS_PER_EPOCH
+    assert "test/acc" in whole.stdout
+    assert max_weight_difference(uninterrupted, final) <= 1e-6
+
+
+def test_ctrl_c_saves_last_checkpoint_and_exits_with_status_130(stop_runs):
+    result = stop_runs["sigint_run"]
+    assert result.returncode == SIGINT_EXIT_STATUS == 130, show(result)
+    assert "Traceback" not in result.stderr, show(result)
+    last = stop_runs["sigint"] / "checkpoints" / "last.ckpt"
+    assert f"SIGINT: saved {last} at step 3" in result.stderr, show(result)
+    assert load_checkpoint(last)["global_step"] == 3
+
+
 # ------------------------------------------------------------------------------- atomic checkpoints
 
 
@@ -290,7 +354,7 @@ def _killed_mid_save(path: Path) -> None:
 def test_kill_during_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
     io = AtomicCheckpointIO()
     last = tmp_path / "checkpoints" / "last.ckpt"
-    io.save_checkpoint({"global_step": 1, "w": torch.ones(1000)}, last)
+    io.save_checkpoint({"global_step": 1, "state_dict": {"w": torch.ones(1000)}}, last)
     before = last.read_bytes()
 
     child = multiprocessing.get_context("fork").Process(target=_killed_mid_save, args=(last,))
@@ -331,11 +395,23 @@ def test_unreadable_checkpoints_are_reported_naming_the_file(tmp_path):
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(os.urandom(3000))
-    for bad in (truncated, garbage):
-        with pytest.raises(ConfigError, match=re.escape(str(bad))):
+    unsafe = tmp_path / "unsafe.ckpt"  # intact, but unpickling it would run code (Fraction's constructor)
+    torch.save({"state_dict": {"w": torch.ones(3)}, "extra": fractions.Fraction(1, 3)}, unsafe)
+    missing = tmp_path / "missing.ckpt"
+    problems = {
+        missing: "no such file",
+        truncated: "is truncated or corrupt",
+        garbage: "is not a PyTorch checkpoint",
+        unsafe: "holds objects that need arbitrary code to unpickle (fractions.Fraction): refused for safety",
+    }
+    for bad, problem in problems.items():
+        with pytest.raises(ConfigError, match=re.escape(f"ckpt_path={bad} {problem}".replace(" no such", ": no such"))):
             check_checkpoint(bad)
-        with pytest.raises(ConfigError, match=re.escape(str(bad))):
+        with pytest.raises(ConfigError, match=re.escape(f"{bad}")):
             AtomicCheckpointIO().load_checkpoint(bad)
+        # the Python loader of the model says the same, naming its own argument
+        with pytest.raises(ConfigError, match=re.escape(f"checkpoint_path={bad}")):
+            CBAMResNetModule.load_from_checkpoint(bad)
     assert AtomicCheckpointIO().load_checkpoint(good)["global_step"] == 5
 
 
@@ -411,12 +487,9 @@ def test_stale_or_damaged_cache_is_rebuilt(tmp_path):
 # ------------------------------------------------------------------------------------------ clusters
 
 
-def test_slurm_cluster_config_wires_trainer_to_the_allocation():
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        overrides = ["cluster=slurm", "cluster.nodes=2", "cluster.gpus_per_node=4", "cluster.partition=gpu"]
-        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+def test_slurm_cluster_config_wires_trainer_to_the_allocation(compose_config):
+    overrides = ["cluster=slurm", "cluster.nodes=2", "cluster.gpus_per_node=4", "cluster.partition=gpu"]
+    cfg = compose_config(*overrides, hydra=True)
     launcher, trainer = cfg.hydra.launcher, cfg.trainer
     assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
     assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (2, 4, 4)

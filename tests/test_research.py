@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
-from helpers import REPO, load_checkpoint, run_python, subprocess_env, write_random_pngs
+from helpers import REPO, conf_file, load_checkpoint, run_python, subprocess_env, write_random_pngs
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 RUN_TIMEOUT = 180
@@ -398,7 +398,8 @@ def test_curves_record_every_epoch_of_train_and_val(tiny_cifar_folder, tmp_path,
     data = CIFAR10DataModule(str(tiny_cifar_folder), download=False, batch_size=32, num_workers=0, val_size=40,
                              loader="device", cache_dir=str(tmp_path))
     trainer = quiet_trainer(max_epochs=3, callbacks=[curves, remember])
-    trainer.fit(CBAMResNetModule(width=4, use_cbam_block=True, reduction_ratio=2), datamodule=data)
+    training = {"optimizer": conf_file("optim/sgd.yaml"), "scheduler": conf_file("scheduler/cosine.yaml")}
+    trainer.fit(CBAMResNetModule(width=4, use_cbam_block=True, reduction_ratio=2, **training), datamodule=data)
 
     assert sorted(curves.history["train/loss"]) == [0, 1, 2]
     assert sorted(curves.history["val/loss"]) == [0, 1, 2]

@@ -1,21 +1,26 @@
-"""train.py end to end, as subprocesses on a tiny image folder: fit + test, composition, multirun, resume,
-two-process DDP on CPU, and bad input reported as one line naming the key."""
+"""train.py end to end, as subprocesses on a tiny image folder: fit + test, multirun, resume, extending a
+run, an Optuna search resumed from its SQLite storage, and bad input reported as
+one line naming the key (in-process where no exit status through Hydra is needed)."""
 
 from __future__ import annotations
 
+import fractions
 import os
+import re
 import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from helpers import load_checkpoint, run_train
 
 from cbam import CBAM
+from cbam.checks import ConfigError
 from cbam.module import CBAMResNetModule
-from helpers import REPO, load_checkpoint, run_train
-
+from cbam.training import build_model, load_weights, main
 
 #: settings every run here shares: a narrow network, small batches, one epoch, no download, no workers
 TINY = {
@@ -65,9 +70,10 @@ def run(tiny_cifar_folder):
 
 @pytest.fixture(scope="module")
 def first_run(run, tmp_path_factory) -> Path:
-    """One epoch of fit + test; its run dir (used by several tests, which copy what they change)."""
+    """Two epochs of fit + test, keeping checkpoints/epoch000.ckpt; its run dir (used by several tests,
+    which copy what they change)."""
     run_dir = tmp_path_factory.mktemp("first_run")
-    result = run(hydra__run__dir=run_dir)
+    result = run(hydra__run__dir=run_dir, trainer__max_epochs=2, callbacks__periodic_checkpoint__every_n_epochs=1)
     assert succeeded(result)
     assert "test/acc" in result.stdout  # Lightning's table of test metrics
     return run_dir
@@ -83,25 +89,29 @@ def test_fit_and_test_write_config_logs_checkpoints_and_report(first_run):
     assert list(tensorboard.rglob("events.out.tfevents.*"))
     assert list(tensorboard.rglob("hparams.yaml"))
     checkpoints = first_run / "checkpoints"
-    assert (checkpoints / "last.ckpt").is_file()
+    assert (checkpoints / "last.ckpt").is_file() and (checkpoints / "epoch000.ckpt").is_file()
     assert len(list(checkpoints.glob("best-*.ckpt"))) == 1
     last = load_checkpoint(checkpoints / "last.ckpt")
-    assert last["global_step"] == STEPS_PER_EPOCH and last["epoch"] == 0
+    assert last["global_step"] == 2 * STEPS_PER_EPOCH and last["epoch"] == 1
     assert last["hyper_parameters"]["width"] == 4
 
 
-def test_design_card_command_composes():
-    outputs = REPO / "outputs" / "cbam-resnet50"
-    before = sorted(outputs.iterdir()) if outputs.is_dir() else []
-    result = train_py("--cfg", "job", "--resolve", "model.depth=50", "model.use_cbam_block=true", tiny=False)
-    assert succeeded(result)
-    config = yaml.safe_load(result.stdout)
-    assert config["model"]["depth"] == 50
-    assert config["model"]["use_cbam_block"] is True and config["model"]["use_cbam_class"] is False
-    assert config["model"]["_target_"] == "cbam.module.CBAMResNetModule"
-    assert config["name"] == "cbam-resnet50"
-    # --cfg job only prints the composed config: no run dir, nothing trained
-    assert (sorted(outputs.iterdir()) if outputs.is_dir() else []) == before
+def test_design_card_command_composes(compose_config):
+    config = compose_config("model.depth=50", "model.use_cbam_block=true")
+    assert config.model.depth == 50
+    assert config.model.use_cbam_block is True and config.model.use_cbam_class is False
+    assert config.model._target_ == "cbam.module.CBAMResNetModule"
+    assert config.name == "cbam-resnet50"
+    # the defaults of the optimizer and the schedule come from conf/ alone
+    assert config.optim._target_ == "torch.optim.SGD" and config.scheduler._target_.endswith("warmup_cosine")
+
+
+def test_experiment_files_state_only_what_differs(compose_config):
+    default = compose_config()
+    paper = compose_config("experiment=paper")
+    # paper is the default recipe under another name: it must not restate (and silently pin) sgd.yaml
+    assert paper.optim == default.optim and paper.scheduler == default.scheduler
+    assert paper.data.val_size == default.data.val_size and paper.trainer.max_epochs == 200
 
 
 def test_multirun_sweeps_two_by_two(run, tmp_path):
@@ -129,6 +139,8 @@ def test_multirun_sweeps_two_by_two(run, tmp_path):
 def test_resume_from_last_in_the_same_run_dir(run, first_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(first_run, run_dir)
+    # as if the run had been stopped after its first epoch
+    shutil.copy(run_dir / "checkpoints" / "epoch000.ckpt", run_dir / "checkpoints" / "last.ckpt")
     first = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     result = run(hydra__run__dir=run_dir, ckpt_path="last", trainer__max_epochs=2, test="false")
     assert succeeded(result)
@@ -140,7 +152,7 @@ def test_resume_from_last_in_the_same_run_dir(run, first_run, tmp_path):
 
 
 def test_resume_from_a_checkpoint_file(run, first_run, tmp_path):
-    source = first_run / "checkpoints" / "last.ckpt"
+    source = first_run / "checkpoints" / "epoch000.ckpt"
     before = source.read_bytes()
     run_dir = tmp_path / "resumed"
     result = run(hydra__run__dir=run_dir, ckpt_path=source, trainer__max_epochs=2, test="false")
@@ -151,16 +163,60 @@ def test_resume_from_a_checkpoint_file(run, first_run, tmp_path):
     assert source.read_bytes() == before
 
 
-# ---------------------------------------------------------------------------------------------------- DDP
+def test_resuming_with_a_longer_schedule_is_refused_before_training(run, first_run, tmp_path):
+    source = first_run / "checkpoints" / "epoch000.ckpt"
+    result = run(hydra__run__dir=tmp_path, ckpt_path=source, trainer__max_epochs=3, test="false")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    expected = f"error: ckpt_path={source}: its learning-rate schedule spans 20 steps, this run's would span 30"
+    assert line.startswith(expected), line
+    assert "weights_from=" in line  # the way to train longer
+    assert not (tmp_path / "checkpoints" / "last.ckpt").exists()  # not one step trained
 
 
-def test_ddp_sim_with_two_cpu_processes(run, tmp_path):
-    result = run("trainer=ddp_sim", hydra__run__dir=tmp_path)
+def test_train_py_with_weights_from_trains_from_those_weights(run, first_run, tmp_path):
+    source = first_run / "checkpoints" / "last.ckpt"
+    # learning rate 0: the trained weights stay those it started from (BatchNorm statistics still move)
+    result = run(hydra__run__dir=tmp_path, weights_from=source, optim__lr=0.0, test="false")
     assert succeeded(result)
-    checkpoint = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
-    # each of the two ranks trains on its own half of the 160 images: 5 steps of 16 images
-    assert checkpoint["global_step"] == STEPS_PER_EPOCH // 2
-    assert "test/acc" in result.stdout
+    started, final = load_checkpoint(source), load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert final["global_step"] == STEPS_PER_EPOCH and final["epoch"] == 0  # its own count and schedule
+    weights = [key for key in final["state_dict"] if key.endswith(".weight")]
+    assert weights and all(torch.equal(final["state_dict"][k], started["state_dict"][k]) for k in weights)
+
+
+def test_weights_from_starts_a_new_run_from_a_checkpoints_weights(compose_config, first_run):
+    path = first_run / "checkpoints" / "last.ckpt"
+    model = build_model(compose_config("model.width=4", "model.reduction_ratio=4"))
+    load_weights(model, str(path))
+    saved = load_checkpoint(path)["state_dict"]
+    assert saved.keys() == model.state_dict().keys()
+    assert all(torch.equal(model.state_dict()[key], tensor) for key, tensor in saved.items())
+    wider = build_model(compose_config("model.width=8", "model.reduction_ratio=4"))
+    with pytest.raises(ConfigError, match=re.escape(f"weights_from={path}: its weights do not fit")):
+        load_weights(wider, str(path))
+
+
+# ----------------------------------------------------------------------------------------------- Optuna
+
+
+def test_optuna_search_continues_from_its_sqlite_storage(run, tmp_path):
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    for search in ("first", "second"):
+        result = run(
+            "-m", "hparams_search=optuna", "model.reduction_ratio=choice(2,4)",  # width 4: ratios up to 4
+            hydra__sweeper__n_trials=1, hydra__sweeper__storage=storage, hydra__sweeper__study_name="study",
+            hydra__sweep__dir=tmp_path / search, test="false",
+            **{"+trainer__limit_train_batches": 2, "+trainer__limit_val_batches": 1},
+        )  # fmt: skip
+        assert succeeded(result)
+        assert len([job for job in (tmp_path / search).iterdir() if job.name.isdigit()]) == 1
+    # the second search added its trial to the first one's study
+    study = optuna.load_study(study_name="study", storage=storage)
+    assert [(trial.number, trial.state.name) for trial in study.trials] == [(0, "COMPLETE"), (1, "COMPLETE")]
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -179,66 +235,107 @@ def write_truncated_checkpoint(folder: Path, first_run: Path) -> Path:
     return path
 
 
-#: id -> (overrides, the key the error line must name); callables build files in a scratch folder
+def write_unsafe_checkpoint(folder: Path, first_run: Path) -> Path:
+    """An intact checkpoint that also holds an object unpickling would have to construct by running code."""
+    path = folder / "unsafe.ckpt"
+    checkpoint = load_checkpoint(first_run / "checkpoints" / "last.ckpt")
+    torch.save(checkpoint | {"extra": fractions.Fraction(1, 3)}, path)
+    return path
+
+
+#: id -> (overrides, the start of the error line after "error: "); callables build files in a scratch folder
 BAD_INPUT = {
-    "depth": ({"model.depth": 20}, "model.depth"),
-    "even_kernel": ({"model.kernel_size": 4, "model.use_cbam_block": "true"}, "model.kernel_size"),
-    "zero_kernel": ({"model.kernel_size": 0, "model.use_cbam_block": "true"}, "model.kernel_size"),
-    "zero_ratio": ({"model.reduction_ratio": 0, "model.use_cbam_block": "true"}, "model.reduction_ratio"),
+    "depth": ({"model.depth": 20}, "model.depth=20"),
+    "even_kernel": ({"model.kernel_size": 4, "model.use_cbam_block": "true"}, "model.kernel_size=4"),
+    "zero_kernel": ({"model.kernel_size": 0, "model.use_cbam_block": "true"}, "model.kernel_size=0"),
+    "zero_ratio": ({"model.reduction_ratio": 0, "model.use_cbam_block": "true"}, "model.reduction_ratio=0"),
     # width 4: the first stage's blocks have 4 channels, so a reduction ratio of 5 leaves no hidden unit
-    "large_ratio": ({"model.reduction_ratio": 5, "model.use_cbam_block": "true"}, "model.reduction_ratio"),
-    "batch_size": ({"data.batch_size": 0}, "data.batch_size"),
-    "batch_size_text": ({"data.batch_size": "abc"}, "data.batch_size"),
-    "cbam_flag_text": ({"model.use_cbam_block": "maybe"}, "model.use_cbam_block"),
-    "even_kernel_without_cbam": ({"model.kernel_size": 2}, "model.kernel_size"),
-    "missing_root": ({"data.root": lambda folder, _: folder / "no" / "such" / "dir"}, "data.root"),
-    "missing_ckpt": ({"ckpt_path": lambda folder, _: folder / "missing.ckpt"}, "ckpt_path"),
-    "random_ckpt": ({"ckpt_path": lambda folder, _: write_random_bytes(folder)}, "ckpt_path"),
-    "truncated_ckpt": ({"ckpt_path": write_truncated_checkpoint}, "ckpt_path"),
+    "large_ratio": ({"model.reduction_ratio": 5, "model.use_cbam_block": "true"}, "model.reduction_ratio=5"),
+    "batch_size": ({"data.batch_size": 0}, "data.batch_size=0"),
+    "batch_size_text": ({"data.batch_size": "abc"}, "data.batch_size=abc"),
+    "cbam_flag_text": ({"model.use_cbam_block": "maybe"}, "model.use_cbam_block=maybe"),
+    "missing_root": ({"data.root": lambda folder, _: folder / "no" / "such" / "dir"}, "data.root="),
+    "missing_ckpt": ({"ckpt_path": lambda folder, _: folder / "missing.ckpt"}, "ckpt_path="),
+    "random_ckpt": ({"ckpt_path": lambda folder, _: write_random_bytes(folder)}, "ckpt_path="),
+    "truncated_ckpt": ({"ckpt_path": write_truncated_checkpoint}, "ckpt_path="),
+    "unsafe_ckpt": ({"ckpt_path": write_unsafe_checkpoint}, "ckpt_path="),
+    "unsafe_ckpt_test_only": ({"ckpt_path": write_unsafe_checkpoint, "train": "false"}, "ckpt_path="),
+    "missing_weights": ({"weights_from": lambda folder, _: folder / "missing.ckpt"}, "weights_from="),
+}
+#: what each checkpoint case's line must say about the file
+CHECKPOINT_PROBLEMS = {
+    "missing_ckpt": "no such file",
+    "random_ckpt": "is not a PyTorch checkpoint",
+    "truncated_ckpt": "is truncated or corrupt",
+    "unsafe_ckpt": "holds objects that need arbitrary code to unpickle (fractions.Fraction): refused for safety",
+    "unsafe_ckpt_test_only": "holds objects that need arbitrary code to unpickle (fractions.Fraction)",
+}
+
+
+def build_case(name: str, folder: Path, first_run: Path) -> tuple[dict, dict[Path, bytes]]:
+    """The overrides of case ``name`` with its files built in ``folder``, and {given file: its bytes}."""
+    overrides = {key: value(folder, first_run) if callable(value) else value for key, value in BAD_INPUT[name][0].items()}
+    return overrides, {path: path.read_bytes() for path in overrides.values() if isinstance(path, Path) and path.is_file()}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUT))
+def test_bad_input_is_one_clear_line(case, compose_config, tiny_cifar_folder, first_run, tmp_path, capsys):
+    overrides, files = build_case(case, tmp_path, first_run)
+    settings = {**TINY, "data.root": tiny_cifar_folder, **overrides}
+    cfg = compose_config(*(f"{key}={value}" for key, value in settings.items()))
+    with pytest.raises(SystemExit) as stop:
+        main(cfg)
+    assert stop.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("error: " + BAD_INPUT[case][1]), lines[0]
+    if case in CHECKPOINT_PROBLEMS:
+        assert str(overrides["ckpt_path"]) in lines[0] and CHECKPOINT_PROBLEMS[case] in lines[0], lines[0]
+    for path, content in files.items():
+        assert path.read_bytes() == content, f"{path} was modified"
+
+
+#: what only a real train.py process shows: the exit status and stderr through Hydra, no run started
+SUBPROCESS_CASES = {
+    "unsafe_ckpt_test_only": BAD_INPUT["unsafe_ckpt_test_only"][:1] + ("error: ckpt_path=",),
+    "gpu_without_gpu": ({"trainer": "gpu"}, "error: trainer.accelerator=gpu: this machine has no usable CUDA GPU"),
+    # Lightning's own check of its arguments, passed on as one line
+    "trainer_devices": ({"trainer.devices": 0}, "error: trainer: `Trainer(devices=0)` value is not a valid input"),
 }
 
 
 @pytest.fixture(scope="module")
 def bad_runs(tiny_cifar_folder, first_run, tmp_path_factory):
-    """All bad-input runs, two at a time (each is mostly Python start-up): name -> (result, run dir,
-    {checkpoint file given: its bytes before the run})."""
+    """The subprocess cases and an unknown key, two at a time (each is mostly Python start-up):
+    name -> (result, run dir)."""
     cases = {}
-    for name, (overrides, _) in BAD_INPUT.items():
+    for name, (overrides, _) in SUBPROCESS_CASES.items():
         folder = tmp_path_factory.mktemp(f"bad_{name}")
-        built = {
-            key: value(folder, first_run) if callable(value) else value for key, value in overrides.items()
-        }
-        given = [path for path in built.values() if isinstance(path, Path) and path.is_file()]
-        files = {path: path.read_bytes() for path in given}
-        run_dir = folder / "run"
-        args = {key.replace(".", "__"): value for key, value in built.items()}
-        cases[name] = (run_dir, files, args)
+        built = {key: value(folder, first_run) if callable(value) else value for key, value in overrides.items()}
+        cases[name] = (folder / "run", {key.replace(".", "__"): value for key, value in built.items()})
     # and a key the model config does not have, which Hydra itself rejects
-    cases["unknown_key"] = (tmp_path_factory.mktemp("bad_unknown_key") / "run", {}, {"model__nonsense": 1})
+    cases["unknown_key"] = (tmp_path_factory.mktemp("bad_unknown_key") / "run", {"model__nonsense": 1})
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = {
             name: pool.submit(train_py, root=tiny_cifar_folder, hydra__run__dir=run_dir, **args)
-            for name, (run_dir, _, args) in cases.items()
+            for name, (run_dir, args) in cases.items()
         }
-        return {name: (futures[name].result(), *cases[name][:2]) for name in cases}
+        return {name: (futures[name].result(), cases[name][0]) for name in cases}
 
 
-@pytest.mark.parametrize("case", sorted(BAD_INPUT))
-def test_bad_input_is_one_clear_line(bad_runs, case):
-    result, run_dir, files = bad_runs[case]
-    key = BAD_INPUT[case][1]
-    assert result.returncode != 0
+@pytest.mark.parametrize("case", sorted(SUBPROCESS_CASES))
+def test_bad_input_exits_with_status_2_and_one_line(bad_runs, case):
+    result, run_dir = bad_runs[case]
+    assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
-    assert key + "=" in lines[0], lines[0]
+    assert lines[0].startswith(SUBPROCESS_CASES[case][1]), lines[0]
     assert not (run_dir / "checkpoints").exists()  # nothing trained
-    for path, content in files.items():
-        assert path.read_bytes() == content, f"{path} was modified"
 
 
 def test_unknown_key_keeps_hydras_error(bad_runs):
-    result, run_dir, _ = bad_runs["unknown_key"]
+    result, run_dir = bad_runs["unknown_key"]
     assert result.returncode != 0
     assert "Could not override 'model.nonsense'" in result.stderr
     assert "error: " not in result.stderr  # Hydra's message, not one of train.py's

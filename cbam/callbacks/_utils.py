@@ -11,6 +11,8 @@ import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
 
+from cbam.lightning_internals import call_uncompiled
+
 
 def run_dir(trainer: pl.Trainer) -> Path:
     """The run's folder: ``trainer.default_root_dir``, which conf/trainer sets to the Hydra run dir."""
@@ -26,9 +28,7 @@ def plain_network(pl_module: nn.Module) -> nn.Module:
 def call_eager(net: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     """``net(inputs)``, bypassing ``nn.Module.compile()`` (which only replaces the top-level call): the
     callbacks' forward hooks and FLOP counter then see plain eager modules, with no recompilation."""
-    if getattr(net, "_compiled_call_impl", None) is not None:
-        return net._call_impl(inputs)
-    return net(inputs)
+    return call_uncompiled(net, inputs)
 
 
 def tensorboard_writers(trainer: pl.Trainer) -> list[Any]:
