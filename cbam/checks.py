@@ -20,7 +20,6 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from cbam.data import find_source
 from cbam.errors import InvalidArgument
 
 
@@ -128,14 +127,6 @@ def check_config(cfg: DictConfig) -> None:
     with torch.device("meta"):  # the constructors' checks, without allocating or initialising weights
         _constructed("model", lambda: instantiate(cfg.model, _recursive_=False, _convert_="all"))
     _constructed("data", lambda: instantiate(cfg.data))
-    data = cfg.data
-    if not data.download and find_source(Path(data.root).expanduser()) is None:
-        root = Path(data.root).expanduser()
-        state = "does not exist" if not root.exists() else "holds no CIFAR-10"
-        raise ConfigError(
-            f"data.root={data.root} {state} and data.download=false: point it at a folder with "
-            f"cifar-10-batches-py/ or train/<class>/ + test/<class>/ images"
-        )
     _check_gpu(cfg)
     if not cfg.train and not cfg.test:
         raise ConfigError("train=false and test=false: nothing to do")
