@@ -2,9 +2,9 @@
 and time one CBAM-ResNet18 BasicBlock forward + backward with each (and without attention).
 
 For each block shape (default: the first and last ResNet18 stages at batch 512) and each precision
-(fp32; bf16 autocast on bf16 channels_last activations, as ``trainer=gpu`` trains), it reports the largest
-difference between fused and reference in the output, the input gradient, every parameter gradient and
-the BatchNorm running statistics, relative to the largest reference value, and the median step time.
+(fp32; bf16 autocast on bf16 channels_last activations, as ``trainer=gpu`` trains), it reports the relative
+difference (L2 norm) between fused and reference in the output, the input gradient, the parameter gradients
+(the worst one) and the BatchNorm running statistics, and the median step time.
 Prints JSON. Examples::
 
     python benchmarks/check_fused_gpu.py                  # on a GPU
@@ -33,7 +33,7 @@ from common import describe_device, software_versions  # noqa: E402
 
 from cbam.attention import CBAM  # noqa: E402
 from cbam.fused import cbam_fused, fused_available  # noqa: E402
-from cbam.resnet import BasicBlock  # noqa: E402
+from cbam.resnet import BasicBlock, build_resnet  # noqa: E402
 
 #: largest accepted difference relative to the largest reference value, per precision
 TOLERANCE = {"fp32": 1e-3, "bf16": 5e-2}
@@ -77,7 +77,9 @@ def step(block: nn.Module, x: torch.Tensor, weights: torch.Tensor, precision: st
 
 def relative_differences(reference: nn.Module, fused: nn.Module, x_ref, x_fused, y_ref, y_fused) -> dict:
     def worst(a: torch.Tensor, b: torch.Tensor) -> float:
-        return ((a.float() - b.float()).abs().max() / a.float().abs().max().clamp_min(1e-12)).item()
+        # relative L2 norm: a max-pooling gradient moved between two near-tied elements (bf16) shifts a
+        # few entries by the whole gradient, which a max-norm would report as a 100% error
+        return ((a.float() - b.float()).norm() / a.float().norm().clamp_min(1e-12)).item()
 
     report = {"output": worst(y_ref, y_fused), "input_grad": worst(x_ref.grad, x_fused.grad)}
     fused_parameters = dict(fused.named_parameters())
@@ -89,41 +91,117 @@ def relative_differences(reference: nn.Module, fused: nn.Module, x_ref, x_fused,
     return report
 
 
-def timed_ms(block: nn.Module, x: torch.Tensor, weights: torch.Tensor, precision: str, repeats: int) -> float:
+def median_ms(run, device: torch.device, repeats: int) -> float:
+    """Median wall time of ``run()`` over ``repeats`` calls after three warm-up calls."""
     for _ in range(3):
-        step(block, x, weights, precision)
+        run()
     times = []
     for _ in range(repeats):
-        if x.device.type == "cuda":
+        if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        step(block, x, weights, precision)
-        if x.device.type == "cuda":
+        run()
+        if device.type == "cuda":
             torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1000)
     return sorted(times)[len(times) // 2]
 
 
+def forward_backward(block: nn.Module, x: torch.Tensor, weights: torch.Tensor, precision: str):
+    """(y, x with its gradient) after one forward and backward from a fresh copy of ``x``."""
+    x = x.detach().clone().requires_grad_()
+    return step(block, x, weights, precision), x
+
+
+def nonfinite(name: str, block: nn.Module, y: torch.Tensor, x: torch.Tensor) -> list[str]:
+    """Which of the output, input gradient and parameter gradients hold a NaN or an infinity."""
+    tensors = {"output": y, "input_grad": x.grad, **{f"{n}.grad": p.grad for n, p in block.named_parameters()}}
+    return [f"{name}:{key}" for key, value in tensors.items() if not value.float().isfinite().all()]
+
+
 def check(channels: int, size: int, batch: int, precision: str, compiled: bool, device, repeats: int) -> dict:
+    """fp32: fused against reference. bf16: ties among bf16 values make the max pooling's gradient
+    implementation-defined (amax splits it among tied maxima, the fused kernels give it to the first), so
+    each implementation is compared with its own fp32 twin on the same bf16-rounded input, and the fused
+    error may be at most twice the reference's."""
     blocks = make_blocks(channels, device)
-    if compiled:
-        blocks = {name: torch.compile(block) for name, block in blocks.items()}
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     generator = torch.Generator(device=device).manual_seed(1)
-    x = torch.randn(batch, channels, size, size, device=device, generator=generator)
-    x = x.to(dtype).contiguous(memory_format=torch.channels_last)
-    weights = torch.randn(x.shape, device=device, generator=generator).contiguous(memory_format=torch.channels_last)
-    inputs = {name: x.clone().requires_grad_() for name in blocks}
-    outputs = {name: step(blocks[name], inputs[name], weights, precision) for name in ("reference", "fused")}
+    shape = (batch, channels, size, size)
+    x = torch.randn(shape, device=device, generator=generator).contiguous(memory_format=torch.channels_last)
+    weights = torch.randn(shape, device=device, generator=generator).contiguous(memory_format=torch.channels_last)
+    prepare = torch.compile if compiled else (lambda block: block)
     row = {"channels": channels, "size": size, "batch": batch, "precision": precision, "compiled": compiled}
-    row["relative_difference"] = relative_differences(
-        blocks["reference"], blocks["fused"], inputs["reference"], inputs["fused"],
-        outputs["reference"], outputs["fused"],
-    )
-    row["passed"] = all(value <= TOLERANCE[precision] for value in row["relative_difference"].values())
-    row["step_ms"] = {name: timed_ms(block, inputs[name], weights, precision, repeats)
-                      for name, block in blocks.items()}
+    if precision == "fp32":
+        runs = {name: forward_backward(prepare(blocks[name]), x, weights, "fp32") for name in ("reference", "fused")}
+        (y_ref, x_ref), (y_fused, x_fused) = runs["reference"], runs["fused"]
+        row["relative_difference"] = relative_differences(blocks["reference"], blocks["fused"], x_ref, x_fused,
+                                                          y_ref, y_fused)
+        row["nonfinite"] = nonfinite("reference", blocks["reference"], y_ref, x_ref) + nonfinite(
+            "fused", blocks["fused"], y_fused, x_fused)
+        row["passed"] = not row["nonfinite"] and all(
+            value <= TOLERANCE["fp32"] for value in row["relative_difference"].values())
+    else:
+        x = x.to(torch.bfloat16)
+        row["error_vs_fp32"], row["nonfinite"] = {}, []
+        for name in ("reference", "fused"):
+            high = copy.deepcopy(blocks[name])
+            y_low, x_low = forward_backward(prepare(blocks[name]), x, weights, "bf16")
+            y_high, x_high = forward_backward(prepare(high), x.float(), weights, "fp32")
+            row["error_vs_fp32"][name] = relative_differences(high, blocks[name], x_high, x_low, y_high, y_low)
+            row["nonfinite"] += nonfinite(name, blocks[name], y_low, x_low)
+        errors = row["error_vs_fp32"]
+        row["passed"] = not row["nonfinite"] and all(
+            errors["fused"][key] <= 2 * errors["reference"][key] + 1e-3 for key in errors["fused"])
+    timed = {name: prepare(block) for name, block in blocks.items()}
+    x = x.detach().requires_grad_()
+    row["step_ms"] = {
+        name: median_ms(lambda: step(block, x, weights, precision), device, repeats) for name, block in timed.items()
+    }
     return row
+
+
+def profile(channels: int, size: int, batch: int, device: torch.device) -> None:
+    """The CUDA kernels of one eager bf16 forward + backward of each block, slowest first, on stderr."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+
+    blocks = make_blocks(channels, device)
+    x = torch.randn(batch, channels, size, size, device=device).to(torch.bfloat16)
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    weights = torch.randn_like(x, dtype=torch.float32)
+    for name, block in blocks.items():
+        for _ in range(3):
+            step(block, x, weights, "bf16")
+        torch.cuda.synchronize()
+        with profiler(activities=[ProfilerActivity.CUDA]) as trace:
+            step(block, x, weights, "bf16")
+            torch.cuda.synchronize()
+        table = trace.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
+        print(f"=== {name} block, C={channels}, {size}x{size}, batch {batch}, bf16 eager\n{table}", file=sys.stderr)
+
+
+def network_step_ms(batch: int, device: torch.device, repeats: int, width: int) -> dict[str, float]:
+    """One ResNet18 training step (forward, cross-entropy, backward; no optimizer), bf16 autocast,
+    channels_last, eager: without attention, with the reference CBAM and with the fused one in every block."""
+    torch.manual_seed(0)
+    networks = {"plain": build_resnet(18, width=width), "reference": build_resnet(18, use_cbam_block=True, width=width)}
+    networks["fused"] = copy.deepcopy(networks["reference"])
+    for module in networks["fused"].modules():
+        if isinstance(getattr(module, "attention", None), CBAM):
+            module.attention = FusedCBAM(module.attention)
+    images = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, 10, (batch,), device=device)
+    times = {}
+    for name, network in networks.items():
+        network = network.to(device).to(memory_format=torch.channels_last)
+
+        def train_step(network=network):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss = nn.functional.cross_entropy(network(images), labels)
+            loss.backward()
+
+        times[name] = median_ms(train_step, device, repeats)
+    return times
 
 
 def opcheck_all(device: torch.device) -> dict:
@@ -150,23 +228,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="CPU under the Triton interpreter, tiny sizes")
     parser.add_argument("--batch", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--profile", action="store_true", help="also print each block's CUDA kernels (stderr)")
     args = parser.parse_args()
     device = torch.device("cpu" if args.quick else "cuda")
     if not fused_available(device):
         sys.exit(f"check_fused_gpu: the fused kernels cannot run on {device} (needs CUDA, or --quick)")
     if args.quick:
-        shapes, batch, repeats, precisions, modes = [(16, 4)], 2, 1, ["fp32"], [False]
-    else:
-        shapes, batch, repeats = [(64, 32), (512, 4)], args.batch, args.repeats
-        precisions, modes = ["fp32", "bf16"], [False, True]
-    report = {"device": describe_device(device), "software": software_versions(), "date": time.strftime("%Y-%m-%d"),
-              "opcheck": opcheck_all(device) if not args.quick else None, "results": []}
-    for channels, size in shapes:
-        for precision in precisions:
-            for compiled in modes:
-                report["results"].append(check(channels, size, batch, precision, compiled, device, repeats))
+        shapes, batch, repeats, width = [(16, 4)], 2, 1, 16
+    else:  # the first and last ResNet18 stages; torch.compile (slow to build) on the first only
+        shapes, batch, repeats, width = [(64, 32), (512, 4)], args.batch, args.repeats, 64
+    report = {
+        "device": describe_device(device), "software": software_versions(), "date": time.strftime("%Y-%m-%d"),
+        "opcheck": None if args.quick else opcheck_all(device), "blocks": [],
+    }
+    for index, (channels, size) in enumerate(shapes):
+        for precision in ("fp32",) if args.quick else ("fp32", "bf16"):  # bf16 is noise at the tiny sizes
+            for compiled in (False, True) if index == 0 and not args.quick else (False,):
+                report["blocks"].append(check(channels, size, batch, precision, compiled, device, repeats))
+    report["resnet18_step_ms"] = network_step_ms(batch, device, repeats, width)
     print(json.dumps(report, indent=1))
+    if args.profile and not args.quick:
+        profile(*shapes[0], batch, device)
 
 
 if __name__ == "__main__":

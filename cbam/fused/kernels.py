@@ -76,11 +76,12 @@ def channel_pool_backward_kernel(
 
 @triton.jit
 def gated_pool_kernel(
-    x, gate, maps_out, argmax_out, C, P, sxn, sxc, sxp,
+    x, gate, maps_out, argmax_out, C, P, sxn, sxc, sxp, smn, smc, smp,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, FP64: tl.constexpr,
 ):
     """Per (n, p): max and mean over channels of x * gate (gate: contiguous (N, C)), without storing
-    x * gate; maps_out is contiguous (N, 2, P), max first; argmax_out (N, P) the first max channel.
+    x * gate; maps_out (N, 2, P) with strides (smn, smc, smp), max first; argmax_out (N, P) the first
+    max channel.
 
     Grid: (N, cdiv(P, BLOCK_P)); each program walks all channels of its pixel block.
     """
@@ -103,19 +104,20 @@ def gated_pool_kernel(
         better = block_max > best
         best = tl.where(better, block_max, best)
         best_channel = tl.where(better, block_channel + start, best_channel)
-    out = n * 2 * P + p
+    out = n.to(tl.int64) * smn + p.to(tl.int64) * smp
     tl.store(maps_out + out, best.to(maps_out.dtype.element_ty), mask=p_ok)
-    tl.store(maps_out + out + P, (total / C).to(maps_out.dtype.element_ty), mask=p_ok)
+    tl.store(maps_out + out + smc, (total / C).to(maps_out.dtype.element_ty), mask=p_ok)
     tl.store(argmax_out + n * P + p, best_channel, mask=p_ok)
 
 
 @triton.jit
 def gated_pool_backward_kernel(
-    grad_maps, x, gate, argmax, dx, grad_gate, C, P, sxn, sxc, sxp, sdn, sdc, sdp,
+    grad_maps, x, gate, argmax, dx, grad_gate, C, P, smn, smc, smp, sxn, sxc, sxp, sdn, sdc, sdp,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, FP64: tl.constexpr,
 ):
     """With w[n, c, p] = grad_mean[n, p] / C + (c == argmax[n, p]) * grad_max[n, p]:
-    dx = gate * w and grad_gate[n, c] = sum_p x * w (grad_maps contiguous (N, 2, P), max first).
+    dx = gate * w and grad_gate[n, c] = sum_p x * w (grad_maps (N, 2, P) with strides (smn, smc, smp),
+    max first).
 
     Grid: (N, cdiv(C, BLOCK_C)); each program walks all pixels of its channel block.
     """
@@ -130,8 +132,9 @@ def gated_pool_backward_kernel(
         p = start + tl.arange(0, BLOCK_P)
         p_ok = p < P
         ok = p_ok[:, None] & c_ok[None, :]
-        to_max = _accumulator(tl.load(grad_maps + n * 2 * P + p, mask=p_ok, other=0.0), FP64)
-        to_mean = _accumulator(tl.load(grad_maps + n * 2 * P + P + p, mask=p_ok, other=0.0), FP64) / C
+        map_offsets = n.to(tl.int64) * smn + p.to(tl.int64) * smp
+        to_max = _accumulator(tl.load(grad_maps + map_offsets, mask=p_ok, other=0.0), FP64)
+        to_mean = _accumulator(tl.load(grad_maps + map_offsets + smc, mask=p_ok, other=0.0), FP64) / C
         winner = tl.load(argmax + n * P + p, mask=p_ok, other=-1)
         w = to_mean[:, None] + tl.where(c[None, :] == winner[:, None], to_max[:, None], 0.0)
         values = _accumulator(tl.load(x_base + p[:, None].to(tl.int64) * sxp, mask=ok, other=0.0), FP64)

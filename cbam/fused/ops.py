@@ -83,15 +83,18 @@ def channel_pool_backward(grad_average: Tensor, grad_maximum: Tensor, argmax: Te
 
 @triton_op("cbam::gated_pool", mutates_args=())
 def gated_pool(x: Tensor, gate: Tensor) -> tuple[Tensor, Tensor]:
-    """The channel-wise max and mean of ``x * gate`` as (N, 2, H, W) maps (max first) in x's dtype, and
-    the max's channel (N, H, W) int32; ``gate`` (N, C, 1, 1)."""
+    """The channel-wise max and mean of ``x * gate`` as (N, 2, H, W) maps (max first) in x's dtype and
+    memory format, and the max's channel (N, H, W) int32; ``gate`` (N, C, 1, 1)."""
     n, c, height, width = x.shape
     x, strides = _ncp(x)
-    maps = x.new_empty((n, 2, height, width))
+    # channels_last maps when x is: the spatial gate's convolution then runs in the network's layout
+    layout = torch.channels_last if strides[1] == 1 and c > 1 else torch.contiguous_format
+    maps, map_strides = _ncp(torch.empty((n, 2, height, width), dtype=x.dtype, device=x.device,
+                                         memory_format=layout))
     argmax = torch.empty((n, height, width), dtype=torch.int32, device=x.device)
     block_p, block_c = _blocks(strides, c, height * width)
     wrap_triton(kernels.gated_pool_kernel)[(n, triton.cdiv(height * width, block_p))](
-        x, _per_sample(gate, n), maps, argmax, c, height * width, *strides,
+        x, _per_sample(gate, n), maps, argmax, c, height * width, *strides, *map_strides,
         BLOCK_P=block_p, BLOCK_C=block_c, FP64=x.dtype == torch.float64,
     )
     return maps, argmax
@@ -103,11 +106,12 @@ def gated_pool_backward(grad_maps: Tensor, x: Tensor, gate: Tensor, argmax: Tens
     n, c, height, width = x.shape
     dx, dx_strides = _ncp(torch.empty_like(x))
     x, x_strides = _ncp(x)
+    grad_maps, map_strides = _ncp(grad_maps)
     grad_gate = torch.empty((n, c), dtype=_accumulator_dtype(x), device=x.device)
     block_p, block_c = _blocks(x_strides, c, height * width)
     wrap_triton(kernels.gated_pool_backward_kernel)[(n, triton.cdiv(c, block_c))](
-        grad_maps.contiguous(), x, _per_sample(gate, n), argmax, dx, grad_gate, c, height * width,
-        *x_strides, *dx_strides, BLOCK_P=block_p, BLOCK_C=block_c, FP64=x.dtype == torch.float64,
+        grad_maps, x, _per_sample(gate, n), argmax, dx, grad_gate, c, height * width,
+        *map_strides, *x_strides, *dx_strides, BLOCK_P=block_p, BLOCK_C=block_c, FP64=x.dtype == torch.float64,
     )
     return dx, grad_gate.to(gate.dtype).reshape(gate.shape)
 
