@@ -83,7 +83,9 @@ def relative_differences(reference: nn.Module, fused: nn.Module, x_ref, x_fused,
 
     report = {"output": worst(y_ref, y_fused), "input_grad": worst(x_ref.grad, x_fused.grad)}
     fused_parameters = dict(fused.named_parameters())
-    report["parameter_grads"] = max(worst(p.grad, fused_parameters[n].grad) for n, p in reference.named_parameters())
+    report["parameter_grads"] = max(
+        worst(p.grad, fused_parameters[n].grad) for n, p in reference.named_parameters()
+    )
     fused_buffers = dict(fused.named_buffers())
     report["running_stats"] = max(
         worst(b, fused_buffers[n]) for n, b in reference.named_buffers() if b.is_floating_point()
@@ -92,8 +94,8 @@ def relative_differences(reference: nn.Module, fused: nn.Module, x_ref, x_fused,
 
 
 def median_ms(run, device: torch.device, repeats: int) -> float:
-    """Median wall time of ``run()`` over ``repeats`` calls after three warm-up calls."""
-    for _ in range(3):
+    """Median wall time of ``run()`` over ``repeats`` calls after up to three warm-up calls."""
+    for _ in range(min(3, repeats)):
         run()
     times = []
     for _ in range(repeats):
@@ -115,7 +117,8 @@ def forward_backward(block: nn.Module, x: torch.Tensor, weights: torch.Tensor, p
 
 def nonfinite(name: str, block: nn.Module, y: torch.Tensor, x: torch.Tensor) -> list[str]:
     """Which of the output, input gradient and parameter gradients hold a NaN or an infinity."""
-    tensors = {"output": y, "input_grad": x.grad, **{f"{n}.grad": p.grad for n, p in block.named_parameters()}}
+    tensors = {"output": y, "input_grad": x.grad}
+    tensors.update({f"{n}.grad": p.grad for n, p in block.named_parameters()})
     return [f"{name}:{key}" for key, value in tensors.items() if not value.float().isfinite().all()]
 
 
@@ -128,14 +131,17 @@ def check(channels: int, size: int, batch: int, precision: str, compiled: bool, 
     generator = torch.Generator(device=device).manual_seed(1)
     shape = (batch, channels, size, size)
     x = torch.randn(shape, device=device, generator=generator).contiguous(memory_format=torch.channels_last)
-    weights = torch.randn(shape, device=device, generator=generator).contiguous(memory_format=torch.channels_last)
+    weights = torch.randn(shape, device=device, generator=generator)
+    weights = weights.contiguous(memory_format=torch.channels_last)
     prepare = torch.compile if compiled else (lambda block: block)
     row = {"channels": channels, "size": size, "batch": batch, "precision": precision, "compiled": compiled}
     if precision == "fp32":
-        runs = {name: forward_backward(prepare(blocks[name]), x, weights, "fp32") for name in ("reference", "fused")}
+        runs = {name: forward_backward(prepare(blocks[name]), x, weights, "fp32")
+                for name in ("reference", "fused")}
         (y_ref, x_ref), (y_fused, x_fused) = runs["reference"], runs["fused"]
-        row["relative_difference"] = relative_differences(blocks["reference"], blocks["fused"], x_ref, x_fused,
-                                                          y_ref, y_fused)
+        row["relative_difference"] = relative_differences(
+            blocks["reference"], blocks["fused"], x_ref, x_fused, y_ref, y_fused
+        )
         row["nonfinite"] = nonfinite("reference", blocks["reference"], y_ref, x_ref) + nonfinite(
             "fused", blocks["fused"], y_fused, x_fused)
         row["passed"] = not row["nonfinite"] and all(
@@ -147,7 +153,9 @@ def check(channels: int, size: int, batch: int, precision: str, compiled: bool, 
             high = copy.deepcopy(blocks[name])
             y_low, x_low = forward_backward(prepare(blocks[name]), x, weights, "bf16")
             y_high, x_high = forward_backward(prepare(high), x.float(), weights, "fp32")
-            row["error_vs_fp32"][name] = relative_differences(high, blocks[name], x_high, x_low, y_high, y_low)
+            row["error_vs_fp32"][name] = relative_differences(
+                high, blocks[name], x_high, x_low, y_high, y_low
+            )
             row["nonfinite"] += nonfinite(name, blocks[name], y_low, x_low)
         errors = row["error_vs_fp32"]
         row["passed"] = not row["nonfinite"] and all(
@@ -155,7 +163,8 @@ def check(channels: int, size: int, batch: int, precision: str, compiled: bool, 
     timed = {name: prepare(block) for name, block in blocks.items()}
     x = x.detach().requires_grad_()
     row["step_ms"] = {
-        name: median_ms(lambda: step(block, x, weights, precision), device, repeats) for name, block in timed.items()
+        name: median_ms(lambda: step(block, x, weights, precision), device, repeats)
+        for name, block in timed.items()
     }
     return row
 
@@ -177,14 +186,18 @@ def profile(channels: int, size: int, batch: int, device: torch.device) -> None:
             step(block, x, weights, "bf16")
             torch.cuda.synchronize()
         table = trace.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
-        print(f"=== {name} block, C={channels}, {size}x{size}, batch {batch}, bf16 eager\n{table}", file=sys.stderr)
+        title = f"=== {name} block, C={channels}, {size}x{size}, batch {batch}, bf16 eager"
+        print(f"{title}\n{table}", file=sys.stderr)
 
 
 def network_step_ms(batch: int, device: torch.device, repeats: int, width: int) -> dict[str, float]:
     """One ResNet18 training step (forward, cross-entropy, backward; no optimizer), bf16 autocast,
     channels_last, eager: without attention, with the reference CBAM and with the fused one in every block."""
     torch.manual_seed(0)
-    networks = {"plain": build_resnet(18, width=width), "reference": build_resnet(18, use_cbam_block=True, width=width)}
+    networks = {
+        "plain": build_resnet(18, width=width),
+        "reference": build_resnet(18, use_cbam_block=True, width=width),
+    }
     networks["fused"] = copy.deepcopy(networks["reference"])
     for module in networks["fused"].modules():
         if isinstance(getattr(module, "attention", None), CBAM):
@@ -225,11 +238,15 @@ def opcheck_all(device: torch.device) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="CPU under the Triton interpreter, tiny sizes")
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--profile", action="store_true", help="also print each block's CUDA kernels (stderr)")
+    parser.add_argument(
+        "--profile", action="store_true", help="also print each block's CUDA kernels (on stderr)"
+    )
     args = parser.parse_args()
     device = torch.device("cpu" if args.quick else "cuda")
     if not fused_available(device):

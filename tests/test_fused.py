@@ -7,6 +7,7 @@ torch.compile over the ops cannot run under the interpreter; benchmarks/check_fu
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass
 
 import pytest
@@ -15,6 +16,7 @@ from torch import nn
 
 from cbam.errors import InvalidArgument
 from cbam.fused import cbam_fused, fused_available
+from helpers import run_python
 
 TOLERANCES = {
     torch.float64: dict(rtol=1e-9, atol=1e-11),
@@ -40,7 +42,7 @@ class Gates(nn.Module):
 
 
 def reference_cbam(gates: Gates, x: torch.Tensor, channel_pooling: str) -> torch.Tensor:
-    """The formula with plain tensor ops: g from the pooled descriptors, then s from the max/mean maps of x*g."""
+    """The formula in plain tensor ops: g from the pooled descriptors, s from the max/mean maps of x*g."""
     average = x.mean(dim=(2, 3)) if channel_pooling in ("avg", "avg_max") else None
     maximum = x.amax(dim=(2, 3)) if channel_pooling in ("max", "avg_max") else None
     gated = x * gates.channel_gate(average, maximum)
@@ -62,7 +64,9 @@ CASES = {
     "nchw-5x7-k3": Case((2, 6, 5, 7)),
     "channels_last-5x7-k7": Case((2, 6, 5, 7), kernel_size=7, channels_last=True),
     "nchw-5x7-k7-eval": Case((2, 6, 5, 7), kernel_size=7, training=False),
-    "channels_last-4x4-k3-eval-fp32": Case((3, 8, 4, 4), channels_last=True, training=False, dtype=torch.float32),
+    "channels_last-4x4-k3-eval-fp32": Case(
+        (3, 8, 4, 4), channels_last=True, training=False, dtype=torch.float32
+    ),
     "nchw-1x1-k1-fp32": Case((4, 8, 1, 1), kernel_size=1, dtype=torch.float32),
     "channels_last-C2048-fp32": Case((2, 2048, 2, 3), channels_last=True, dtype=torch.float32),
     "nchw-C2048": Case((2, 2048, 3, 2), kernel_size=1),
@@ -120,6 +124,21 @@ def test_fused_matches_the_plain_formula(case: Case):
     assert y_fused.stride() == x.stride() and x_fused.grad.stride() == x.stride()  # the layout is kept
     if case.training:  # the BatchNorm saw a batch: its running statistics moved
         assert twin.bn.num_batches_tracked.item() == 1 and twin.bn.running_mean.item() != 0.3
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_pooled_maps_follow_the_input_layout(layout):
+    """The spatial gate's convolution gets its maps in the network's memory format."""
+    gates = make_gates(Case((2, 6, 3, 5)))
+    seen = []
+
+    def spatial_gate(maps: torch.Tensor) -> torch.Tensor:
+        seen.append(maps)
+        return gates.spatial_gate(maps)
+
+    x = torch.randn(2, 6, 3, 5, dtype=torch.float64).contiguous(memory_format=layout)
+    cbam_fused(x, gates.channel_gate, spatial_gate)
+    assert seen[0].shape == (2, 2, 3, 5) and seen[0].is_contiguous(memory_format=layout)
 
 
 def test_cropped_input_and_broadcast_output_gradient():
@@ -196,4 +215,15 @@ def test_fused_available(monkeypatch):
 def test_unknown_channel_pooling_is_an_invalid_argument():
     gates = make_gates(Case((1, 4, 2, 2)))
     with pytest.raises(InvalidArgument, match="channel_pooling=mean"):
-        cbam_fused(torch.randn(1, 4, 2, 2, dtype=torch.float64), gates.channel_gate, gates.spatial_gate, "mean")
+        x = torch.randn(1, 4, 2, 2, dtype=torch.float64)
+        cbam_fused(x, gates.channel_gate, gates.spatial_gate, "mean")
+
+
+def test_gpu_check_script_quick_run_agrees_and_reports():
+    """benchmarks/check_fused_gpu.py --quick: the CPU smoke run of the GPU check (a check, not a timing)."""
+    result = run_python(["benchmarks/check_fused_gpu.py", "--quick"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    (row,) = report["blocks"]
+    assert row["passed"] and not row["nonfinite"] and row["relative_difference"]["input_grad"] < 1e-4
+    assert set(report["resnet18_step_ms"]) == {"plain", "reference", "fused"}

@@ -60,12 +60,6 @@ def cbam_fused(
         raise InvalidArgument("channel_pooling", channel_pooling, f"one of {', '.join(_DESCRIPTORS)}")
     use_average, use_maximum = _DESCRIPTORS[channel_pooling]
     average, maximum, _ = torch.ops.cbam.channel_pool(x)
-    gate = _at_least_fp32(channel_gate(average if use_average else None, maximum if use_maximum else None))
+    gate = channel_gate(average if use_average else None, maximum if use_maximum else None)
     maps, _ = torch.ops.cbam.gated_pool(x, gate)
-    return torch.ops.cbam.gated_output(x, gate, _at_least_fp32(spatial_gate(maps)))
-
-
-def _at_least_fp32(gate: Tensor) -> Tensor:
-    """The gate in fp32 (or fp64): two ops send back a gradient for each gate, and autograd adds them
-    before the one rounding to the gate's own dtype (a bf16 gate would round each term first)."""
-    return gate.to(torch.promote_types(gate.dtype, torch.float32))
+    return torch.ops.cbam.gated_output(x, gate, spatial_gate(maps))

@@ -27,28 +27,31 @@ def channel_pool_kernel(
 ):
     """Per (n, c): mean and max over the P pixels, and the first pixel holding the max.
 
-    Grid: (N, cdiv(C, BLOCK_C)); each program walks all pixels of its channel block.
+    Grid: (N, cdiv(C, BLOCK_C)); each program walks all pixels of its channel block. The running sums
+    and maxima are tiles, reduced across pixels once at the end rather than in every step.
     """
     n = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     base = x + n.to(tl.int64) * sxn + c[None, :].to(tl.int64) * sxc
-    total = _accumulator(tl.zeros([BLOCK_C], tl.float32), FP64)
-    best = _accumulator(tl.full([BLOCK_C], float("-inf"), tl.float32), FP64)
-    best_pixel = tl.zeros([BLOCK_C], tl.int32)
+    total = _accumulator(tl.zeros([BLOCK_P, BLOCK_C], tl.float32), FP64)
+    best = _accumulator(tl.full([BLOCK_P, BLOCK_C], float("-inf"), tl.float32), FP64)
+    best_pixel = tl.zeros([BLOCK_P, BLOCK_C], tl.int32)
     for start in range(0, P, BLOCK_P):
         p = start + tl.arange(0, BLOCK_P)
         ok = (p < P)[:, None] & c_ok[None, :]
         values = _accumulator(tl.load(base + p[:, None].to(tl.int64) * sxp, mask=ok, other=0.0), FP64)
-        total += tl.sum(values, axis=0)
-        block_max, block_pixel = tl.max(tl.where(ok, values, float("-inf")), axis=0, return_indices=True)
-        better = block_max > best  # strict: ties keep the earlier pixel, as max pooling does
-        best = tl.where(better, block_max, best)
-        best_pixel = tl.where(better, block_pixel + start, best_pixel)
+        total += values
+        better = tl.where(ok, values, float("-inf")) > best  # strict: each row keeps its earliest pixel
+        best = tl.where(better, values, best)
+        best_pixel = tl.where(better, p[:, None], best_pixel)
+    maximum = tl.max(best, axis=0)
+    # ties between rows: the smallest pixel index among the rows holding the maximum, as max pooling
+    first = tl.min(tl.where(best == maximum[None, :], best_pixel, P), axis=0)
     out = n * C + c
-    tl.store(avg_out + out, (total / P).to(avg_out.dtype.element_ty), mask=c_ok)
-    tl.store(max_out + out, best.to(max_out.dtype.element_ty), mask=c_ok)
-    tl.store(argmax_out + out, best_pixel, mask=c_ok)
+    tl.store(avg_out + out, (tl.sum(total, axis=0) / P).to(avg_out.dtype.element_ty), mask=c_ok)
+    tl.store(max_out + out, maximum.to(max_out.dtype.element_ty), mask=c_ok)
+    tl.store(argmax_out + out, tl.where(first < P, first, 0), mask=c_ok)
 
 
 @triton.jit
@@ -127,7 +130,7 @@ def gated_pool_backward_kernel(
     weights = _accumulator(tl.load(gate + n * C + c, mask=c_ok, other=0.0), FP64)
     x_base = x + n.to(tl.int64) * sxn + c[None, :].to(tl.int64) * sxc
     dx_base = dx + n.to(tl.int64) * sdn + c[None, :].to(tl.int64) * sdc
-    gate_total = _accumulator(tl.zeros([BLOCK_C], tl.float32), FP64)
+    gate_total = _accumulator(tl.zeros([BLOCK_P, BLOCK_C], tl.float32), FP64)  # reduced once, at the end
     for start in range(0, P, BLOCK_P):
         p = start + tl.arange(0, BLOCK_P)
         p_ok = p < P
@@ -138,10 +141,10 @@ def gated_pool_backward_kernel(
         winner = tl.load(argmax + n * P + p, mask=p_ok, other=-1)
         w = to_mean[:, None] + tl.where(c[None, :] == winner[:, None], to_max[:, None], 0.0)
         values = _accumulator(tl.load(x_base + p[:, None].to(tl.int64) * sxp, mask=ok, other=0.0), FP64)
-        gate_total += tl.sum(values * w, axis=0)
+        gate_total += values * w
         grad = weights[None, :] * w
         tl.store(dx_base + p[:, None].to(tl.int64) * sdp, grad.to(dx.dtype.element_ty), mask=ok)
-    tl.store(grad_gate + n * C + c, gate_total, mask=c_ok)
+    tl.store(grad_gate + n * C + c, tl.sum(gate_total, axis=0), mask=c_ok)
 
 
 @triton.jit

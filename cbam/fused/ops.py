@@ -111,7 +111,8 @@ def gated_pool_backward(grad_maps: Tensor, x: Tensor, gate: Tensor, argmax: Tens
     block_p, block_c = _blocks(x_strides, c, height * width)
     wrap_triton(kernels.gated_pool_backward_kernel)[(n, triton.cdiv(c, block_c))](
         grad_maps, x, _per_sample(gate, n), argmax, dx, grad_gate, c, height * width,
-        *map_strides, *x_strides, *dx_strides, BLOCK_P=block_p, BLOCK_C=block_c, FP64=x.dtype == torch.float64,
+        *map_strides, *x_strides, *dx_strides,
+        BLOCK_P=block_p, BLOCK_C=block_c, FP64=x.dtype == torch.float64,
     )
     return dx, grad_gate.to(gate.dtype).reshape(gate.shape)
 
@@ -147,7 +148,8 @@ def gated_output_backward(
     grad_spatial = spatial.new_empty((n, pixels))
     wrap_triton(kernels.gated_output_backward_kernel)[(n, pixel_blocks)](
         grad_y, x, _per_sample(gate, n), _per_sample(spatial, n), dx, grad_spatial, gate_partials, c, pixels,
-        *grad_strides, *x_strides, *dx_strides, BLOCK_P=block_p, BLOCK_C=block_c, FP64=x.dtype == torch.float64,
+        *grad_strides, *x_strides, *dx_strides,
+        BLOCK_P=block_p, BLOCK_C=block_c, FP64=x.dtype == torch.float64,
     )
     grad_gate = gate_partials.sum(dim=1).to(gate.dtype).reshape(gate.shape)
     return dx, grad_gate, grad_spatial.reshape(spatial.shape)
