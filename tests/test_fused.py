@@ -192,6 +192,28 @@ def test_max_gradient_goes_to_the_first_maximum_only():
     torch.testing.assert_close(x.grad, expected)
 
 
+def test_library_ops_give_what_the_eager_path_gives():
+    """torch.compile traces the torch.library ops; eager mode calls their autograd.Function twins."""
+    torch.manual_seed(3)
+    case = Case((2, 6, 5, 7), channels_last=True)
+    gates = make_gates(case)
+    x = make_input(case)
+    twin = copy.deepcopy(gates)
+    x_eager, x_library = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_eager = cbam_fused(x_eager, gates.channel_gate, gates.spatial_gate)
+    average, maximum, _ = torch.ops.cbam.channel_pool(x_library)
+    gate = twin.channel_gate(average, maximum)
+    maps, _ = torch.ops.cbam.gated_pool(x_library, gate)
+    y_library = torch.ops.cbam.gated_output(x_library, gate, twin.spatial_gate(maps))
+    weights = torch.randn(x.shape, dtype=x.dtype)
+    (y_eager * weights).sum().backward()
+    (y_library * weights).sum().backward()
+    assert torch.equal(y_eager, y_library) and torch.equal(x_eager.grad, x_library.grad)
+    twin_parameters = dict(twin.named_parameters())
+    for name, parameter in gates.named_parameters():
+        assert torch.equal(parameter.grad, twin_parameters[name].grad), name
+
+
 @pytest.mark.parametrize("name", ["channel_pool", "gated_pool", "gated_output"])
 def test_opcheck(name):
     """Schema and autograd registration. The fake-tensor and AOT-dispatch checks would run the

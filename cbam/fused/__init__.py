@@ -1,9 +1,8 @@
 """A fused CBAM layer: Triton kernels for the passes over the full activation tensor, the small gate
 math (channel MLP, spatial convolution and BatchNorm) left to the layer's own PyTorch modules.
 
-The reference layer reads or writes the full (N, C, H, W) tensor about 30 times per forward and backward;
-here the forward makes three passes (pool x; pool x * g without storing it; write x * g * s) and the
-backward three more (one per forward op), summed by autograd.
+The forward makes three passes over the full (N, C, H, W) tensor (pool x; pool x * g without storing
+it; write x * g * s), the backward three more, one per forward op, whose input gradients autograd adds.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ _DESCRIPTORS = {"avg_max": (True, True), "avg": (True, False), "max": (False, Tr
 TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
 if TRITON_IMPORTABLE:
     # Registers the torch.library ops; Triton reads TRITON_INTERPRET when the kernels are defined.
-    from cbam.fused import ops as _ops  # noqa: F401
+    from cbam.fused import ops as _ops
 
 
 def fused_available(device: torch.device | str) -> bool:
@@ -59,7 +58,7 @@ def cbam_fused(
     if channel_pooling not in _DESCRIPTORS:
         raise InvalidArgument("channel_pooling", channel_pooling, f"one of {', '.join(_DESCRIPTORS)}")
     use_average, use_maximum = _DESCRIPTORS[channel_pooling]
-    average, maximum, _ = torch.ops.cbam.channel_pool(x)
+    average, maximum, _ = _ops.call("channel_pool", x)
     gate = channel_gate(average if use_average else None, maximum if use_maximum else None)
-    maps, _ = torch.ops.cbam.gated_pool(x, gate)
-    return torch.ops.cbam.gated_output(x, gate, spatial_gate(maps))
+    maps, _ = _ops.call("gated_pool", x, gate)
+    return _ops.call("gated_output", x, gate, spatial_gate(maps))
