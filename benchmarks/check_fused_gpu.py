@@ -245,6 +245,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument(
+        "--eager-only", action="store_true", help="skip the torch.compile checks (slow to build)"
+    )
+    parser.add_argument(
         "--profile", action="store_true", help="also print each block's CUDA kernels (on stderr)"
     )
     args = parser.parse_args()
@@ -261,7 +264,7 @@ def main() -> None:
     }
     for index, (channels, size) in enumerate(shapes):
         for precision in ("fp32",) if args.quick else ("fp32", "bf16"):  # bf16 is noise at the tiny sizes
-            for compiled in (False, True) if index == 0 and not args.quick else (False,):
+            for compiled in (False, True) if index == 0 and not (args.quick or args.eager_only) else (False,):
                 report["blocks"].append(check(channels, size, batch, precision, compiled, device, repeats))
     report["resnet18_step_ms"] = network_step_ms(batch, device, repeats, width)
     print(json.dumps(report, indent=1))
