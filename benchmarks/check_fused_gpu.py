@@ -94,8 +94,8 @@ def relative_differences(reference: nn.Module, fused: nn.Module, x_ref, x_fused,
 
 
 def median_ms(run, device: torch.device, repeats: int) -> float:
-    """Median wall time of ``run()`` over ``repeats`` calls after up to three warm-up calls."""
-    for _ in range(min(3, repeats)):
+    """Median wall time of ``run()`` over ``repeats`` calls after up to three warm-up calls (none for one)."""
+    for _ in range(min(3, repeats - 1)):
         run()
     times = []
     for _ in range(repeats):
