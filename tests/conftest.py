@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# The fused CBAM's Triton kernels run on the CPU through Triton's interpreter here. Triton reads this
+# switch when the kernels are defined (on import of cbam.fused), so it is set before any test imports cbam.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pickle
 from pathlib import Path
 
