@@ -13,7 +13,10 @@ channel-wise max and mean maps. The switches answer the paper's design questions
   ``channel_pooling="avg", use_spatial_gate=False``: ``x * sigmoid(MLP(avgpool(x)))``.
 
 ``impl`` picks how the default CBAM runs: ``reference`` (plain PyTorch), ``fused`` (Triton kernels of
-``cbam.fused``, same parameters and state_dict keys) or ``auto`` (fused on CUDA, reference elsewhere).
+``cbam.fused``, same parameters and state_dict keys) or ``auto``: fused on CUDA under ``torch.compile``,
+the reference code elsewhere. On an H100 (docs/benchmarks.md) the fused layer was the faster one only
+compiled; eager, Triton's per-launch host cost made a fused ResNet18 step slower than the reference one,
+and compiled in bf16 the reference layer's gradients were NaN while the fused ones were right.
 """
 
 from __future__ import annotations
@@ -205,9 +208,9 @@ class CBAM(nn.Module):
         gate_order: ``channel_first``, ``spatial_first`` or ``parallel``.
         use_channel_gate: include the channel gate.
         use_spatial_gate: include the spatial gate (at least one of the two).
-        impl: ``reference``, ``fused`` or ``auto``; the fused kernels cover the sequential channel-first
-            layer with ``max_mean`` spatial pooling (any ``channel_pooling``); other variants run the
-            reference code, which is logged once.
+        impl: ``reference``, ``fused`` or ``auto`` (fused on CUDA under torch.compile); the fused kernels
+            cover the sequential channel-first layer with ``max_mean`` spatial pooling (any
+            ``channel_pooling``); other variants run the reference code, which is logged once.
     """
 
     def __init__(
@@ -268,7 +271,7 @@ class CBAM(nn.Module):
         return x
 
     def _runs_fused(self, x: torch.Tensor) -> bool:
-        if self.impl == "reference" or (self.impl == "auto" and not x.is_cuda):
+        if self.impl == "reference" or (self.impl == "auto" and not (x.is_cuda and torch.compiler.is_compiling())):
             return False
         if not self.fusable:
             _log_once(f"CBAM impl={self.impl}: this variant has no fused kernels; it runs the reference code")

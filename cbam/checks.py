@@ -117,6 +117,17 @@ def _check_gpu(cfg: DictConfig) -> None:
         )
 
 
+def _check_fused(cfg: DictConfig) -> None:
+    from cbam.fused import fused_available
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if OmegaConf.select(cfg, "model.cbam_impl") == "fused" and not fused_available(device):
+        raise ConfigError(
+            "model.cbam_impl=fused: the fused CBAM needs Triton and a CUDA GPU; use model.cbam_impl=reference "
+            "or auto here"
+        )
+
+
 def check_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` for the first unusable value of ``cfg``."""
     for key in ("model.depth", "model.width", "model.kernel_size", "model.reduction_ratio", "data.batch_size",
@@ -128,6 +139,7 @@ def check_config(cfg: DictConfig) -> None:
         _constructed("model", lambda: instantiate(cfg.model, _recursive_=False, _convert_="all"))
     _constructed("data", lambda: instantiate(cfg.data))
     _check_gpu(cfg)
+    _check_fused(cfg)
     if not cfg.train and not cfg.test:
         raise ConfigError("train=false and test=false: nothing to do")
     if not cfg.train and cfg.ckpt_path in (None, "last"):

@@ -421,3 +421,50 @@ def test_attention_maps_record_the_gates_each_variant_has(name):
     if "spatial" in gates["stage1"]:
         assert gates["stage1"]["spatial"].shape == (3, 1, 8, 8) and gates["stage4"]["spatial"].shape == (3, 1, 1, 1)
     assert net.training  # the mode is restored
+
+
+# ------------------------------------------------- impl=fused: the same layer through Triton kernels
+# (tests/conftest.py switches Triton's interpreter on, so the kernels run on CPU tensors here)
+
+
+@pytest.mark.parametrize("channel_pooling", ["avg_max", "max"])
+@pytest.mark.parametrize("training", [True, False])
+def test_fused_impl_equals_the_reference_layer(channel_pooling, training):
+    torch.manual_seed(10)
+    reference = randomize(CBAM(8, 2, 3, channel_pooling=channel_pooling, impl="reference")).train(training)
+    fused = CBAM(8, 2, 3, channel_pooling=channel_pooling, impl="fused").train(training)
+    assert list(fused.state_dict()) == list(reference.state_dict())
+    fused.load_state_dict(reference.state_dict())  # checkpoints move between the two
+    x = torch.randn(3, 8, 5, 6).contiguous(memory_format=torch.channels_last)
+    inputs = [x.clone().requires_grad_(True) for _ in range(2)]
+    weight = torch.randn(3, 8, 5, 6)
+    outputs = [module(v) for module, v in zip((reference, fused), inputs)]
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-6)
+    for output in outputs:
+        (output * weight).sum().backward()
+    torch.testing.assert_close(inputs[1].grad, inputs[0].grad, rtol=1e-4, atol=1e-6)
+    for (name, p_ref), (_, p_fused) in zip(reference.named_parameters(), fused.named_parameters()):
+        torch.testing.assert_close(p_fused.grad, p_ref.grad, rtol=1e-4, atol=1e-6, msg=name)
+    for name, buffer in reference.named_buffers():
+        torch.testing.assert_close(fused.state_dict()[name], buffer, msg=name)
+
+
+def test_auto_runs_the_reference_code_on_the_cpu_and_variants_without_kernels_fall_back_once(caplog, monkeypatch):
+    import cbam.fused
+
+    calls = []
+    monkeypatch.setattr(cbam.fused, "cbam_fused", lambda *args, **kwargs: calls.append(args) or args[0])
+    CBAM(8, 2, 3, impl="auto")(torch.randn(2, 8, 4, 4))
+    assert calls == []  # auto: reference on the CPU
+    CBAM(8, 2, 3, impl="fused")(torch.randn(2, 8, 4, 4))
+    assert len(calls) == 1
+    import cbam.attention as attention
+
+    monkeypatch.setattr(attention, "_logged", set())
+    with caplog.at_level("WARNING", logger="cbam.attention"):
+        for _ in range(3):
+            CBAM(8, 2, 3, gate_order="parallel", impl="fused")(torch.randn(2, 8, 4, 4))
+    assert len(calls) == 1
+    assert [r.getMessage() for r in caplog.records] == [
+        "CBAM impl=fused: this variant has no fused kernels; it runs the reference code"
+    ]

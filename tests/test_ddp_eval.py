@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers import run_train
+from helpers import conf_file, run_train
 from PIL import Image
 
 from cbam.data import CIFAR10DataModule
@@ -51,7 +51,8 @@ def evaluation(tmp_path_factory) -> dict:
         root=str(root), download=False, batch_size=16, num_workers=0, val_size=0, loader="device"
     )
     torch.manual_seed(0)
-    model = CBAMResNetModule(depth=18, width=4, use_cbam_block=True, reduction_ratio=2)
+    training = {"optimizer": conf_file("optim/sgd.yaml"), "scheduler": conf_file("scheduler/cosine.yaml")}
+    model = CBAMResNetModule(depth=18, width=4, use_cbam_block=True, reduction_ratio=2, **training)
     trainer = pl.Trainer(
         accelerator="cpu", max_steps=25, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False,

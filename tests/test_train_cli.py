@@ -251,6 +251,14 @@ BAD_INPUT = {
     "zero_ratio": ({"model.reduction_ratio": 0, "model.use_cbam_block": "true"}, "model.reduction_ratio=0"),
     # width 4: the first stage's blocks have 4 channels, so a reduction ratio of 5 leaves no hidden unit
     "large_ratio": ({"model.reduction_ratio": 5, "model.use_cbam_block": "true"}, "model.reduction_ratio=5"),
+    # checked even without CBAM (build_resnet checks every CBAM option), so a sweep cannot carry it unnoticed
+    "even_kernel_without_cbam": ({"model.kernel_size": 6}, "model.kernel_size=6"),
+    "both_gates_off": (
+        {"model.use_channel_gate": "false", "model.use_spatial_gate": "false", "model.use_cbam_block": "true"},
+        "model.use_spatial_gate=False: use_channel_gate and use_spatial_gate cannot both be false",
+    ),
+    "gate_order": ({"model.gate_order": "sideways"}, "model.gate_order=sideways: accepted values are"),
+    "channel_pooling": ({"model.channel_pooling": "mean"}, "model.channel_pooling=mean"),
     "batch_size": ({"data.batch_size": 0}, "data.batch_size=0"),
     "batch_size_text": ({"data.batch_size": "abc"}, "data.batch_size=abc"),
     "cbam_flag_text": ({"model.use_cbam_block": "maybe"}, "model.use_cbam_block=maybe"),
