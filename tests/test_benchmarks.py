@@ -41,10 +41,23 @@ def test_throughput_quick_writes_one_row_per_pipeline(tmp_path):
     rows = report["results"]
     assert [row["pipeline"] for row in rows] == ["lightning", "plain", "conventional"]
     for row in rows:
-        assert (row["depth"], row["cbam"], row["batch_size"]) == (18, "block", 32)
+        assert (row["depth"], row["cbam"], row["impl"], row["batch_size"]) == (18, "block", "reference", 32)
+        assert row["peak_memory_gib"] is None  # measured on a GPU only
         assert row["images_per_s"] > 0 and row["step_ms"] > 0
         assert math.isclose(row["images_per_s"] * row["step_ms"] / 1000, 32, rel_tol=0.01)
         assert row["train_gflops_per_image"] > 0 and row["mfu"] is None  # no peak known for a CPU
+
+
+def test_throughput_impl_axis_applies_to_cbam_rows_only(tmp_path):
+    out = tmp_path / "throughput.json"
+    result = run_python(
+        ["benchmarks/throughput.py", "--quick", "--depths", "18", "--cbam", "none,block", "--impl", "reference,auto",
+         "--pipelines", "plain", "--out", out]
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [(row["cbam"], row["impl"]) for row in rows] == [("none", None), ("block", "reference"), ("block", "auto")]
+    assert all(row["images_per_s"] > 0 for row in rows)
 
 
 def _run_time_to_accuracy(data_root, tmp_path, *overrides):
