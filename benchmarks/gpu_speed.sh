@@ -29,6 +29,7 @@ export PYTHONUNBUFFERED=1
 started=$SECONDS
 total=470 study_reserve=240   # seconds: the whole call, and what is kept for the study stage (if run)
 case " $stages " in *" study "*) ;; *) study_reserve=0 ;; esac
+[ $quick = 1 ] && study_reserve=0  # the CPU check runs every stage's command to its end (compiled: to its limit)
 
 if [ $quick = 1 ]; then
   sizes=(--quick) tta_sizes=(--quick) diagnosis_sizes=(--quick) impls=reference,auto
