@@ -51,9 +51,9 @@ def _inductor_defaults() -> dict:
 INDUCTOR_DEFAULTS = _inductor_defaults()
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compile_compare import compare_steps, compiled_copy, training_step  # noqa: E402
+from compile_compare import compare_steps, compiled_copy, training_step
 
-from cbam import CBAM, build_resnet  # noqa: E402
+from cbam import CBAM, build_resnet
 
 #: name -> (max formulation, or None for the library's own CBAM; Inductor settings over torch's defaults)
 VARIANTS = {

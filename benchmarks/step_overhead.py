@@ -52,10 +52,12 @@ class StepClock(pl.Callback):
         per_step = {
             action: round(1000 * sum(times) / steps, 3) for action, times in durations.items() if len(times) >= steps
         }
+        callbacks = {a: t for a, t in per_step.items() if a.startswith("[Callback]") and type(self).__name__ not in a}
         Path(self.out).write_text(json.dumps({
             "steps": len(self.deltas),
             "median_ms": round(1000 * statistics.median(self.deltas), 3),
             "mean_ms": round(1000 * statistics.fmean(self.deltas), 3),
+            "callbacks_ms_per_step": round(sum(callbacks.values()), 3),
             "profile_ms_per_step": dict(sorted(per_step.items(), key=lambda item: -item[1])),
         }))
 
@@ -86,7 +88,7 @@ def measure(data: Path, scratch: Path, name: str, overrides: list[str], args) ->
         "+trainer.profiler._target_=pytorch_lightning.profilers.SimpleProfiler", *overrides,
     ]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(BENCHMARKS), str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise SystemExit(f"{name}: train.py failed:\n{result.stderr[-2000:]}")
     return json.loads(out.read_text())
@@ -107,7 +109,8 @@ def main(argv=None) -> dict:
         for name, overrides in variants.items():
             result = measure(data, Path(scratch), name, overrides, args)
             report["results"][name] = result
-            print(json.dumps({"variant": name, **result}, indent=1), flush=True)
+            top = dict(list(result["profile_ms_per_step"].items())[:12])
+            print(json.dumps({"variant": name, **result, "profile_ms_per_step": top}, indent=1), flush=True)
             if args.out:
                 Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     return report

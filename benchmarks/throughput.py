@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
+from common import (
     cifar_arrays,
     describe_device,
     peak_tflops,
@@ -38,8 +38,8 @@ from common import (  # noqa: E402
     training_flops_per_image,
 )
 
-from cbam import build_resnet  # noqa: E402
-from cbam.data import CIFAR10_MEAN, CIFAR10_STD, DeviceLoader  # noqa: E402
+from cbam import build_resnet
+from cbam.data import CIFAR10_MEAN, CIFAR10_STD, DeviceLoader
 
 
 def _synchronize(device: torch.device) -> None:

@@ -27,10 +27,10 @@ from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import describe_device, software_versions  # noqa: E402
+from common import describe_device, software_versions
 
-from cbam.reliability import DivergenceGuard, TrainingDiverged  # noqa: E402
-from cbam.training import build_model  # noqa: E402
+from cbam.reliability import DivergenceGuard, TrainingDiverged
+from cbam.training import build_model
 
 QUICK_OVERRIDES = [
     "trainer=cpu", "model.compile=false", "model.width=16", "data.batch_size=64", "data.loader=device",

@@ -7,9 +7,8 @@ import math
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from helpers import run_python
+from PIL import Image
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from cbam import CBAM, build_resnet
 from cbam.resnet import BasicBlock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from compile_compare import compare_steps, compiled_copy, training_step  # noqa: E402
+from compile_compare import compare_steps, compiled_copy, training_step
 
 #: dtype -> (largest global relative gradient error, largest per-parameter one, largest loss relative
 #: error) against eager mode in the same dtype. fp32: reordered sums only. bf16: compiled kernels round
