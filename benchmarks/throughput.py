@@ -180,8 +180,10 @@ def run_lightning(args, arrays, depth: int, network: dict, device: torch.device)
 
     optimizer = {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.05, "momentum": 0.9,
                  "nesterov": True, "weight_decay": 5e-4, "fused": gpu or None}
+    scheduler = {"_target_": "cbam.schedules.constant", "_partial_": True}  # the plain loop's constant rate
     module = CBAMResNetModule(
-        depth, width=args.width, optimizer=optimizer, channels_last=gpu, compile=args.compile, **network
+        depth, width=args.width, optimizer=optimizer, scheduler=scheduler, channels_last=gpu, compile=args.compile,
+        **network,
     )
     clock = _Clock()
     trainer = pl.Trainer(
