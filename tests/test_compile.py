@@ -102,3 +102,19 @@ def test_comparison_catches_broken_gradients():
     assert report["non_finite"] == [names[0]] and report["zeroed"] == [names[1]]
     assert report["relative_error"][names[2]] == pytest.approx(2.0)
     assert report["global_relative_error"] > TOLERANCES[torch.bfloat16][0]
+
+
+def test_diagnosis_verdict_names_the_cause():
+    """compile_diagnosis.py's verdict maps which variants failed to the lead that explains them."""
+    from compile_diagnosis import verdict
+
+    def results(*failing: str) -> dict:
+        names = ("default", "max_indices", "emulate_precision_casts", "no_mix_order_reduction", "both", "library")
+        return {name: {"agrees": name not in failing, "learns": name not in failing} for name in names}
+
+    amax = verdict(results("default", "no_mix_order_reduction"))  # the H100 run of 2026-11-26
+    assert "FAILS" in amax and "lead a" in amax and "fixed by: max_indices, emulate_precision_casts, both" in amax
+    assert "lead b" in verdict(results("default", "max_indices", "emulate_precision_casts"))
+    assert "neither lead" in verdict(results(*results()))
+    assert "no failure reproduced" in verdict(results())
+    assert "library's CBAM is broken" in verdict(results("library"))
