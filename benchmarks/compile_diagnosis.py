@@ -166,7 +166,9 @@ def verdict(results: dict) -> str:
     fixes = [name for name in ("max_indices", "emulate_precision_casts", "no_mix_order_reduction", "both") if ok.get(name)]
     library = {True: "the library's CBAM compiles correctly", False: "the library's CBAM is broken compiled",
                None: "the library variant did not run"}[ok.get("library")]
-    if ok.get("default", True):
+    if "default" not in ok:
+        return f"failing: {', '.join(failed)}; {library}"
+    if ok["default"]:
         return f"default Inductor works with amax; failing: {', '.join(failed)}; {library}"
     lead_a = ok.get("max_indices") or ok.get("emulate_precision_casts")
     lead_b = ok.get("no_mix_order_reduction")

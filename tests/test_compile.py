@@ -118,3 +118,5 @@ def test_diagnosis_verdict_names_the_cause():
     assert "neither lead" in verdict(results(*results()))
     assert "no failure reproduced" in verdict(results())
     assert "library's CBAM is broken" in verdict(results("library"))
+    library_only = verdict({"library": {"agrees": False, "learns": False}})  # gpu_speed.sh's diagnosis stage
+    assert "library's CBAM is broken" in library_only and "amax" not in library_only
