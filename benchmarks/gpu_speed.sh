@@ -67,7 +67,7 @@ for stage in $stages; do
         echo "# stage fused_check: benchmarks/check_fused_gpu.py not present, skipped" | tee -a "$out/log.txt"
       fi ;;
     diagnosis)
-      run_stage 75 python3 benchmarks/compile_diagnosis.py "${diagnosis_sizes[@]}" --variants library \
+      run_stage 90 python3 benchmarks/compile_diagnosis.py "${diagnosis_sizes[@]}" --variants library \
         --out "$out/compile_diagnosis.json" ;;
     throughput)
       run_stage 70 "${throughput[@]}" --depths 18 --impl "$impls" --out "$out/throughput_eager.json" ;;
