@@ -43,12 +43,16 @@ python3 -c "import torch, pytorch_lightning as pl; print('torch', torch.__versio
 limit() {
   local left=$((total - study_reserve - (SECONDS - started)))
   [ "$stage" = study ] && left=$((total - (SECONDS - started)))
-  echo $(( $1 < left ? $1 : (left > 0 ? left : 1) ))
+  echo $(( $1 < left ? $1 : (left > 0 ? left : 0) ))
 }
 
 run_stage() {  # run_stage <seconds> <command ...>: under a hard limit, output into log.txt and <stage>.log
   local seconds
   seconds=$(limit "$1"); shift
+  if [ "$seconds" -lt 10 ]; then
+    echo "# stage $stage: skipped, no time left at $((SECONDS - started))s" | tee -a "$out/log.txt"
+    return
+  fi
   echo "# stage $stage: limit ${seconds}s, at $((SECONDS - started))s" | tee -a "$out/log.txt"
   timeout -k 10 "$seconds" "$@" > "$out/$stage.log" 2>&1
   local status=$?
