@@ -1,32 +1,97 @@
 #!/usr/bin/env bash
-# The GPU speed measurements of docs/benchmarks.md:
-#   bash benchmarks/gpu_speed.sh <CIFAR-10 folder (image tree or batches)> <output folder> [stage ...]
-# Stages, run in the order given (default: throughput tta compile), each under its own time limit and
-# writing its JSON or log into the output folder as soon as it has a result:
-#   throughput   images/s, step time, MFU: lightning / plain / conventional x ResNet18, 50 x CBAM none, block
-#   tta          experiment=fast: training seconds until 94% and 95% test accuracy
-#   tta_compile  the same with model.compile=true (its one earlier GPU run did not learn)
-#   compile      throughput with torch.compile, ResNet18, lightning and plain
-#   profile      top GPU operators of ResNet18 with and without CBAM (what CBAM costs)
+# The GPU measurements of docs/benchmarks.md, in one call of under 8 minutes on an H100:
+#   bash benchmarks/gpu_speed.sh [--quick] <CIFAR-10 folder (image tree or batches)> <output folder> [stage ...]
+# Stages, in priority order (default: all), each under a hard time limit, each writing its JSON (and
+# log) into the output folder as soon as it has a result, so a run cut short keeps what came first.
+# With the study stage, the others share the first ~4 minutes: compiled and tta then get little or no
+# time; run them in a second call (`... <out2> compiled tta`: without study there is no reserve).
+#   fused_check   benchmarks/check_fused_gpu.py, when present: the fused CBAM against the reference
+#   diagnosis     compile_diagnosis.py, variant library: does the library's CBAM compile right (the
+#                 full diagnosis, all variants, is a separate ~3 min call: see docs/benchmarks.md)
+#   throughput    ResNet18 lightning/plain/conventional x CBAM none/block x impl reference/fused, eager
+#   resnet50      ResNet50 CBAM-block plain loop, both impls: throughput and peak memory at batch 512
+#   compiled      ResNet18 plain + lightning x CBAM none/block x impl reference/fused, torch.compile
+#   tta           experiment=fast until 94%/95% test accuracy: compiled if the diagnosis found the
+#                 library's compiled CBAM right, else eager
+#   study         reserved (the last ~4 minutes): filled in by the study's owner
+# --quick: the same stages with tiny sizes on the CPU (a check of this script, not a measurement).
+# Needs python3 with torch, lightning, torchmetrics; hydra-core/omegaconf importable (PYTHONPATH) for tta.
 set -u
+quick=0
+if [ "${1:-}" = "--quick" ]; then quick=1; shift; fi
 data=$1 out=$2
 shift 2
-stages=${*:-throughput tta compile}
+stages=${*:-fused_check diagnosis throughput resnet50 compiled tta study}
 mkdir -p "$out"
 cache=$(mktemp -d)
+trap 'rm -rf "$cache"' EXIT
 export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+started=$SECONDS
+total=470 study_reserve=240   # seconds: the whole call, and what is kept for the study stage (if run)
+case " $stages " in *" study "*) ;; *) study_reserve=0 ;; esac
+[ $quick = 1 ] && study_reserve=0  # the CPU check runs every stage's command to its end (compiled: to its limit)
+
+if [ $quick = 1 ]; then
+  sizes=(--quick) tta_sizes=(--quick) diagnosis_sizes=(--quick) impls=reference,auto
+else
+  sizes=(--warmup 10 --steps 30) tta_sizes=() diagnosis_sizes=() impls=reference,fused
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+fi
 python3 -c "import torch, pytorch_lightning as pl; print('torch', torch.__version__, 'lightning', pl.__version__)" | tee -a "$out/gpu.txt"
-tta=(python3 benchmarks/time_to_accuracy.py data.root="$data" data.download=false data.cache_dir="$cache")
-throughput=(python3 benchmarks/throughput.py --data "$data" --cache-dir "$cache" --warmup 20 --steps 60)
+
+# limit <stage seconds>: that, cut to what is left before the study's reserve (the study: before the end)
+limit() {
+  local left=$((total - study_reserve - (SECONDS - started)))
+  [ "$stage" = study ] && left=$((total - (SECONDS - started)))
+  echo $(( $1 < left ? $1 : (left > 0 ? left : 0) ))
+}
+
+run_stage() {  # run_stage <seconds> <command ...>: under a hard limit, output into log.txt and <stage>.log
+  local seconds
+  seconds=$(limit "$1"); shift
+  if [ "$seconds" -lt 10 ]; then
+    echo "# stage $stage: skipped, no time left at $((SECONDS - started))s" | tee -a "$out/log.txt"
+    return
+  fi
+  echo "# stage $stage: limit ${seconds}s, at $((SECONDS - started))s" | tee -a "$out/log.txt"
+  timeout -k 10 "$seconds" "$@" > "$out/$stage.log" 2>&1
+  local status=$?
+  grep -E '^\{|^verdict|Error|error' "$out/$stage.log" | tail -40 | tee -a "$out/log.txt"
+  echo "# stage $stage: exit $status after $((SECONDS - started))s" | tee -a "$out/log.txt"
+}
+
+throughput=(python3 benchmarks/throughput.py "${sizes[@]}" --cache-dir "$cache")
+[ $quick = 1 ] || throughput+=(--data "$data")
 for stage in $stages; do
   case $stage in
-    throughput) timeout 170 "${throughput[@]}" --out "$out/throughput_eager.json" ;;
-    tta) timeout 170 "${tta[@]}" --out "$out/time_to_accuracy_fast.json" ;;
-    tta_compile) timeout 200 "${tta[@]}" model.compile=true --out "$out/time_to_accuracy_fast_compile.json" ;;
-    compile) timeout 170 "${throughput[@]}" --compile --depths 18 --pipelines lightning,plain --out "$out/throughput_compile.json" ;;
-    profile) timeout 90 "${throughput[@]}" --depths 18 --pipelines plain --profile 5 > "$out/profile.txt" ;;
-    *) echo "unknown stage $stage" >&2 ;;
-  esac 2>&1 | grep -E '^\{|^#|Error|error' | tee -a "$out/log.txt"
+    fused_check)
+      if [ -f benchmarks/check_fused_gpu.py ]; then
+        run_stage 45 python3 benchmarks/check_fused_gpu.py --out "$out/fused_check.json"
+      else
+        echo "# stage fused_check: benchmarks/check_fused_gpu.py not present, skipped" | tee -a "$out/log.txt"
+      fi ;;
+    diagnosis)
+      run_stage 90 python3 benchmarks/compile_diagnosis.py "${diagnosis_sizes[@]}" --variants library \
+        --out "$out/compile_diagnosis.json" ;;
+    throughput)
+      run_stage 70 "${throughput[@]}" --depths 18 --impl "$impls" --out "$out/throughput_eager.json" ;;
+    resnet50)
+      run_stage 30 "${throughput[@]}" --depths 50 --cbam block --impl "$impls" --pipelines plain \
+        --out "$out/throughput_resnet50.json" ;;
+    compiled)
+      run_stage 150 "${throughput[@]}" --compile --depths 18 --impl "$impls" --pipelines plain,lightning \
+        --out "$out/throughput_compile.json" ;;
+    tta)
+      compile=$(python3 -c "import json,sys; r=json.load(open(sys.argv[1]))['variants'].get('library', {}); \
+print(str(bool(r.get('agrees') and r.get('learns'))).lower())" "$out/compile_diagnosis.json" 2>/dev/null || echo false)
+      echo "# tta: model.compile=$compile (from the diagnosis)" | tee -a "$out/log.txt"
+      [ $quick = 1 ] && compile=false  # a CPU compile of ResNet18 takes minutes: the quick check stays eager
+      run_stage 200 python3 benchmarks/time_to_accuracy.py "${tta_sizes[@]}" data.root="$data" data.download=false \
+        data.cache_dir="$cache" model.compile="$compile" --out "$out/time_to_accuracy_fast.json" ;;
+    study)
+      # Reserved for the study's owner: replace this line with its command under run_stage "$(limit 240)".
+      echo "# stage study: not filled in yet" | tee -a "$out/log.txt" ;;
+    *) echo "unknown stage $stage (known: fused_check diagnosis throughput resnet50 compiled tta study)" >&2; exit 2 ;;
+  esac
 done
-rm -rf "$cache"
+echo "# done after $((SECONDS - started))s" | tee -a "$out/log.txt"

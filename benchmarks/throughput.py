@@ -7,10 +7,12 @@
 * ``conventional``: the usual DataLoader with PIL/torchvision transforms in worker processes, fp32: what
   the seed repositories do.
 
-Reports images/s, step time and MFU (training FLOPs counted by torch.utils.flop_counter over the device's
-dense bf16 peak). Examples::
+Rows: pipeline x depth x CBAM (none, block) x CBAM implementation (``--impl``: reference, fused; CBAM
+rows only). Reports images/s, step time, MFU (training FLOPs counted by torch.utils.flop_counter over the
+device's dense bf16 peak) and, on a GPU, the peak memory allocated during the run. Examples::
 
     python benchmarks/throughput.py --data /path/to/cifar10-jpeg --out results.json     # on a GPU
+    python benchmarks/throughput.py --depths 50 --cbam block --impl reference,fused --pipelines plain
     python benchmarks/throughput.py --quick                                             # CPU smoke run
 """
 
@@ -28,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
+from common import (
     cifar_arrays,
     describe_device,
     peak_tflops,
@@ -36,8 +38,8 @@ from common import (  # noqa: E402
     training_flops_per_image,
 )
 
-from cbam import build_resnet  # noqa: E402
-from cbam.data import CIFAR10_MEAN, CIFAR10_STD, DeviceLoader  # noqa: E402
+from cbam import build_resnet
+from cbam.data import CIFAR10_MEAN, CIFAR10_STD, DeviceLoader
 
 
 def _synchronize(device: torch.device) -> None:
@@ -58,11 +60,16 @@ def _time_steps(step, loader, args, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def run_plain(args, arrays, depth: int, cbam: bool, device: torch.device) -> float:
+def network_options(cbam: bool, impl: str | None) -> dict:
+    """The ``build_resnet`` / ``CBAMResNetModule`` arguments of a row: CBAM in every block or none."""
+    return {"use_cbam_block": True, "cbam_impl": impl} if cbam else {"use_cbam_block": False}
+
+
+def run_plain(args, arrays, depth: int, network: dict, device: torch.device) -> float:
     """Seconds for ``args.steps`` timed steps of a bare loop with this project's data path."""
     gpu = device.type == "cuda"
     torch.backends.cudnn.benchmark = gpu  # as trainer=gpu does
-    net = build_resnet(depth, use_cbam_block=cbam, width=args.width).to(device)
+    net = build_resnet(depth, width=args.width, **network).to(device)
     if gpu:
         net = net.to(memory_format=torch.channels_last)
     step_net = torch.compile(net) if args.compile else net
@@ -79,7 +86,7 @@ def run_plain(args, arrays, depth: int, cbam: bool, device: torch.device) -> flo
 
     seconds = _time_steps(step, loader, args, device)
     if args.profile:
-        _profile(step, loader, args, device, f"plain depth={depth} cbam={'block' if cbam else 'none'}")
+        _profile(step, loader, args, device, f"plain depth={depth} {network}")
     return seconds
 
 
@@ -122,8 +129,8 @@ class _PILDataset(Dataset):
         return self.transform(Image.fromarray(self.images[index])), self.labels[index]
 
 
-def run_conventional(args, arrays, depth: int, cbam: bool, device: torch.device) -> float:
-    net = build_resnet(depth, use_cbam_block=cbam, width=args.width).to(device)
+def run_conventional(args, arrays, depth: int, network: dict, device: torch.device) -> float:
+    net = build_resnet(depth, width=args.width, **network).to(device)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     criterion = torch.nn.CrossEntropyLoss()
     loader = DataLoader(
@@ -146,7 +153,7 @@ def run_conventional(args, arrays, depth: int, cbam: bool, device: torch.device)
     return _time_steps(step, loader, args, device)
 
 
-def run_lightning(args, arrays, depth: int, cbam: bool, device: torch.device) -> float:
+def run_lightning(args, arrays, depth: int, network: dict, device: torch.device) -> float:
     import pytorch_lightning as pl
 
     from cbam.module import CBAMResNetModule
@@ -173,10 +180,10 @@ def run_lightning(args, arrays, depth: int, cbam: bool, device: torch.device) ->
 
     optimizer = {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.05, "momentum": 0.9,
                  "nesterov": True, "weight_decay": 5e-4, "fused": gpu or None}
-    constant = {"_target_": "cbam.schedules.constant", "_partial_": True}  # a schedule costs nothing to time
+    scheduler = {"_target_": "cbam.schedules.constant", "_partial_": True}  # the plain loop's constant rate
     module = CBAMResNetModule(
-        depth, use_cbam_block=cbam, width=args.width, optimizer=optimizer, scheduler=constant, channels_last=gpu,
-        compile=args.compile,
+        depth, width=args.width, optimizer=optimizer, scheduler=scheduler, channels_last=gpu, compile=args.compile,
+        **network,
     )
     clock = _Clock()
     trainer = pl.Trainer(
@@ -205,6 +212,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--pipelines", default="lightning,plain,conventional")
     parser.add_argument("--depths", default="18,50")
     parser.add_argument("--cbam", default="none,block", help="comma list of none,block")
+    parser.add_argument("--impl", default="reference", help="CBAM implementations (block rows): comma list of reference,fused,auto")
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=30, help="untimed steps (cuDNN autotuning, compile)")
@@ -234,29 +242,41 @@ def main(argv=None) -> dict:
         "args": {k: v for k, v in vars(args).items() if k != "out"},
         "results": results,
     }
-    for depth in map(int, args.depths.split(",")):
-        for cbam in args.cbam.split(","):
-            flops = training_flops_per_image(depth, cbam == "block", args.width)
-            for pipeline in args.pipelines.split(","):
-                seconds = PIPELINES[pipeline](args, arrays, depth, cbam == "block", device)
-                images_per_s = args.steps * args.batch_size / seconds
-                row = {
-                    "pipeline": pipeline,
-                    "depth": depth,
-                    "cbam": cbam,
-                    "batch_size": args.batch_size,
-                    "width": args.width,
-                    "precision": "bf16-mixed" if device.type == "cuda" and pipeline != "conventional" else "fp32",
-                    "compile": args.compile and pipeline != "conventional",
-                    "images_per_s": round(images_per_s, 1),
-                    "step_ms": round(1000 * seconds / args.steps, 3),
-                    "train_gflops_per_image": round(flops / 1e9, 4),
-                    "mfu": round(flops * images_per_s / (peak * 1e12), 4) if peak else None,
-                }
-                results.append(row)
-                print(json.dumps(row), flush=True)
-                if args.out:  # after every row: a run cut short still leaves what it measured
-                    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    rows = [
+        (depth, cbam, impl)
+        for depth in map(int, args.depths.split(","))
+        for cbam in args.cbam.split(",")
+        for impl in (args.impl.split(",") if cbam == "block" else [None])
+    ]
+    for depth, cbam, impl in rows:
+        flops = training_flops_per_image(depth, cbam == "block", args.width)
+        for pipeline in args.pipelines.split(","):
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            seconds = PIPELINES[pipeline](args, arrays, depth, network_options(cbam == "block", impl), device)
+            images_per_s = args.steps * args.batch_size / seconds
+            row = {
+                "pipeline": pipeline,
+                "depth": depth,
+                "cbam": cbam,
+                "impl": impl,
+                "batch_size": args.batch_size,
+                "width": args.width,
+                "precision": "bf16-mixed" if device.type == "cuda" and pipeline != "conventional" else "fp32",
+                "compile": args.compile and pipeline != "conventional",
+                "images_per_s": round(images_per_s, 1),
+                "step_ms": round(1000 * seconds / args.steps, 3),
+                "train_gflops_per_image": round(flops / 1e9, 4),
+                "mfu": round(flops * images_per_s / (peak * 1e12), 4) if peak else None,
+                "peak_memory_gib": (
+                    round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None
+                ),
+            }
+            results.append(row)
+            print(json.dumps(row), flush=True)
+            if args.out:  # after every row: a run cut short still leaves what it measured
+                Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 

@@ -3,7 +3,8 @@
 Trains ``experiment=fast`` (or any config given as Hydra overrides) through this project's own training
 path, evaluates the whole test split after every epoch, and reports the training time (from the first
 step, torch.compile and cuDNN autotuning included; the evaluations themselves excluded) at which each
-target was first reached. Examples::
+target was first reached. A NaN or infinite training loss stops the run (the project's
+``DivergenceGuard``): the report then says at which step, and the script exits with status 3. Examples::
 
     python benchmarks/time_to_accuracy.py data.root=/path/to/cifar10-jpeg data.download=false --out tta.json
     python benchmarks/time_to_accuracy.py --quick data.root=... data.download=false   # CPU smoke run
@@ -26,9 +27,10 @@ from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import describe_device, software_versions  # noqa: E402
+from common import describe_device, software_versions
 
-from cbam.training import build_model  # noqa: E402
+from cbam.reliability import DivergenceGuard, TrainingDiverged
+from cbam.training import build_model
 
 QUICK_OVERRIDES = [
     "trainer=cpu", "model.compile=false", "model.width=16", "data.batch_size=64", "data.loader=device",
@@ -113,7 +115,7 @@ def main(argv=None) -> dict:
         clock = TestEveryEpoch([float(t) for t in args.targets.split(",")])
         trainer = instantiate(
             cfg.trainer,
-            callbacks=[clock],
+            callbacks=[clock, DivergenceGuard()],
             logger=False,
             enable_checkpointing=False,
             enable_progress_bar=False,
@@ -121,7 +123,11 @@ def main(argv=None) -> dict:
             limit_val_batches=0,
         )
         started = time.perf_counter()
-        trainer.fit(model, datamodule=datamodule)
+        diverged = None
+        try:
+            trainer.fit(model, datamodule=datamodule)
+        except TrainingDiverged as error:
+            diverged = str(error)
         wall = time.perf_counter() - started
     device = trainer.strategy.root_device
     report = {
@@ -129,13 +135,17 @@ def main(argv=None) -> dict:
         "software": software_versions(),
         "overrides": overrides,
         "seconds_to_accuracy": clock.reached,
+        "diverged": diverged,
         "train_seconds": round(clock.train_seconds, 2),
         "wall_seconds_with_evaluation": round(wall, 2),
         "epochs": clock.epochs,
     }
-    print(json.dumps({"seconds_to_accuracy": clock.reached, "train_seconds": report["train_seconds"]}))
+    print(json.dumps({"seconds_to_accuracy": clock.reached, "train_seconds": report["train_seconds"], "diverged": diverged}))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    if diverged:
+        print(f"error: {diverged}", file=sys.stderr)
+        sys.exit(3)  # as train.py does
     return report
 
 

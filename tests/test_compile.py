@@ -1,0 +1,122 @@
+"""torch.compile trains the same network as eager mode: one training step's loss and every parameter
+gradient agree, in fp32 and under bf16 autocast, with the Inductor and aot_eager backends.
+
+An H100 run of the compiled fast recipe once stayed at chance accuracy while eager learned; the leads
+(pytorch#195214, #186799, #190796) are compiled gradients that are NaN, zero or wrong under bf16. These
+tests catch that class of failure on the CPU; ``benchmarks/compile_diagnosis.py`` runs the same
+comparison on a GPU. Inductor compiles a CIFAR ResNet18 in minutes on a CPU, so it gets one CBAM
+residual block (the part under suspicion); aot_eager, cheap to compile, gets the whole CBAM-ResNet18.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from cbam import CBAM, build_resnet
+from cbam.resnet import BasicBlock
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from compile_compare import compare_steps, compiled_copy, training_step
+
+#: dtype -> (largest global relative gradient error, largest per-parameter one, largest loss relative
+#: error) against eager mode in the same dtype. fp32: reordered sums only. bf16: compiled kernels round
+#: intermediate values differently (observed on CPU: 0.003 global, 0.014 worst parameter); a NaN, a lost
+#: or a wrong gradient is off by 1 or more.
+TOLERANCES = {torch.float32: (1e-4, 1e-3, 1e-5), torch.bfloat16: (0.03, 0.15, 0.01)}
+
+
+def cbam_block_net() -> nn.Module:
+    """Stem, one CBAM basic block, classifier: every CBAM operator, seconds to compile with Inductor."""
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        BasicBlock(8, 8, 1, lambda channels: CBAM(channels, reduction_ratio=2, kernel_size=3)),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 10),
+    )
+
+
+def cbam_resnet18() -> nn.Module:
+    return build_resnet(18, use_cbam_block=True, use_cbam_class=True, width=4, reduction_ratio=2, kernel_size=3)
+
+
+NETWORKS = {"inductor": cbam_block_net, "aot_eager": cbam_resnet18}
+
+
+@pytest.fixture(scope="module")
+def networks():
+    """backend -> (eager network, its compiled copy, images, labels); built once, shared by both dtypes."""
+    built = {}
+
+    def get(backend: str):
+        if backend not in built:
+            torch.manual_seed(0)
+            eager = NETWORKS[backend]()
+            generator = torch.Generator().manual_seed(1)
+            images = torch.randn(8, 3, 16, 16, generator=generator)
+            labels = torch.randint(0, 10, (8,), generator=generator)
+            built[backend] = (eager, compiled_copy(eager, backend), images, labels)
+        return built[backend]
+
+    yield get
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend", ["inductor", "aot_eager"])
+def test_compiled_step_matches_eager(networks, backend, dtype):
+    eager, compiled, images, labels = networks(backend)
+    autocast = dtype if dtype != torch.float32 else None
+    expected = training_step(eager, images, labels, autocast)
+    got = training_step(compiled, images, labels, autocast)
+    report = compare_steps(expected, got)
+    global_tolerance, parameter_tolerance, loss_tolerance = TOLERANCES[dtype]
+    assert report["non_finite"] == [], f"non-finite compiled gradients: {report['non_finite']}"
+    assert report["zeroed"] == [], f"gradients zero only when compiled: {report['zeroed']}"
+    assert report["loss_relative_error"] <= loss_tolerance, report
+    assert report["global_relative_error"] <= global_tolerance, report
+    assert report["max_relative_error"] <= parameter_tolerance, (report["worst_parameter"], report)
+    # Every parameter took part: a comparison of two all-zero gradients would prove nothing.
+    assert all(gradient.any() for gradient in expected.gradients.values())
+
+
+def test_comparison_catches_broken_gradients():
+    """The checks above can fail: a NaN, a lost and a wrong gradient are each reported."""
+    torch.manual_seed(0)
+    net = cbam_block_net()
+    images, labels = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    expected = training_step(net, images, labels, None)
+    broken = training_step(net, images, labels, None)
+    names = list(broken.gradients)
+    broken.gradients[names[0]] = torch.full_like(broken.gradients[names[0]], float("nan"))
+    broken.gradients[names[1]] = torch.zeros_like(broken.gradients[names[1]])
+    broken.gradients[names[2]] = -broken.gradients[names[2]]
+    report = compare_steps(expected, broken)
+    assert report["non_finite"] == [names[0]] and report["zeroed"] == [names[1]]
+    assert report["relative_error"][names[2]] == pytest.approx(2.0)
+    assert report["global_relative_error"] > TOLERANCES[torch.bfloat16][0]
+
+
+def test_diagnosis_verdict_names_the_cause():
+    """compile_diagnosis.py's verdict maps which variants failed to the lead that explains them."""
+    from compile_diagnosis import verdict
+
+    def results(*failing: str) -> dict:
+        names = ("default", "max_indices", "emulate_precision_casts", "no_mix_order_reduction", "both", "library")
+        return {name: {"agrees": name not in failing, "learns": name not in failing} for name in names}
+
+    amax = verdict(results("default", "no_mix_order_reduction"))  # the H100 run of 2026-11-26
+    assert "FAILS" in amax and "lead a" in amax and "fixed by: max_indices, emulate_precision_casts, both" in amax
+    assert "lead b" in verdict(results("default", "max_indices", "emulate_precision_casts"))
+    assert "neither lead" in verdict(results(*results()))
+    assert "no failure reproduced" in verdict(results())
+    assert "library's CBAM is broken" in verdict(results("library"))
+    library_only = verdict({"library": {"agrees": False, "learns": False}})  # gpu_speed.sh's diagnosis stage
+    assert "library's CBAM is broken" in library_only and "amax" not in library_only
