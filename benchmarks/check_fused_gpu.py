@@ -250,6 +250,7 @@ def main() -> None:
     parser.add_argument(
         "--profile", action="store_true", help="also print each block's CUDA kernels (on stderr)"
     )
+    parser.add_argument("--out", help="also write the JSON report here")
     args = parser.parse_args()
     device = torch.device("cpu" if args.quick else "cuda")
     if not fused_available(device):
@@ -268,6 +269,8 @@ def main() -> None:
                 report["blocks"].append(check(channels, size, batch, precision, compiled, device, repeats))
     report["resnet18_step_ms"] = network_step_ms(batch, device, repeats, width)
     print(json.dumps(report, indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     if args.profile and not args.quick:
         profile(*shapes[0], batch, device)
 
