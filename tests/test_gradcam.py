@@ -112,12 +112,12 @@ def test_bad_input_is_one_line_and_exit_status_2(runs, tmp_path, capsys):
     text = tmp_path / "notes.ckpt"
     text.write_text("not a checkpoint")
     foreign = tmp_path / "foreign.ckpt"
-    torch.save({"weights": torch.zeros(2)}, foreign)
+    torch.save({"state_dict": {"weights": torch.zeros(2)}}, foreign)  # a Lightning checkpoint of another model
     outside = tmp_path / "outside.ckpt"  # a valid checkpoint outside any run dir: no data config
     outside.write_bytes(checkpoints[0].read_bytes())
     cases = [
         ([str(tmp_path / "missing.ckpt")], "no such file"),
-        ([str(text)], "not a readable checkpoint"),
+        ([str(text)], "is not a PyTorch checkpoint"),
         ([str(foreign)], "not a CBAM-ResNet checkpoint"),
         ([str(outside)], "pass --data-root"),
         ([str(checkpoints[0]), "--data-root", str(tmp_path / "nothing")], "holds no CIFAR-10"),
