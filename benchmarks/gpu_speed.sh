@@ -13,7 +13,8 @@
 #   compiled      ResNet18 plain + lightning x CBAM none/block x impl reference/fused, torch.compile
 #   tta           experiment=fast until 94%/95% test accuracy: compiled if the diagnosis found the
 #                 library's compiled CBAM right, else eager
-#   study         reserved (the last ~4 minutes): filled in by the study's owner
+#   study         the last ~4 minutes: benchmarks/gpu_ablation.sh, ResNet18 x cbam none/block/classifier x
+#                 seeds 0,1,2 with the 24-epoch fast recipe, nine jobs side by side; report in <out>/study/
 # --quick: the same stages with tiny sizes on the CPU (a check of this script, not a measurement).
 # Needs python3 with torch, lightning, torchmetrics; hydra-core/omegaconf importable (PYTHONPATH) for tta.
 set -u
@@ -33,8 +34,13 @@ case " $stages " in *" study "*) ;; *) study_reserve=0 ;; esac
 
 if [ $quick = 1 ]; then
   sizes=(--quick) tta_sizes=(--quick) diagnosis_sizes=(--quick) impls=reference,auto
+  study_overrides=(trainer=cpu model.compile=false model.width=4 model.reduction_ratio=4 data.batch_size=8
+    data.val_size=16 data.loader=device trainer.max_epochs=1 +trainer.limit_train_batches=2
+    +trainer.limit_val_batches=1 +trainer.limit_test_batches=1 hydra.launcher.n_jobs=2)
+  export DATA_DESCRIPTION="the images given to gpu_speed.sh --quick (a check of the script, not a result)"
 else
   sizes=(--warmup 10 --steps 30) tta_sizes=() diagnosis_sizes=() impls=reference,fused
+  study_overrides=(hydra.launcher.n_jobs=9)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 fi
 python3 -c "import torch, pytorch_lightning as pl; print('torch', torch.__version__, 'lightning', pl.__version__)" | tee -a "$out/gpu.txt"
@@ -89,8 +95,8 @@ print(str(bool(r.get('agrees') and r.get('learns'))).lower())" "$out/compile_dia
       run_stage 200 python3 benchmarks/time_to_accuracy.py "${tta_sizes[@]}" data.root="$data" data.download=false \
         data.cache_dir="$cache" model.compile="$compile" --out "$out/time_to_accuracy_fast.json" ;;
     study)
-      # Reserved for the study's owner: replace this line with its command under run_stage "$(limit 240)".
-      echo "# stage study: not filled in yet" | tee -a "$out/log.txt" ;;
+      # The 24-epoch fast-recipe placement study, nine jobs side by side; its report comes back in study/.
+      run_stage 240 bash benchmarks/gpu_ablation.sh "$data" "$cache/study_sweep" "$out/study" "${study_overrides[@]}" ;;
     *) echo "unknown stage $stage (known: fused_check diagnosis throughput resnet50 compiled tta study)" >&2; exit 2 ;;
   esac
 done
