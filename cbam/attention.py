@@ -14,9 +14,9 @@ channel-wise max and mean maps. The switches answer the paper's design questions
 
 ``impl`` picks how the default CBAM runs: ``reference`` (plain PyTorch), ``fused`` (Triton kernels of
 ``cbam.fused``, same parameters and state_dict keys) or ``auto``: fused on CUDA under ``torch.compile``,
-the reference code elsewhere. On an H100 (docs/benchmarks.md) the fused layer was the faster one only
-compiled; eager, Triton's per-launch host cost made a fused ResNet18 step slower than the reference one,
-and compiled in bf16 the reference layer's gradients were NaN while the fused ones were right.
+the reference code elsewhere. On an H100 (docs/benchmarks.md) the fused layer was as fast as the
+reference one compiled, and slower eager: host time around its kernel launches made a fused ResNet18 step
+slower than the reference one although its kernels took a third of the reference's GPU time.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ class ChannelAttention(nn.Module):
     def gate_from_descriptors(self, avg: torch.Tensor | None, mx: torch.Tensor | None) -> torch.Tensor:
         """The attention weights, (N, C, 1, 1) in (0, 1), from the pooled descriptors."""
         present = [d for d in (avg, mx) if d is not None]
-        # Both descriptors go through the shared MLP as one batch of 2N rows.
+        # The descriptors in use go through the shared MLP as one batch (2N rows for avg_max).
         logits = self.mlp(torch.cat(present, dim=0)).chunk(len(present), dim=0)
         return torch.sigmoid(sum(logits[1:], logits[0]))[:, :, None, None]
 
@@ -240,6 +240,9 @@ class CBAM(nn.Module):
         self.fusable = self.channel is not None and self.spatial is not None and (
             gate_order == "channel_first" and spatial_pooling == "max_mean"
         )
+        # Said here, not in forward (no graph break when compiled); auto only where it could pick the kernels.
+        if not self.fusable and (impl == "fused" or (impl == "auto" and torch.cuda.is_available())):
+            _log_once(f"CBAM impl={impl}: this variant has no fused kernels; it runs the reference code")
 
     def _sequence(self) -> list[nn.Module]:
         """The gates that are switched on, in the order a sequential arrangement applies them."""
@@ -274,7 +277,6 @@ class CBAM(nn.Module):
         if self.impl == "reference" or (self.impl == "auto" and not (x.is_cuda and torch.compiler.is_compiling())):
             return False
         if not self.fusable:
-            _log_once(f"CBAM impl={self.impl}: this variant has no fused kernels; it runs the reference code")
             return False
         from cbam.fused import fused_available
 
@@ -284,8 +286,7 @@ class CBAM(nn.Module):
             raise RuntimeError(
                 f"CBAM impl=fused needs Triton and a CUDA device (or TRITON_INTERPRET=1 on the CPU); got {x.device}"
             )
-        _log_once("CBAM impl=auto: Triton is not available; the reference code runs")
-        return False
+        return False  # impl=auto without Triton: the reference code
 
 
 _logged: set[str] = set()

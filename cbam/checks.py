@@ -56,7 +56,7 @@ def read_checkpoint(
     Raises :class:`ConfigError` ``"<key>=<path> ..."`` saying which problem it has: no such file;
     truncated or corrupt; not a checkpoint; or holding objects that need arbitrary code to unpickle
     (refused for safety: ``weights_only=False`` would run that code). With ``mmap`` the tensors are mapped
-    from the file, not read: a cheap check of a large checkpoint.
+    from the file rather than loaded into memory.
     """
     path = Path(path)
     if not path.is_file():
@@ -83,7 +83,7 @@ def read_checkpoint(
 
 
 def check_checkpoint(path: str | Path, key: str = "ckpt_path") -> None:
-    """Raise :class:`ConfigError` if :func:`read_checkpoint` would (the tensors are memory-mapped, not read)."""
+    """Raise :class:`ConfigError` if :func:`read_checkpoint` would (the tensors are memory-mapped, not loaded)."""
     read_checkpoint(path, key, mmap=True)
 
 
@@ -105,6 +105,8 @@ def _constructed(group: str, build) -> Any:
         cause = error.__cause__
         if isinstance(cause, InvalidArgument):
             raise ConfigError(f"{group}.{cause.argument}={cause.value}: {cause.accepted}") from None
+        if isinstance(cause, TypeError):  # a key the constructor has no argument for (+model.foo=1)
+            raise ConfigError(f"{group}: {cause}") from None
         raise
 
 
@@ -118,10 +120,13 @@ def _check_gpu(cfg: DictConfig) -> None:
 
 
 def _check_fused(cfg: DictConfig) -> None:
+    if OmegaConf.select(cfg, "model.cbam_impl") != "fused":
+        return
     from cbam.fused import fused_available
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if OmegaConf.select(cfg, "model.cbam_impl") == "fused" and not fused_available(device):
+    on_cpu = str(OmegaConf.select(cfg, "trainer.accelerator", default="auto")) == "cpu"
+    device = "cuda" if torch.cuda.is_available() and not on_cpu else "cpu"
+    if not fused_available(device):
         raise ConfigError(
             "model.cbam_impl=fused: the fused CBAM needs Triton and a CUDA GPU; use model.cbam_impl=reference "
             "or auto here"
@@ -133,7 +138,8 @@ def check_config(cfg: DictConfig) -> None:
     for key in ("model.depth", "model.width", "model.kernel_size", "model.reduction_ratio", "data.batch_size",
                 "data.num_workers", "data.val_size"):
         _require(cfg, key, int, "an integer")
-    for key in ("model.use_cbam_block", "model.use_cbam_class", "data.download", "train", "test"):
+    for key in ("model.use_cbam_block", "model.use_cbam_class", "model.use_channel_gate", "model.use_spatial_gate",
+                "model.channels_last", "model.compile", "data.download", "train", "test"):
         _require(cfg, key, bool, "true or false")
     with torch.device("meta"):  # the constructors' checks, without allocating or initialising weights
         _constructed("model", lambda: instantiate(cfg.model, _recursive_=False, _convert_="all"))

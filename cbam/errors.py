@@ -13,7 +13,8 @@ from typing import Any
 class InvalidArgument(ValueError):
     """``argument=value`` is not accepted; ``accepted`` says what is.
 
-    ``argument`` is the constructor's parameter name, which is also the last part of its config key.
+    ``argument`` is the constructor's parameter name, which is also the last part of its config key
+    (``build_resnet`` renames the layer's ``impl`` to its own ``cbam_impl``).
     """
 
     def __init__(self, argument: str, value: Any, accepted: str) -> None:

@@ -32,12 +32,12 @@ from cbam.data import DataError, load_cifar10, normalize
 from cbam.module import CBAMResNetModule
 
 MISSING_CAPTUM = 'Grad-CAM needs captum, which is not installed: pip install -e ".[interpret]"'
-#: the attention variants' arguments at their defaults (CBAM's keyword arguments but the implementation):
+#: the attention layer's arguments at their defaults (all but the channel count and the implementation):
 #: only other values are named in a label
 VARIANT_DEFAULTS = {
     name: parameter.default
     for name, parameter in inspect.signature(CBAM).parameters.items()
-    if parameter.kind is inspect.Parameter.KEYWORD_ONLY and name != "impl"
+    if name not in ("channels", "impl")
 }
 
 
@@ -51,7 +51,8 @@ def load_model(path: Path) -> CBAMResNetModule:
     except ConfigError as error:
         raise GradCamError(str(error)) from None
     try:
-        module = CBAMResNetModule.load_from_checkpoint(path, map_location="cpu")
+        # Eager and on the reference code: Grad-CAM's hooks need the layers' own forward, on any machine.
+        module = CBAMResNetModule.load_from_checkpoint(path, map_location="cpu", cbam_impl="reference", compile=False)
     except Exception as error:  # any unpickling or key failure: the file is someone else's checkpoint
         reason = " ".join(str(error).split())  # one line, whatever the library's message
         raise GradCamError(

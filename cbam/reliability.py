@@ -139,7 +139,9 @@ class LastCheckpoint(ModelCheckpoint):
             if trainer.received_sigterm:
                 self._received = max(self._received, signal.SIGTERM)
             for signum in (signal.SIGTERM, signal.SIGINT):
-                self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+                previous = signal.signal(signum, self._on_signal)
+                # None: a handler installed from C, which Python cannot reinstall; the default stands in
+                self._previous_handlers[signum] = signal.SIG_DFL if previous is None else previous
 
     def _restore_handlers(self) -> None:
         if threading.current_thread() is threading.main_thread():

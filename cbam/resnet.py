@@ -172,7 +172,12 @@ def build_resnet(
         use_spatial_gate=use_spatial_gate,
         impl=cbam_impl,
     )
-    check_options(**options)
+    try:
+        check_options(**options)
+    except InvalidArgument as error:  # the layer's impl is this function's (and the config's) cbam_impl
+        if error.argument != "impl":
+            raise
+        raise InvalidArgument("cbam_impl", error.value, error.accepted) from None
     block, num_blocks = DEPTHS[depth]
 
     def attention(channels: int) -> nn.Module:

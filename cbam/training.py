@@ -83,8 +83,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
             ) from None
         metrics.update(trainer.callback_metrics)
     else:
-        # The checkpoint alone rebuilds the model it was trained with, whatever cfg.model says.
-        model = CBAMResNetModule.load_from_checkpoint(cfg.ckpt_path, map_location="cpu")
+        # The checkpoint alone rebuilds the model it was trained with, whatever cfg.model says; only how the
+        # CBAM runs (the same weights) follows this machine's config, checked above.
+        model = CBAMResNetModule.load_from_checkpoint(cfg.ckpt_path, map_location="cpu", cbam_impl=cfg.model.cbam_impl)
     if cfg.test:
         trainer.test(model, datamodule=datamodule, ckpt_path=best_checkpoint(trainer) if cfg.train else None)
     metrics.update(trainer.callback_metrics)

@@ -7,11 +7,9 @@ from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
 
-from cbam.lightning_internals import call_uncompiled
 
 
 def run_dir(trainer: pl.Trainer) -> Path:
@@ -21,14 +19,8 @@ def run_dir(trainer: pl.Trainer) -> Path:
 
 def plain_network(pl_module: nn.Module) -> nn.Module:
     """The module's ``net`` (else the module itself). ``model.compile`` compiles it in place, so its
-    submodules are the plain ones (see :func:`call_eager` for running it without the compiled call)."""
+    submodules are the plain ones (:func:`cbam.lightning_internals.call_uncompiled` runs it uncompiled)."""
     return getattr(pl_module, "net", pl_module)
-
-
-def call_eager(net: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    """``net(inputs)``, bypassing ``nn.Module.compile()`` (which only replaces the top-level call): the
-    callbacks' forward hooks and FLOP counter then see plain eager modules, with no recompilation."""
-    return call_uncompiled(net, inputs)
 
 
 def tensorboard_writers(trainer: pl.Trainer) -> list[Any]:

@@ -19,7 +19,6 @@ from torch import nn
 
 from cbam.attention import CBAM
 from cbam.callbacks._utils import (
-    call_eager,
     class_names,
     new_figure,
     plain_network,
@@ -28,6 +27,7 @@ from cbam.callbacks._utils import (
     tensorboard_writers,
 )
 from cbam.data import CIFAR10_MEAN, CIFAR10_STD
+from cbam.lightning_internals import call_uncompiled
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def attention_gates(
     net.eval()
     try:
         parameter = next(net.parameters())
-        call_eager(net, images.to(parameter.device, parameter.dtype))
+        call_uncompiled(net, images.to(parameter.device, parameter.dtype))
     finally:
         for handle in handles:
             handle.remove()

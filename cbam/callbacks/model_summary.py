@@ -10,7 +10,8 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from cbam.callbacks._utils import call_eager, plain_network
+from cbam.callbacks._utils import plain_network
+from cbam.lightning_internals import call_uncompiled
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ class _Eager(nn.Module):
         self.net = net
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        return call_eager(self.net, inputs)
+        return call_uncompiled(self.net, inputs)
 
 
 @torch.no_grad()
