@@ -274,9 +274,8 @@ class CBAM(nn.Module):
         return x
 
     def _runs_fused(self, x: torch.Tensor) -> bool:
-        if self.impl == "reference" or (self.impl == "auto" and not (x.is_cuda and torch.compiler.is_compiling())):
-            return False
-        if not self.fusable:
+        compiled_on_cuda = x.is_cuda and torch.compiler.is_compiling()
+        if self.impl == "reference" or not self.fusable or (self.impl == "auto" and not compiled_on_cuda):
             return False
         from cbam.fused import fused_available
 
