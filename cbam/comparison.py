@@ -57,8 +57,8 @@ def in_words(label: str, baseline_label: str, result: Difference, n: int, baseli
     interval = f"{100 * result.low:+.2f} to {100 * result.high:+.2f}"
     if result.contains_zero:
         return (
-            f"{head} (95% CI {interval}): the interval contains zero, so these {n} vs {baseline_n} seeds do "
+            f"{head} ({CONFIDENCE:.0%} CI {interval}): the interval contains zero, so these {n} vs {baseline_n} seeds do "
             f"not show a difference."
         )
     direction = "better" if result.difference > 0 else "worse"
-    return f"{head} (95% CI {interval}): the interval excludes zero; {direction} than the baseline."
+    return f"{head} ({CONFIDENCE:.0%} CI {interval}): the interval excludes zero; {direction} than the baseline."

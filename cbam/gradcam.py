@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 
 from cbam.attention import CBAM
 from cbam.callbacks._utils import new_figure, render
-from cbam.checks import ConfigError, check_checkpoint
+from cbam.checks import ConfigError
 from cbam.data import DataError, load_cifar10, normalize
 from cbam.module import CBAMResNetModule
 
@@ -47,12 +47,10 @@ class GradCamError(RuntimeError):
 
 def load_model(path: Path) -> CBAMResNetModule:
     try:
-        check_checkpoint(path, key="checkpoint")
-    except ConfigError as error:
-        raise GradCamError(str(error)) from None
-    try:
         # Eager and on the reference code: Grad-CAM's hooks need the layers' own forward, on any machine.
         module = CBAMResNetModule.load_from_checkpoint(path, map_location="cpu", cbam_impl="reference", compile=False)
+    except ConfigError as error:  # missing, truncated, not a checkpoint, unsafe: one line naming the file
+        raise GradCamError(str(error)) from None
     except Exception as error:  # any unpickling or key failure: the file is someone else's checkpoint
         reason = " ".join(str(error).split())  # one line, whatever the library's message
         raise GradCamError(

@@ -8,6 +8,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from cbam.comparison import CONFIDENCE
+
 #: (key in metrics.json and column of results.csv, heading in results.md)
 ACCURACIES = (("best_val_acc", "best val acc (%)"), ("test_acc", "test acc (%)"))
 DASH = "–"
@@ -95,7 +97,7 @@ def markdown(table: Table) -> str:
         *first,
         "n",
         *(heading for _, heading in ACCURACIES),
-        "Δ test acc vs baseline [95% CI]",
+        f"Δ test acc vs baseline [{CONFIDENCE:.0%} CI]",
         "params",
         "FLOPs/image",
         "step time",
@@ -106,8 +108,8 @@ def markdown(table: Table) -> str:
         f"{table.counts}. Accuracies in %: mean ± sample standard deviation (n − 1) over the finished seeds, "
         f"{DASH} when n = 1. Best val acc is the highest validation accuracy of a run; test acc is the test "
         f"accuracy at its end (best checkpoint). Δ is the difference of mean test accuracy from the "
-        f"configuration's baseline (no attention, same depth, same other settings), in points, with a 95% "
-        f"Welch t interval over seeds. FLOPs are counted by torch.utils.flop_counter for one image; step "
+        f"configuration's baseline (no attention, same depth, same other settings), in points, with a "
+        f"{CONFIDENCE:.0%} Welch t interval over seeds. FLOPs are counted by torch.utils.flop_counter for one image; step "
         f"time is the wall-clock time of fit (validation included) per optimizer step and train time that "
         f"of the whole fit, both means over seeds."
     )
