@@ -23,7 +23,9 @@ def fsync_directory(directory: Path) -> None:
             os.close(handle)
 
 
-def write_atomically(path: Path, write: Callable[[BinaryIO], None], prefix: str, suffix: str = ".tmp") -> None:
+def write_atomically(
+    path: Path, write: Callable[[BinaryIO], None], prefix: str, suffix: str = ".tmp"
+) -> None:
     """Call ``write(file)`` on a temporary file beside ``path``, then rename it to ``path``.
 
     A process killed at any moment leaves the previous file or the new one, never a partial one; the

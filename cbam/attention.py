@@ -93,11 +93,15 @@ class ChannelAttention(nn.Module):
             raise InvalidArgument("channels", channels, "must be an integer >= 1")
         if reduction_ratio > channels:
             raise InvalidArgument(
-                "reduction_ratio", reduction_ratio, f"must be between 1 and {channels}, the channels of this CBAM"
+                "reduction_ratio",
+                reduction_ratio,
+                f"must be between 1 and {channels}, the channels of this CBAM",
             )
         self.pooling = pooling
         hidden = channels // reduction_ratio
-        self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, channels))
+        self.mlp = nn.Sequential(
+            nn.Linear(channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, channels)
+        )
 
     def descriptors(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The average- and max-pooled descriptors, each (N, C), or None where ``pooling`` leaves it out."""
@@ -168,7 +172,9 @@ class SpatialAttention(nn.Module):
             if channels is None or channels < 1:
                 raise InvalidArgument("channels", channels, "spatial_pooling=conv needs the channel count")
             self.pool = nn.Conv2d(channels, 1, 1, bias=False)
-        self.conv = nn.Conv2d(1 if pooling == "conv" else 2, 1, kernel_size, padding=kernel_size // 2, bias=False)
+        self.conv = nn.Conv2d(
+            1 if pooling == "conv" else 2, 1, kernel_size, padding=kernel_size // 2, bias=False
+        )
         self.bn = MapBatchNorm(eps=1e-5, momentum=0.01)
 
     def pooled_maps(self, x: torch.Tensor) -> torch.Tensor:
@@ -228,17 +234,25 @@ class CBAM(nn.Module):
     ) -> None:
         super().__init__()
         check_options(
-            reduction_ratio, kernel_size, channel_pooling, spatial_pooling, gate_order, use_channel_gate,
-            use_spatial_gate, impl,
+            reduction_ratio,
+            kernel_size,
+            channel_pooling,
+            spatial_pooling,
+            gate_order,
+            use_channel_gate,
+            use_spatial_gate,
+            impl,
         )
         self.gate_order, self.impl = gate_order, impl
-        self.channel = ChannelAttention(channels, reduction_ratio, channel_pooling) if use_channel_gate else None
-        self.spatial = (
-            SpatialAttention(kernel_size, spatial_pooling, channels) if use_spatial_gate else None
+        self.channel = (
+            ChannelAttention(channels, reduction_ratio, channel_pooling) if use_channel_gate else None
         )
+        self.spatial = SpatialAttention(kernel_size, spatial_pooling, channels) if use_spatial_gate else None
         # What the fused kernels compute: a channel gate, then a max/mean spatial gate on its output.
-        self.fusable = self.channel is not None and self.spatial is not None and (
-            gate_order == "channel_first" and spatial_pooling == "max_mean"
+        self.fusable = (
+            self.channel is not None
+            and self.spatial is not None
+            and (gate_order == "channel_first" and spatial_pooling == "max_mean")
         )
         # Said here, not in forward (no graph break when compiled); auto only where it could pick the kernels.
         if not self.fusable and (impl == "fused" or (impl == "auto" and torch.cuda.is_available())):
@@ -246,7 +260,11 @@ class CBAM(nn.Module):
 
     def _sequence(self) -> list[nn.Module]:
         """The gates that are switched on, in the order a sequential arrangement applies them."""
-        parts = [self.channel, self.spatial] if self.gate_order != "spatial_first" else [self.spatial, self.channel]
+        parts = (
+            [self.channel, self.spatial]
+            if self.gate_order != "spatial_first"
+            else [self.spatial, self.channel]
+        )
         return [part for part in parts if part is not None]
 
     def gates(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -263,7 +281,9 @@ class CBAM(nn.Module):
         if self._runs_fused(x):
             from cbam.fused import cbam_fused
 
-            return cbam_fused(x, self.channel.gate_from_descriptors, self.spatial.gate_from_maps, self.channel.pooling)
+            return cbam_fused(
+                x, self.channel.gate_from_descriptors, self.spatial.gate_from_maps, self.channel.pooling
+            )
         if self.gate_order == "parallel":
             gates = [part.gate(x) for part in self._sequence()]
             for gate in gates:
@@ -283,7 +303,8 @@ class CBAM(nn.Module):
             return True
         if self.impl == "fused":
             raise RuntimeError(
-                f"CBAM impl=fused needs Triton and a CUDA device (or TRITON_INTERPRET=1 on the CPU); got {x.device}"
+                "CBAM impl=fused needs Triton and a CUDA device (or TRITON_INTERPRET=1 on the CPU); "
+                f"got {x.device}"
             )
         return False  # impl=auto without Triton: the reference code
 

@@ -83,7 +83,7 @@ def read_checkpoint(
 
 
 def check_checkpoint(path: str | Path, key: str = "ckpt_path") -> None:
-    """Raise :class:`ConfigError` if :func:`read_checkpoint` would (the tensors are memory-mapped, not loaded)."""
+    """Raise :class:`ConfigError` if :func:`read_checkpoint` would (the tensors memory-mapped, not loaded)."""
     read_checkpoint(path, key, mmap=True)
 
 
@@ -128,18 +128,34 @@ def _check_fused(cfg: DictConfig) -> None:
     device = "cuda" if torch.cuda.is_available() and not on_cpu else "cpu"
     if not fused_available(device):
         raise ConfigError(
-            "model.cbam_impl=fused: the fused CBAM needs Triton and a CUDA GPU; use model.cbam_impl=reference "
-            "or auto here"
+            "model.cbam_impl=fused: the fused CBAM needs Triton and a CUDA GPU; use "
+            "model.cbam_impl=reference or auto here"
         )
 
 
 def check_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` for the first unusable value of ``cfg``."""
-    for key in ("model.depth", "model.width", "model.kernel_size", "model.reduction_ratio", "data.batch_size",
-                "data.num_workers", "data.val_size"):
+    for key in (
+        "model.depth",
+        "model.width",
+        "model.kernel_size",
+        "model.reduction_ratio",
+        "data.batch_size",
+        "data.num_workers",
+        "data.val_size",
+    ):
         _require(cfg, key, int, "an integer")
-    for key in ("model.use_cbam_block", "model.use_cbam_class", "model.use_channel_gate", "model.use_spatial_gate",
-                "model.channels_last", "model.compile", "data.download", "train", "test"):
+    for key in (
+        "model.use_cbam_block",
+        "model.use_cbam_class",
+        "model.use_channel_gate",
+        "model.use_spatial_gate",
+        "model.channels_last",
+        "model.compile",
+        "data.download",
+        "train",
+        "test",
+    ):
         _require(cfg, key, bool, "true or false")
     with torch.device("meta"):  # the constructors' checks, without allocating or initialising weights
         _constructed("model", lambda: instantiate(cfg.model, _recursive_=False, _convert_="all"))
@@ -155,5 +171,7 @@ def check_config(cfg: DictConfig) -> None:
     weights_from = cfg.get("weights_from")
     if weights_from is not None:
         if cfg.ckpt_path is not None:
-            raise ConfigError(f"weights_from={weights_from}: give either weights_from (weights only) or ckpt_path (resume)")
+            raise ConfigError(
+                f"weights_from={weights_from}: give either weights_from (weights only) or ckpt_path (resume)"
+            )
         check_checkpoint(weights_from, key="weights_from")

@@ -57,8 +57,10 @@ def in_words(label: str, baseline_label: str, result: Difference, n: int, baseli
     interval = f"{100 * result.low:+.2f} to {100 * result.high:+.2f}"
     if result.contains_zero:
         return (
-            f"{head} ({CONFIDENCE:.0%} CI {interval}): the interval contains zero, so these {n} vs {baseline_n} seeds do "
-            f"not show a difference."
+            f"{head} ({CONFIDENCE:.0%} CI {interval}): the interval contains zero, so these "
+            f"{n} vs {baseline_n} seeds do not show a difference."
         )
     direction = "better" if result.difference > 0 else "worse"
-    return f"{head} ({CONFIDENCE:.0%} CI {interval}): the interval excludes zero; {direction} than the baseline."
+    return (
+        f"{head} ({CONFIDENCE:.0%} CI {interval}): the interval excludes zero; {direction} than the baseline."
+    )

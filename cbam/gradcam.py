@@ -48,7 +48,9 @@ class GradCamError(RuntimeError):
 def load_model(path: Path) -> CBAMResNetModule:
     try:
         # Eager and on the reference code: Grad-CAM's hooks need the layers' own forward, on any machine.
-        module = CBAMResNetModule.load_from_checkpoint(path, map_location="cpu", cbam_impl="reference", compile=False)
+        module = CBAMResNetModule.load_from_checkpoint(
+            path, map_location="cpu", cbam_impl="reference", compile=False
+        )
     except ConfigError as error:  # missing, truncated, not a checkpoint, unsafe: one line naming the file
         raise GradCamError(str(error)) from None
     except Exception as error:  # any unpickling or key failure: the file is someone else's checkpoint

@@ -88,7 +88,10 @@ class CBAMResNetModule(pl.LightningModule):
         # (ModuleDict keys may not be "train": that is nn.Module.train.)
         stages = ("train", "val", "test")
         self.metrics = nn.ModuleDict(
-            {f"{s}_acc": MulticlassAccuracy(num_classes, average="micro", validate_args=False) for s in stages}
+            {
+                f"{s}_acc": MulticlassAccuracy(num_classes, average="micro", validate_args=False)
+                for s in stages
+            }
             | {f"{s}_loss": MeanMetric(nan_strategy="disable") for s in stages}
         )
 
@@ -154,7 +157,9 @@ class CBAMResNetModule(pl.LightningModule):
         self._log_epoch("test")
 
     @classmethod
-    def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None, **kwargs):
+    def load_from_checkpoint(
+        cls, checkpoint_path, map_location=None, hparams_file=None, strict=None, **kwargs
+    ):
         """Lightning's loader, with ``weights_only=True`` and a :class:`cbam.checks.ConfigError` naming the
         file when it is missing, truncated, not a checkpoint, or needs arbitrary code to unpickle."""
         check_checkpoint(checkpoint_path, key="checkpoint_path")
@@ -166,7 +171,8 @@ class CBAMResNetModule(pl.LightningModule):
         if missing:
             raise ConfigError(
                 f"CBAMResNetModule needs {' and '.join(missing)} to train: Hydra configs such as "
-                f"conf/optim/sgd.yaml and conf/scheduler/cosine.yaml (train.py passes cfg.optim, cfg.scheduler)"
+                "conf/optim/sgd.yaml and conf/scheduler/cosine.yaml (train.py passes cfg.optim, "
+                "cfg.scheduler)"
             )
         optimizer = instantiate(self.hparams.optimizer)(self.net.parameters())
         scheduler = instantiate(self.hparams.scheduler)(

@@ -82,7 +82,6 @@ class StoppedBySigint(SystemExit):
         super().__init__(SIGINT_EXIT_STATUS)
 
 
-
 class LastCheckpoint(ModelCheckpoint):
     """Keeps ``<dirpath>/last.ckpt`` current, the file ``ckpt_path=last`` resumes from.
 
@@ -128,7 +127,9 @@ class LastCheckpoint(ModelCheckpoint):
     def _on_signal(self, signum: int, frame: Any) -> None:
         self._received = max(self._received, signum)
         if signum == signal.SIGINT:  # a second Ctrl-C interrupts at once
-            signal.signal(signal.SIGINT, self._previous_handlers.get(signal.SIGINT, signal.default_int_handler))
+            signal.signal(
+                signal.SIGINT, self._previous_handlers.get(signal.SIGINT, signal.default_int_handler)
+            )
             # os.write, not print: a handler may run while the main thread is inside a print to stderr
             os.write(2, b"Ctrl-C: saving last.ckpt after this batch (press Ctrl-C again to stop at once)\n")
 

@@ -44,8 +44,16 @@ ATTENTION_KEYS = frozenset(
     + [
         f"model.{key}"
         for key in (
-            "use_cbam_block", "use_cbam_class", "reduction_ratio", "kernel_size", "channel_pooling",
-            "spatial_pooling", "gate_order", "use_channel_gate", "use_spatial_gate", "cbam_impl",
+            "use_cbam_block",
+            "use_cbam_class",
+            "reduction_ratio",
+            "kernel_size",
+            "channel_pooling",
+            "spatial_pooling",
+            "gate_order",
+            "use_channel_gate",
+            "use_spatial_gate",
+            "cbam_impl",
         )
     ]
 )
@@ -268,14 +276,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cbam.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep_dir", help="a Hydra multirun folder, e.g. multirun/ablation/<date>")
     parser.add_argument(
-        "--ignore", action="append", default=[], metavar="KEY",
+        "--ignore",
+        action="append",
+        default=[],
+        metavar="KEY",
         help="an override key not to group by, besides seed and hydra* (repeatable)",
     )
     parser.add_argument(
         "--out", metavar="DIR", help="write the results here, not into the sweep dir: e.g. results/<study>"
     )
     parser.add_argument(
-        "--data", metavar="TEXT",
+        "--data",
+        metavar="TEXT",
         help='describe the data in the provenance, e.g. "CIFAR-10 JPEG copy, quality 75" (default: what the '
         "runs recorded: the kind of data and its folder)",
     )

@@ -109,9 +109,9 @@ def markdown(table: Table) -> str:
         f"{DASH} when n = 1. Best val acc is the highest validation accuracy of a run; test acc is the test "
         f"accuracy at its end (best checkpoint). Δ is the difference of mean test accuracy from the "
         f"configuration's baseline (no attention, same depth, same other settings), in points, with a "
-        f"{CONFIDENCE:.0%} Welch t interval over seeds. FLOPs are counted by torch.utils.flop_counter for one image; step "
-        f"time is the wall-clock time of fit (validation included) per optimizer step and train time that "
-        f"of the whole fit, both means over seeds."
+        f"{CONFIDENCE:.0%} Welch t interval over seeds. FLOPs are counted by torch.utils.flop_counter for "
+        f"one image; step time is the wall-clock time of fit (validation included) per optimizer step and "
+        f"train time that of the whole fit, both means over seeds."
     )
     if table.common:
         lines += ["", "Common to every configuration: " + " ".join(f"`{item}`" for item in table.common)]

@@ -54,7 +54,11 @@ class BasicBlock(_ResidualBlock):
     expansion = 1
 
     def branch_layers(self, in_channels: int, planes: int, stride: int) -> list[nn.Module]:
-        return [*_conv_bn(in_channels, planes, 3, stride), nn.ReLU(inplace=True), *_conv_bn(planes, planes, 3)]
+        return [
+            *_conv_bn(in_channels, planes, 3, stride),
+            nn.ReLU(inplace=True),
+            *_conv_bn(planes, planes, 3),
+        ]
 
 
 class Bottleneck(_ResidualBlock):

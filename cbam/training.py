@@ -21,7 +21,9 @@ from cbam.schedules import ScheduleLengthChanged
 def build_model(cfg: DictConfig) -> CBAMResNetModule:
     """The LightningModule of ``cfg.model``, with the optimizer and schedule of ``cfg.optim`` and
     ``cfg.scheduler`` (passed as configs: the module instantiates them and saves them as hparams)."""
-    return instantiate(cfg.model, optimizer=cfg.optim, scheduler=cfg.scheduler, _recursive_=False, _convert_="all")
+    return instantiate(
+        cfg.model, optimizer=cfg.optim, scheduler=cfg.scheduler, _recursive_=False, _convert_="all"
+    )
 
 
 def load_weights(model: CBAMResNetModule, path: str) -> None:
@@ -31,7 +33,9 @@ def load_weights(model: CBAMResNetModule, path: str) -> None:
         model.load_state_dict(read_checkpoint(path, key="weights_from")["state_dict"])
     except RuntimeError as error:  # other layers or shapes: torch lists every mismatch, one per line
         reason = str(error).strip().splitlines()[0]
-        raise ConfigError(f"weights_from={path}: its weights do not fit this model.* config ({reason})") from None
+        raise ConfigError(
+            f"weights_from={path}: its weights do not fit this model.* config ({reason})"
+        ) from None
 
 
 def build_trainer(cfg: DictConfig) -> pl.Trainer:
@@ -85,7 +89,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
     else:
         # The checkpoint alone rebuilds the model it was trained with, whatever cfg.model says; only how the
         # CBAM runs (the same weights) follows this machine's config, checked above.
-        model = CBAMResNetModule.load_from_checkpoint(cfg.ckpt_path, map_location="cpu", cbam_impl=cfg.model.cbam_impl)
+        model = CBAMResNetModule.load_from_checkpoint(
+            cfg.ckpt_path, map_location="cpu", cbam_impl=cfg.model.cbam_impl
+        )
     if cfg.test:
         trainer.test(model, datamodule=datamodule, ckpt_path=best_checkpoint(trainer) if cfg.train else None)
     metrics.update(trainer.callback_metrics)

@@ -11,7 +11,6 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
 
 
-
 def run_dir(trainer: pl.Trainer) -> Path:
     """The run's folder: ``trainer.default_root_dir``, which conf/trainer sets to the Hydra run dir."""
     return Path(trainer.default_root_dir)

@@ -54,11 +54,11 @@ def attention_gates(
     net: nn.Module, images: torch.Tensor, sites: list[tuple[str, CBAM]]
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Run ``net`` on ``images`` in eval mode and return, per site, ``spatial`` (N, 1, H, W) and
-    ``channel`` (N, C) gates as float tensors on the CPU (a gate the variant switches off is left out). Every module's train/eval mode is restored."""
+    ``channel`` (N, C) gates as float tensors on the CPU (a gate the variant switches off is left out).
+    Every module's train/eval mode is restored."""
     gates: dict[str, dict[str, torch.Tensor]] = {name: {} for name, _ in sites}
     handles = []
     for name, cbam in sites:
-
         # On the CBAM's input, whatever implementation runs its forward (the fused one calls no submodule).
         def record(module, args, name=name):
             channel, spatial = module.gates(args[0])
@@ -165,7 +165,9 @@ class AttentionMaps(pl.Callback):
         spatial_gates = {name: gate for name, gate in gates.items() if "spatial" in gate}
         if spatial_gates:
             figure = self.spatial_figure(images, labels, names, spatial_gates)
-            publish_figure(trainer, figure, folder / f"spatial_epoch{epoch:03d}.png", "attention/spatial_maps")
+            publish_figure(
+                trainer, figure, folder / f"spatial_epoch{epoch:03d}.png", "attention/spatial_maps"
+            )
         channel_gates = {name: gate for name, gate in gates.items() if "channel" in gate}
         if channel_gates:
             figure = self.channel_figure(channel_gates)

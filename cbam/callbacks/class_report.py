@@ -24,8 +24,13 @@ def per_class_rows(matrix: torch.Tensor, names: list[str]) -> list[dict]:
     for index, name in enumerate(names):
         correct, total = int(matrix[index, index]), int(matrix[index].sum())
         rows.append(
-            {"class": name, "index": index, "correct": correct, "total": total,
-             "accuracy": correct / total if total else None}
+            {
+                "class": name,
+                "index": index,
+                "correct": correct,
+                "total": total,
+                "accuracy": correct / total if total else None,
+            }
         )
     return rows
 
@@ -103,10 +108,14 @@ class ClassReport(pl.Callback):
         figure = self._figure(matrix, names)
         publish_figure(trainer, figure, folder / self.figure_name, "test/confusion_matrix")
         for writer in tensorboard_writers(trainer):
-            text = "\n".join(["| class | correct | total | accuracy |", "|---|---:|---:|---:|"] + [
-                f"| {r['class']} | {r['correct']} | {r['total']} | "
-                f"{'-' if r['accuracy'] is None else format(r['accuracy'], '.2%')} |" for r in rows
-            ])
+            text = "\n".join(
+                ["| class | correct | total | accuracy |", "|---|---:|---:|---:|"]
+                + [
+                    f"| {r['class']} | {r['correct']} | {r['total']} | "
+                    f"{'-' if r['accuracy'] is None else format(r['accuracy'], '.2%')} |"
+                    for r in rows
+                ]
+            )
             writer.add_text("test/per_class_accuracy", text, global_step=trainer.global_step)
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

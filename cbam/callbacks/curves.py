@@ -66,8 +66,13 @@ class TrainingCurves(pl.Callback):
                 points = sorted(self.history.get(f"{stage}/{metric}", {}).items())
                 if points:
                     epochs, values = zip(*points)
-                    axis.plot([e + 1 for e in epochs], values, marker="o" if len(points) < 30 else None,
-                              markersize=3, label=stage)
+                    axis.plot(
+                        [e + 1 for e in epochs],
+                        values,
+                        marker="o" if len(points) < 30 else None,
+                        markersize=3,
+                        label=stage,
+                    )
             last = max((epoch + 1 for values in self.history.values() for epoch in values), default=1)
             axis.set_xlim(0.5, last + 0.5)
             axis.xaxis.set_major_locator(MaxNLocator(integer=True))

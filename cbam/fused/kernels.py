@@ -22,8 +22,18 @@ def _accumulator(values, FP64: tl.constexpr):
 
 @triton.jit
 def channel_pool_kernel(
-    x, avg_out, max_out, argmax_out, C, P, sxn, sxc, sxp,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, FP64: tl.constexpr,
+    x,
+    avg_out,
+    max_out,
+    argmax_out,
+    C,
+    P,
+    sxn,
+    sxc,
+    sxp,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    FP64: tl.constexpr,
 ):
     """Per (n, c): mean and max over the P pixels, and the first pixel holding the max.
 
@@ -56,8 +66,18 @@ def channel_pool_kernel(
 
 @triton.jit
 def channel_pool_backward_kernel(
-    grad_avg, grad_max, argmax, dx, C, P, sdn, sdc, sdp,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, FP64: tl.constexpr,
+    grad_avg,
+    grad_max,
+    argmax,
+    dx,
+    C,
+    P,
+    sdn,
+    sdc,
+    sdp,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    FP64: tl.constexpr,
 ):
     """dx[n, c, p] = grad_avg[n, c] / P + (p == argmax[n, c]) * grad_max[n, c].
 
@@ -79,8 +99,21 @@ def channel_pool_backward_kernel(
 
 @triton.jit
 def gated_pool_kernel(
-    x, gate, maps_out, argmax_out, C, P, sxn, sxc, sxp, smn, smc, smp,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, FP64: tl.constexpr,
+    x,
+    gate,
+    maps_out,
+    argmax_out,
+    C,
+    P,
+    sxn,
+    sxc,
+    sxp,
+    smn,
+    smc,
+    smp,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    FP64: tl.constexpr,
 ):
     """Per (n, p): max and mean over channels of x * gate (gate: contiguous (N, C)), without storing
     x * gate; maps_out (N, 2, P) with strides (smn, smc, smp), max first; argmax_out (N, P) the first
@@ -115,8 +148,26 @@ def gated_pool_kernel(
 
 @triton.jit
 def gated_pool_backward_kernel(
-    grad_maps, x, gate, argmax, dx, grad_gate, C, P, smn, smc, smp, sxn, sxc, sxp, sdn, sdc, sdp,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, FP64: tl.constexpr,
+    grad_maps,
+    x,
+    gate,
+    argmax,
+    dx,
+    grad_gate,
+    C,
+    P,
+    smn,
+    smc,
+    smp,
+    sxn,
+    sxc,
+    sxp,
+    sdn,
+    sdc,
+    sdp,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    FP64: tl.constexpr,
 ):
     """With w[n, c, p] = grad_mean[n, p] / C + (c == argmax[n, p]) * grad_max[n, p]:
     dx = gate * w and grad_gate[n, c] = sum_p x * w (grad_maps (N, 2, P) with strides (smn, smc, smp),
@@ -149,8 +200,21 @@ def gated_pool_backward_kernel(
 
 @triton.jit
 def gated_output_kernel(
-    x, gate, spatial, y, C, P, sxn, sxc, sxp, syn, syc, syp,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, FP64: tl.constexpr,
+    x,
+    gate,
+    spatial,
+    y,
+    C,
+    P,
+    sxn,
+    sxc,
+    sxp,
+    syn,
+    syc,
+    syp,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    FP64: tl.constexpr,
 ):
     """y = x * gate[n, c] * spatial[n, p] (gate contiguous (N, C), spatial contiguous (N, P)).
 
@@ -173,9 +237,27 @@ def gated_output_kernel(
 
 @triton.jit
 def gated_output_backward_kernel(
-    grad_y, x, gate, spatial, dx, grad_spatial, gate_partials, C, P,
-    sgn, sgc, sgp, sxn, sxc, sxp, sdn, sdc, sdp,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, FP64: tl.constexpr,
+    grad_y,
+    x,
+    gate,
+    spatial,
+    dx,
+    grad_spatial,
+    gate_partials,
+    C,
+    P,
+    sgn,
+    sgc,
+    sgp,
+    sxn,
+    sxc,
+    sxp,
+    sdn,
+    sdc,
+    sdp,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    FP64: tl.constexpr,
 ):
     """From t = grad_y * x: dx = grad_y * gate * spatial, grad_spatial[n, p] = sum_c t * gate, and
     gate_partials[n, block, c] = sum over this block's pixels of t * spatial (summed by the caller).

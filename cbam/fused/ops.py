@@ -71,8 +71,16 @@ def _channel_pool(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     argmax = torch.empty((n, c), dtype=torch.int32, device=x.device)
     block_p, block_c = _blocks(strides, c, height * width)
     wrap_triton(kernels.channel_pool_kernel)[(n, _cdiv(c, block_c))](
-        x, average, maximum, argmax, c, height * width, *strides,
-        BLOCK_P=block_p, BLOCK_C=block_c, FP64=x.dtype == torch.float64,
+        x,
+        average,
+        maximum,
+        argmax,
+        c,
+        height * width,
+        *strides,
+        BLOCK_P=block_p,
+        BLOCK_C=block_c,
+        FP64=x.dtype == torch.float64,
     )
     return average, maximum, argmax
 
@@ -84,8 +92,16 @@ def _channel_pool_backward(grad_average: Tensor, grad_maximum: Tensor, argmax: T
     block_p, block_c = _blocks(strides, c, height * width)
     grid = (n, _cdiv(height * width, block_p), _cdiv(c, block_c))
     wrap_triton(kernels.channel_pool_backward_kernel)[grid](
-        grad_average.contiguous(), grad_maximum.contiguous(), argmax, dx, c, height * width, *strides,
-        BLOCK_P=block_p, BLOCK_C=block_c, FP64=x.dtype == torch.float64,
+        grad_average.contiguous(),
+        grad_maximum.contiguous(),
+        argmax,
+        dx,
+        c,
+        height * width,
+        *strides,
+        BLOCK_P=block_p,
+        BLOCK_C=block_c,
+        FP64=x.dtype == torch.float64,
     )
     return dx
 
@@ -97,13 +113,23 @@ def _gated_pool(x: Tensor, gate: Tensor) -> tuple[Tensor, Tensor]:
     x, strides = _ncp(x)
     # channels_last maps when x is: the spatial gate's convolution then runs in the network's layout
     layout = torch.channels_last if strides[1] == 1 and c > 1 else torch.contiguous_format
-    maps, map_strides = _ncp(torch.empty((n, 2, height, width), dtype=x.dtype, device=x.device,
-                                         memory_format=layout))
+    maps, map_strides = _ncp(
+        torch.empty((n, 2, height, width), dtype=x.dtype, device=x.device, memory_format=layout)
+    )
     argmax = torch.empty((n, height, width), dtype=torch.int32, device=x.device)
     block_p, block_c = _blocks(strides, c, height * width)
     wrap_triton(kernels.gated_pool_kernel)[(n, _cdiv(height * width, block_p))](
-        x, _per_sample(gate, n), maps, argmax, c, height * width, *strides, *map_strides,
-        BLOCK_P=block_p, BLOCK_C=block_c, FP64=x.dtype == torch.float64,
+        x,
+        _per_sample(gate, n),
+        maps,
+        argmax,
+        c,
+        height * width,
+        *strides,
+        *map_strides,
+        BLOCK_P=block_p,
+        BLOCK_C=block_c,
+        FP64=x.dtype == torch.float64,
     )
     return maps, argmax
 
@@ -117,9 +143,20 @@ def _gated_pool_backward(grad_maps: Tensor, x: Tensor, gate: Tensor, argmax: Ten
     grad_gate = torch.empty((n, c), dtype=_accumulator_dtype(x), device=x.device)
     block_p, block_c = _blocks(x_strides, c, height * width)
     wrap_triton(kernels.gated_pool_backward_kernel)[(n, _cdiv(c, block_c))](
-        grad_maps, x, _per_sample(gate, n), argmax, dx, grad_gate, c, height * width,
-        *map_strides, *x_strides, *dx_strides,
-        BLOCK_P=block_p, BLOCK_C=block_c, FP64=x.dtype == torch.float64,
+        grad_maps,
+        x,
+        _per_sample(gate, n),
+        argmax,
+        dx,
+        grad_gate,
+        c,
+        height * width,
+        *map_strides,
+        *x_strides,
+        *dx_strides,
+        BLOCK_P=block_p,
+        BLOCK_C=block_c,
+        FP64=x.dtype == torch.float64,
     )
     return dx, grad_gate.to(gate.dtype).reshape(gate.shape)
 
@@ -132,8 +169,17 @@ def _gated_output(x: Tensor, gate: Tensor, spatial: Tensor) -> Tensor:
     block_p, block_c = _blocks(x_strides, c, height * width)
     grid = (n, _cdiv(height * width, block_p), _cdiv(c, block_c))
     wrap_triton(kernels.gated_output_kernel)[grid](
-        x, _per_sample(gate, n), _per_sample(spatial, n), y, c, height * width, *x_strides, *y_strides,
-        BLOCK_P=block_p, BLOCK_C=block_c, FP64=x.dtype == torch.float64,
+        x,
+        _per_sample(gate, n),
+        _per_sample(spatial, n),
+        y,
+        c,
+        height * width,
+        *x_strides,
+        *y_strides,
+        BLOCK_P=block_p,
+        BLOCK_C=block_c,
+        FP64=x.dtype == torch.float64,
     )
     return y
 
@@ -152,9 +198,21 @@ def _gated_output_backward(
     gate_partials = torch.empty((n, pixel_blocks, c), dtype=_accumulator_dtype(x), device=x.device)
     grad_spatial = spatial.new_empty((n, pixels))
     wrap_triton(kernels.gated_output_backward_kernel)[(n, pixel_blocks)](
-        grad_y, x, _per_sample(gate, n), _per_sample(spatial, n), dx, grad_spatial, gate_partials, c, pixels,
-        *grad_strides, *x_strides, *dx_strides,
-        BLOCK_P=block_p, BLOCK_C=block_c, FP64=x.dtype == torch.float64,
+        grad_y,
+        x,
+        _per_sample(gate, n),
+        _per_sample(spatial, n),
+        dx,
+        grad_spatial,
+        gate_partials,
+        c,
+        pixels,
+        *grad_strides,
+        *x_strides,
+        *dx_strides,
+        BLOCK_P=block_p,
+        BLOCK_C=block_c,
+        FP64=x.dtype == torch.float64,
     )
     grad_gate = gate_partials.sum(dim=1).to(gate.dtype).reshape(gate.shape)
     return dx, grad_gate, grad_spatial.reshape(spatial.shape)
