@@ -13,12 +13,30 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from cbam.checks import ConfigError, check_checkpoint
+from cbam.data.batches import IGNORED_LABEL
+from cbam.errors import InvalidArgument
 from cbam.lightning_internals import attached_trainer, avoid_inductor_gradient_bugs
 from cbam.resnet import build_resnet
+
+#: torch.compile's modes (``model.compile_mode``): ``reduce-overhead`` and ``max-autotune`` replay the
+#: network's forward and backward as CUDA graphs on a GPU (on a CPU Inductor compiles and skips the graphs)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 
 
 def _plain(config: Any) -> Any:
     return OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else config
+
+
+class ImageMeanLoss(MeanMetric):
+    """An epoch's mean loss per image, from each batch's mean loss and its number of images.
+
+    Not MeanMetric's own ``update(value, weight)``: torchmetrics 1.9 drops the weights under
+    ``nan_strategy="disable"``, and its NaN checks cost a host synchronisation every step.
+    """
+
+    def update(self, loss: torch.Tensor, images: torch.Tensor | int) -> None:
+        self.mean_value += loss * images
+        self.weight += images
 
 
 class CBAMResNetModule(pl.LightningModule):
@@ -36,6 +54,7 @@ class CBAMResNetModule(pl.LightningModule):
         label_smoothing: cross-entropy label smoothing.
         channels_last: run the network in NHWC memory format (faster convolutions on tensor cores).
         compile: wrap the network in ``torch.compile``.
+        compile_mode: the ``torch.compile`` mode, one of :data:`COMPILE_MODES` (used only with ``compile``).
     """
 
     def __init__(
@@ -58,8 +77,13 @@ class CBAMResNetModule(pl.LightningModule):
         label_smoothing: float = 0.0,
         channels_last: bool = False,
         compile: bool = False,
+        compile_mode: str = "default",
     ) -> None:
         super().__init__()
+        if compile_mode not in COMPILE_MODES:
+            raise InvalidArgument(
+                "compile_mode", compile_mode, f"accepted values are {', '.join(COMPILE_MODES)}"
+            )
         # Plain dicts, so checkpoints hold no OmegaConf objects; save_hyperparameters reads these locals.
         optimizer, scheduler = _plain(optimizer), _plain(scheduler)
         self.save_hyperparameters()
@@ -83,16 +107,24 @@ class CBAMResNetModule(pl.LightningModule):
         if compile:
             avoid_inductor_gradient_bugs()
             # In place: the state_dict keeps its plain keys, so checkpoints load with or without compile.
-            self.net.compile()
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+            self.net.compile(mode=compile_mode)
+        # The rows that fill up a short evaluation batch (cbam.data.batches.fill_batch) are labelled
+        # IGNORED_LABEL: the loss and the evaluation metrics leave them out. Training batches are never
+        # filled up (the last partial one is dropped), so their metrics skip the masking.
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing, ignore_index=IGNORED_LABEL)
         # (ModuleDict keys may not be "train": that is nn.Module.train.)
         stages = ("train", "val", "test")
         self.metrics = nn.ModuleDict(
             {
-                f"{s}_acc": MulticlassAccuracy(num_classes, average="micro", validate_args=False)
+                f"{s}_acc": MulticlassAccuracy(
+                    num_classes,
+                    average="micro",
+                    validate_args=False,
+                    ignore_index=None if s == "train" else IGNORED_LABEL,
+                )
                 for s in stages
             }
-            | {f"{s}_loss": MeanMetric(nan_strategy="disable") for s in stages}
+            | {f"{s}_loss": ImageMeanLoss() for s in stages}
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -103,12 +135,12 @@ class CBAMResNetModule(pl.LightningModule):
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         images, labels = batch
         logits = self(images)
-        loss = self.criterion(logits, labels)
+        loss = self.criterion(logits, labels)  # the mean over the batch's real images
         # Accumulated on the device; read (and synchronised across ranks) once, at the epoch's end.
+        # (Argument validation is off: it costs a host synchronisation every step.)
         self.metrics[f"{stage}_acc"].update(logits.detach(), labels)
-        # One value per image: a plain mean then weighs batches by size. (Argument validation and NaN
-        # checks are off in both metrics: each costs a host synchronisation every step.)
-        self.metrics[f"{stage}_loss"].update(loss.detach().expand(labels.numel()))
+        real_images = labels.numel() if stage == "train" else (labels != IGNORED_LABEL).sum()
+        self.metrics[f"{stage}_loss"].update(loss.detach(), real_images)
         return loss
 
     def epoch_metrics(self, stage: str) -> dict[str, torch.Tensor]:

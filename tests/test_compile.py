@@ -18,7 +18,10 @@ import torch
 from torch import nn
 
 from cbam import CBAM, build_resnet
+from cbam.lightning_internals import is_compiled
+from cbam.module import COMPILE_MODES
 from cbam.resnet import BasicBlock
+from cbam.training import build_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from compile_compare import compare_steps, compiled_copy, training_step
@@ -48,6 +51,7 @@ def cbam_resnet18() -> nn.Module:
 
 
 NETWORKS = {"inductor": cbam_block_net, "aot_eager": cbam_resnet18}
+TINY_MODEL = ("model.width=4", "model.reduction_ratio=4")
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +124,17 @@ def test_diagnosis_verdict_names_the_cause():
     assert "library's CBAM is broken" in verdict(results("library"))
     library_only = verdict({"library": {"agrees": False, "learns": False}})  # gpu_speed.sh's diagnosis stage
     assert "library's CBAM is broken" in library_only and "amax" not in library_only
+
+
+def test_compile_mode_reaches_torch_compile(compose_config):
+    """model.compile_mode is the mode torch.compile builds the network with: CUDA graphs with
+    reduce-overhead and max-autotune, autotuning with both max-autotune modes (read from the compiled
+    call's Inductor settings, without compiling anything)."""
+    for mode in COMPILE_MODES:
+        cfg = compose_config(*TINY_MODEL, "model.compile=true", f"model.compile_mode={mode}")
+        settings = build_model(cfg).net._compiled_call_impl.get_compiler_config()
+        assert settings["triton.cudagraphs"] == (mode in ("reduce-overhead", "max-autotune")), mode
+        assert settings["max_autotune"] == mode.startswith("max-autotune"), mode
+    # the default config stays eager, and the mode alone does not compile
+    assert not is_compiled(build_model(compose_config(*TINY_MODEL)).net)
+    assert not is_compiled(build_model(compose_config(*TINY_MODEL, "model.compile_mode=max-autotune")).net)

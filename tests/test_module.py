@@ -1,13 +1,19 @@
-"""The LightningModule (training step, checkpoint round trip) and the learning-rate schedules."""
+"""The LightningModule (training step, checkpoint round trip, full-size evaluation batches) and the
+learning-rate schedules."""
 
 from __future__ import annotations
 
+import csv
+
 import pytest
+import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from cbam import CBAM
+from cbam.callbacks import AttentionMaps, ClassReport
 from cbam.checks import ConfigError
+from cbam.data import IGNORED_LABEL, CIFAR10DataModule
 from cbam.module import CBAMResNetModule
 from cbam.schedules import constant, one_cycle, warmup_cosine
 
@@ -137,3 +143,81 @@ def test_one_cycle_peaks_at_the_optimizer_lr_after_warmup_fraction():
 
 def test_constant_schedule():
     assert set(learning_rates(lambda o: constant(o, 10), 10)) == {0.2}
+
+
+# ------------------------------------------------------------------------------ static evaluation batches
+
+
+class EvaluationBatches(pl.Callback):
+    """Keeps every validation and test batch as the module received it."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"val": [], "test": []}
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self.seen["val"].append(tuple(t.clone() for t in batch))
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self.seen["test"].append(tuple(t.clone() for t in batch))
+
+
+def unpadded_evaluation(model: CBAMResNetModule, loader) -> dict:
+    """Loss, accuracy and per-class counts over the loader's batches as they come (the last one short)."""
+    model.eval()
+    with torch.no_grad():
+        logits, labels = map(torch.cat, zip(*((model(images), labels) for images, labels in loader)))
+    hits = logits.argmax(1) == labels
+    return {
+        "loss": model.criterion(logits, labels).item(),
+        "acc": hits.float().mean().item(),
+        "total": torch.bincount(labels, minlength=10).tolist(),
+        "correct": torch.bincount(labels[hits], minlength=10).tolist(),
+    }
+
+
+def test_evaluation_batches_are_full_size_and_change_no_metric(tmp_path, make_batches, quiet_trainer):
+    """Every validation and test batch reaches the module with data.batch_size rows (a compiled network
+    sees one shape), the same with either loader, and the loss, accuracy, per-class table and attention
+    images equal those of an evaluation of the short batches."""
+    make_batches(tmp_path / "data", per_batch=6, num_test=13)  # 30 training images, 13 test images
+    batch_size, val_size = 8, 5  # validation: one batch of 5 images; test: 8 + 5
+    torch.manual_seed(0)
+    model = CBAMResNetModule(depth=18, width=4, use_cbam_block=True, reduction_ratio=4, label_smoothing=0.1)
+    runs = {}
+    for loader in ("workers", "device"):
+        data = CIFAR10DataModule(
+            root=str(tmp_path / "data"), download=False, batch_size=batch_size, num_workers=0,
+            val_size=val_size, loader=loader,
+        )  # fmt: skip
+        batches, maps = EvaluationBatches(), AttentionMaps(every_n_epochs=1000)  # collects, draws nothing
+        trainer = quiet_trainer(callbacks=[batches, maps, ClassReport()])
+        logged = trainer.validate(model, datamodule=data, verbose=False)[0]
+        logged |= trainer.test(model, datamodule=data, verbose=False)[0]
+        runs[loader] = batches.seen
+        for split, seen in batches.seen.items():
+            assert [tuple(images.shape) for images, _ in seen] == [(batch_size, 3, 32, 32)] * len(seen), split
+            assert [len(labels) for _, labels in seen] == [batch_size] * len(seen), split
+        # filled up: the validation batch and the second test batch
+        assert [int((labels != IGNORED_LABEL).sum()) for _, labels in batches.seen["test"]] == [8, 5]
+        assert int((batches.seen["val"][0][1] != IGNORED_LABEL).sum()) == val_size
+
+        expected = {
+            split: unpadded_evaluation(model, getattr(data, f"{split}_dataloader")())
+            for split in ("val", "test")
+        }
+        for split, metrics in expected.items():
+            assert logged[f"{split}/acc"] == pytest.approx(metrics["acc"], abs=1e-6), split
+            assert logged[f"{split}/loss"] == pytest.approx(metrics["loss"], rel=1e-5), split
+        with open(tmp_path / "per_class_accuracy.csv", newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        assert [int(row["total"]) for row in rows] == expected["test"]["total"]  # 13 images in all
+        assert [int(row["correct"]) for row in rows] == expected["test"]["correct"]
+        # the attention figure's images: the validation set's 5, none of the filling
+        assert torch.equal(
+            torch.cat(maps._labels), torch.cat([labels for _, labels in data.val_dataloader()])
+        )
+    for split in ("val", "test"):  # both loaders hand the module the same filled-up batches
+        for (images, labels), (other_images, other_labels) in zip(
+            runs["workers"][split], runs["device"][split]
+        ):
+            assert torch.equal(labels, other_labels) and torch.equal(images, other_images)

@@ -260,6 +260,10 @@ BAD_INPUT = {
     "gate_order": ({"model.gate_order": "sideways"}, "model.gate_order=sideways: accepted values are"),
     "channel_pooling": ({"model.channel_pooling": "mean"}, "model.channel_pooling=mean"),
     "cbam_impl": ({"model.cbam_impl": "cuda"}, "model.cbam_impl=cuda: accepted values are reference, fused, auto"),
+    "compile_mode": (
+        {"model.compile": "true", "model.compile_mode": "fastest"},
+        "model.compile_mode=fastest: accepted values are default, reduce-overhead, max-autotune-no-cudagraphs",
+    ),
     "gate_flag_text": ({"model.use_spatial_gate": "no"}, "model.use_spatial_gate=no: must be true or false"),
     "unknown_model_key": ({"+model.dropout": 0.5}, "model: "),
     "batch_size": ({"data.batch_size": 0}, "data.batch_size=0"),

@@ -26,7 +26,7 @@ from cbam.callbacks._utils import (
     run_dir,
     tensorboard_writers,
 )
-from cbam.data import CIFAR10_MEAN, CIFAR10_STD
+from cbam.data import CIFAR10_MEAN, CIFAR10_STD, IGNORED_LABEL
 from cbam.lightning_internals import call_uncompiled
 
 log = logging.getLogger(__name__)
@@ -138,8 +138,9 @@ class AttentionMaps(pl.Callback):
         missing = self.num_images - self._collected()
         if dataloader_idx != 0 or missing <= 0 or not isinstance(batch, (tuple, list)):
             return
-        self._images.append(batch[0][:missing].detach().float().cpu())
-        self._labels.append(batch[1][:missing].detach().cpu())
+        real = batch[1] != IGNORED_LABEL  # not the rows that fill up a short batch
+        self._images.append(batch[0][real][:missing].detach().float().cpu())
+        self._labels.append(batch[1][real][:missing].detach().cpu())
 
     def _due(self, trainer: pl.Trainer) -> bool:
         final = trainer.max_epochs is not None and 0 < trainer.max_epochs <= trainer.current_epoch + 1

@@ -15,6 +15,7 @@ import torch
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from cbam.callbacks._utils import class_names, new_figure, publish_figure, run_dir, tensorboard_writers
+from cbam.data import IGNORED_LABEL
 
 
 def per_class_rows(matrix: torch.Tensor, names: list[str]) -> list[dict]:
@@ -83,7 +84,9 @@ class ClassReport(pl.Callback):
             return
         if self._matrix is None:
             num_classes = int(getattr(pl_module.hparams, "num_classes", 0) or logits.shape[1])
-            self._matrix = MulticlassConfusionMatrix(num_classes).to(logits.device)
+            # without the rows that fill up a short batch
+            matrix = MulticlassConfusionMatrix(num_classes, ignore_index=IGNORED_LABEL)
+            self._matrix = matrix.to(logits.device)
         self._matrix.update(logits.detach().argmax(dim=1), labels)
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -18,6 +18,9 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 #: zero padding around each image before a random 32x32 crop (the usual CIFAR-10 augmentation)
 PADDING = 4
 IMAGE_SIZE = 32
+#: the label of the rows that fill up a short evaluation batch (:func:`fill_batch`): cross-entropy's
+#: ``ignore_index``, left out by the module's loss and metrics and by the callbacks
+IGNORED_LABEL = -100
 
 
 def normalize(
@@ -36,6 +39,24 @@ def normalize(
 def pad(images: torch.Tensor) -> torch.Tensor:
     """uint8 NHWC images with ``PADDING`` zero pixels on every side: a crop is then a plain gather."""
     return torch.nn.functional.pad(images, (0, 0, PADDING, PADDING, PADDING, PADDING))
+
+
+def fill_batch(
+    images: torch.Tensor, labels: torch.Tensor, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch filled up to ``batch_size`` rows with zero images labelled ``IGNORED_LABEL``, in the images'
+    own memory layout (a full batch is returned as it is).
+
+    Every evaluation batch then has one shape and one layout: a compiled network is not recompiled, nor
+    its CUDA graphs recaptured, for the last batch. The network runs in eval mode there, where no row
+    affects another, so the real rows' outputs do not change.
+    """
+    missing = batch_size - len(labels)
+    if missing <= 0:
+        return images, labels
+    after_last_row = (0, 0) * (images.dim() - 1) + (0, missing)  # pad lists the last dimension first
+    pad_rows = torch.nn.functional.pad
+    return pad_rows(images, after_last_row), pad_rows(labels, (0, missing), value=IGNORED_LABEL)
 
 
 @dataclass

@@ -25,7 +25,7 @@ class DeviceLoader:
     (see :mod:`cbam.data.batches`), so every run with the same seed sees the same batches, on any device,
     and a resumed run picks up where it stopped. Under DDP every rank takes a disjoint, equally long shard
     of each training epoch, and a disjoint slice of the evaluation set (every image exactly once).
-    Training drops the last partial batch; evaluation keeps it.
+    Training drops the last partial batch; evaluation keeps it (short: the data module fills it up).
     """
 
     def __init__(

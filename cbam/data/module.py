@@ -8,6 +8,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from cbam.data.batches import fill_batch
 from cbam.data.device_loader import DeviceLoader
 from cbam.data.sources import BATCHES_DIR, Cifar10Arrays, DataError, find_source, load_cifar10
 from cbam.data.workers import WorkersLoader
@@ -52,7 +53,8 @@ class CIFAR10DataModule(pl.LightningDataModule):
 
     Both loaders give every rank a disjoint shard of each epoch, evaluate every image exactly once across
     ranks, draw shuffling and augmentation from ``(seed, epoch, rank)`` and resume mid-epoch from the
-    position this module saves in checkpoints.
+    position this module saves in checkpoints. Every batch reaches the model with ``batch_size`` rows: a
+    short evaluation batch is filled up with ignored rows (:func:`cbam.data.batches.fill_batch`).
     """
 
     def __init__(
@@ -149,6 +151,11 @@ class CIFAR10DataModule(pl.LightningDataModule):
         if self._train_state is not None and "train" in self._loaders:
             self._loaders["train"].load_state_dict(self._train_state)
             self._train_state = None
+
+    def on_after_batch_transfer(self, batch: tuple[torch.Tensor, torch.Tensor], dataloader_idx: int) -> tuple:
+        # Here, on the training device, for both loaders alike. Training batches are always full (the last
+        # partial one is dropped); a short evaluation batch is filled up, so the network sees one shape.
+        return fill_batch(*batch, self.batch_size)
 
     def train_dataloader(self) -> DeviceLoader | WorkersLoader:
         return self._loader("train")

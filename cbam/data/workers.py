@@ -72,7 +72,7 @@ class PlanSampler(DistributedSampler):
 class WorkersLoader(DataLoader):
     """A DataLoader over :class:`PlannedCrops` keyed by a :class:`PlanSampler`, resumable mid-epoch.
 
-    Training drops the last partial batch; evaluation keeps it.
+    Training drops the last partial batch; evaluation keeps it (short: the data module fills it up).
     """
 
     def __init__(
