@@ -12,6 +12,8 @@ receives:
   mean time per optimizer step and of the whole fit, the unfinished jobs;
 * ``results.md``: the same as a Markdown table (accuracies in %), each comparison in words, provenance;
 * ``results.png``: best val acc and test acc per configuration, mean with std error bars;
+* ``differences.png``: a forest plot of each configuration's difference of mean test acc from its
+  baseline, with its 95% interval and a line at zero;
 * ``provenance.json``: the sweep's command and what its runs recorded (see :mod:`cbam.provenance`).
 
 A configuration's baseline is the configuration without attention (resolved ``model.use_cbam_block`` and
@@ -266,8 +268,8 @@ def tabulate(sweep: Path, ignore: set[str], data: str | None) -> Table:
 def report(
     sweep: str | Path, ignore: set[str] = frozenset(), out: str | Path | None = None, data: str | None = None
 ) -> dict[str, Path]:
-    """Write results.csv, results.md, results.png and provenance.json into ``out`` (default: the sweep
-    dir); returns their paths. ``data`` describes the data when the runs' record is not enough."""
+    """Write results.csv, results.md, results.png, differences.png and provenance.json into ``out``
+    (default: the sweep dir); returns their paths. ``data`` describes the data when the runs' record is not enough."""
     sweep = Path(sweep)
     return write_all(Path(out) if out is not None else sweep, tabulate(sweep, set(ignore), data))
 

@@ -1,5 +1,6 @@
-"""What ``python -m cbam.report`` writes: results.csv, results.md, results.png and provenance.json, from
-the :class:`Table` that :mod:`cbam.report` computes (this module formats, it computes no statistics)."""
+"""What ``python -m cbam.report`` writes: results.csv, results.md, results.png, differences.png and
+provenance.json, from the :class:`Table` that :mod:`cbam.report` computes (this module formats, it computes
+no statistics)."""
 
 from __future__ import annotations
 
@@ -174,13 +175,90 @@ def plot(path: Path, rows: list[dict], labels: list[str]) -> None:
     figure.savefig(path, dpi=120)
 
 
+def plot_differences(path: Path, table: Table, column: str = "test_acc"):
+    """A forest plot: per configuration compared with a baseline, the difference of its mean ``column``
+    from the baseline's (a dot) with the 95% Welch interval of results.csv (a line), and a line at zero.
+
+    An interval that excludes zero is drawn in colour, one that contains it in grey; a configuration with
+    one seed on either side has a hollow dot and no interval. Returns the figure (drawn and saved).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    heading = dict(ACCURACIES)[column].replace(" (%)", "")
+    by_label = dict(zip(table.labels, table.rows))
+    compared = [
+        (text, row) for text, row in zip(table.labels, table.rows) if row[f"{column}_diff"] is not None
+    ]
+    several_baselines = len({row["baseline"] for _, row in compared}) > 1
+    figure = Figure(figsize=(8, 1.5 + 0.4 * max(len(compared), 1)), layout="constrained")
+    FigureCanvasAgg(figure)
+    axis = figure.subplots()
+    axis.set_title(f"{path.parent.name}: each configuration against its baseline")
+    if not compared:
+        axis.set_axis_off()
+        axis.text(0.5, 0.5, "no configuration has a baseline in this sweep", ha="center", va="center")
+        figure.savefig(path, dpi=120)
+        return figure
+    axis.axvline(0, color="black", linewidth=1)
+    has_interval = [row[f"{column}_diff_ci_low"] is not None for _, row in compared]
+    colours = [
+        "tab:blue" if interval and not _contains_zero(row, column) else "grey"
+        for interval, (_, row) in zip(has_interval, compared)
+    ]
+    ranged = [y for y, interval in enumerate(has_interval) if interval]
+    axis.hlines(
+        ranged,
+        [100 * compared[y][1][f"{column}_diff_ci_low"] for y in ranged],
+        [100 * compared[y][1][f"{column}_diff_ci_high"] for y in ranged],
+        colors=[colours[y] for y in ranged],
+        linewidth=2.5,
+    )
+    axis.scatter(
+        [100 * row[f"{column}_diff"] for _, row in compared],
+        range(len(compared)),
+        facecolors=[colour if interval else "white" for colour, interval in zip(colours, has_interval)],
+        edgecolors=colours,
+        zorder=3,
+    )
+    for y, (interval, (_, row)) in enumerate(zip(has_interval, compared)):
+        seeds = f"n = {row['n']} vs {by_label[row['baseline']]['n']}" + ("" if interval else ", no interval")
+        axis.annotate(
+            f"{_difference(row, column)}  ({seeds})",
+            (1.02, y),
+            xycoords=("axes fraction", "data"),
+            va="center",
+            fontsize=8,
+        )
+    axis.set_yticks(
+        range(len(compared)),
+        [f"{text}\nvs {row['baseline']}" if several_baselines else text for text, row in compared],
+        fontsize=8,
+    )
+    axis.set_ylim(len(compared) - 0.5, -0.5)  # the first configuration on top
+    baseline = "" if several_baselines else f" vs {compared[0][1]['baseline']}"
+    axis.set_xlabel(
+        f"Δ {heading}{baseline} (points): difference of means over seeds, {CONFIDENCE:.0%} Welch t interval"
+    )
+    axis.grid(axis="x", alpha=0.3)
+    figure.savefig(path, dpi=120)
+    return figure
+
+
+def _contains_zero(row: dict, column: str) -> bool:
+    return row[f"{column}_diff_ci_low"] <= 0 <= row[f"{column}_diff_ci_high"]
+
+
 def write_all(folder: Path, table: Table) -> dict[str, Path]:
-    """results.csv, results.md, results.png and provenance.json into ``folder`` (created); their paths."""
+    """results.csv, results.md, results.png, differences.png and provenance.json into ``folder``
+    (created); their paths."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = {name: folder / f"results.{name}" for name in ("csv", "md", "png")}
+    paths["differences"] = folder / "differences.png"
     paths["provenance"] = folder / "provenance.json"
     write_csv(paths["csv"], table.rows)
     paths["md"].write_text(markdown(table))
     plot(paths["png"], table.rows, table.labels)
+    plot_differences(paths["differences"], table)
     paths["provenance"].write_text(json.dumps(table.provenance, indent=2) + "\n")
     return paths

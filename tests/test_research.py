@@ -525,7 +525,7 @@ def test_report_writes_results_and_provenance_into_out(tmp_path):
 
     assert main([str(sweep), "--out", str(out), "--data", "CIFAR-10 JPEG copy, quality 75"]) == 0
     written = sorted(p.name for p in out.iterdir())
-    assert written == ["provenance.json", "results.csv", "results.md", "results.png"]
+    assert written == ["differences.png", "provenance.json", "results.csv", "results.md", "results.png"]
     assert not (sweep / "results.csv").exists()
     provenance = json.loads((out / "provenance.json").read_text())
     assert provenance["command"] == [
@@ -537,3 +537,38 @@ def test_report_writes_results_and_provenance_into_out(tmp_path):
     assert provenance["dates"] == ["2026-01-01T10:00:00+00:00", "2026-01-03T10:00:00+00:00"]
     assert provenance["runs"] == provenance["runs_finished"] == 6
     assert "- command: python train.py -m" in (out / "results.md").read_text()
+
+
+def test_differences_figure_draws_each_comparison_with_the_interval_of_results_csv(tmp_path):
+    """differences.png, the forest plot: one row per configuration compared with a baseline, its dot at
+    the difference and its line over the 95% interval that results.csv holds, and a line at zero (read
+    from the figure's drawn data, not its pixels)."""
+    from cbam.report import report, tabulate
+    from cbam.report_output import plot_differences
+
+    one_seed = (["model.depth=50", "cbam=classifier"], {"depth": 50, **CLASSIFIER}, [0.83])  # no interval
+    sweep = fake_sweep(tmp_path / "sweep", [*PLACEMENT_BY_DEPTH, one_seed], ["experiment=ablation"])
+    paths = report(sweep)
+    assert paths["differences"] == sweep / "differences.png" and paths["differences"].stat().st_size > 1000
+
+    rows = [row for row in read_rows(sweep / "results.csv") if row["test_acc_diff"]]
+    assert [(row["model.depth"], row["cbam"]) for row in rows] == [
+        ("18", "block"), ("18", "classifier"), ("50", "block"), ("50", "classifier")
+    ]  # fmt: skip
+    axis = plot_differences(tmp_path / "differences.png", tabulate(sweep, set(), None)).axes[0]
+    shown = [label.get_text() for label in axis.get_yticklabels()]
+    assert shown == [f"model.depth={r['model.depth']}, cbam={r['cbam']}\nvs {r['baseline']}" for r in rows]
+    dots = axis.collections[1].get_offsets()
+    np.testing.assert_allclose(dots, [[100 * float(row["test_acc_diff"]), y] for y, row in enumerate(rows)])
+    intervals = axis.collections[0].get_segments()
+    expected = [
+        [[100 * float(row["test_acc_diff_ci_low"]), y], [100 * float(row["test_acc_diff_ci_high"]), y]]
+        for y, row in enumerate(rows)
+        if row["test_acc_diff_ci_low"]
+    ]
+    assert len(intervals) == len(expected) == 3
+    np.testing.assert_allclose(np.array(intervals), expected)
+    assert [list(line.get_xdata()) for line in axis.lines] == [[0, 0]]  # the line at zero
+    # a sweep with no comparison still gets the file, saying so
+    alone = fake_sweep(tmp_path / "alone", PLACEMENT_BY_DEPTH[:1], ["experiment=ablation"])
+    assert report(alone)["differences"].stat().st_size > 1000
