@@ -24,16 +24,16 @@ from pathlib import Path
 if "--quick" in sys.argv:  # the interpreter must be on before the Triton kernels are defined
     os.environ["TRITON_INTERPRET"] = "1"
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import describe_device, software_versions  # noqa: E402
+from common import describe_device, software_versions
 
-from cbam.attention import CBAM  # noqa: E402
-from cbam.fused import fused_available  # noqa: E402
-from cbam.resnet import BasicBlock, build_resnet  # noqa: E402
+from cbam.attention import CBAM
+from cbam.fused import fused_available
+from cbam.resnet import BasicBlock, build_resnet
 
 #: largest accepted difference relative to the largest reference value, per precision
 TOLERANCE = {"fp32": 1e-3, "bf16": 5e-2}
@@ -185,7 +185,9 @@ def network_step_ms(batch: int, device: torch.device, repeats: int, width: int) 
     torch.manual_seed(0)
     networks = {
         "plain": build_resnet(18, width=width),
-        "reference": build_resnet(18, use_cbam_block=True, width=width, cbam_impl="reference"),
+        "reference": build_resnet(
+            18, use_cbam_block=True, width=width, reduction_ratio=min(16, width), cbam_impl="reference"
+        ),
     }
     networks["fused"] = copy.deepcopy(networks["reference"])
     for module in networks["fused"].modules():
@@ -252,7 +254,7 @@ def main() -> None:
     if not fused_available(device):
         sys.exit(f"check_fused_gpu: the fused kernels cannot run on {device} (needs CUDA, or --quick)")
     if args.quick:
-        shapes, batch, repeats, width = [(16, 4)], 2, 1, 16
+        shapes, batch, repeats, width = [(16, 4)], 2, 1, 4
     else:  # the first and last ResNet18 stages; torch.compile (slow to build) on the first only
         shapes, batch, repeats, width = [(64, 32), (512, 4)], args.batch, args.repeats, 64
     report = {

@@ -43,18 +43,54 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cbam import CBAM, build_resnet  # noqa: E402
+from cbam import CBAM, build_resnet
 
 #: aten operators that do no work of their own: views, metadata, allocations, dtype queries
 NOT_WORK = frozenset(
     "aten::" + name
-    for name in (
-        "view view_as _unsafe_view reshape _reshape_alias t transpose permute expand expand_as squeeze "
-        "unsqueeze flatten unflatten select slice narrow split split_with_sizes chunk unbind alias detach "
-        "as_strided as_strided_ resize_ empty empty_like empty_strided new_empty new_empty_strided "
-        "lift_fresh resolve_conj resolve_neg numpy_T promote_types result_type to _to_copy contiguous "
-        "clone"
-    ).split()
+    for name in [
+        "view",
+        "view_as",
+        "_unsafe_view",
+        "reshape",
+        "_reshape_alias",
+        "t",
+        "transpose",
+        "permute",
+        "expand",
+        "expand_as",
+        "squeeze",
+        "unsqueeze",
+        "flatten",
+        "unflatten",
+        "select",
+        "slice",
+        "narrow",
+        "split",
+        "split_with_sizes",
+        "chunk",
+        "unbind",
+        "alias",
+        "detach",
+        "as_strided",
+        "as_strided_",
+        "resize_",
+        "empty",
+        "empty_like",
+        "empty_strided",
+        "new_empty",
+        "new_empty_strided",
+        "lift_fresh",
+        "resolve_conj",
+        "resolve_neg",
+        "numpy_T",
+        "promote_types",
+        "result_type",
+        "to",
+        "_to_copy",
+        "contiguous",
+        "clone",
+    ]
 )
 MULTI_TENSOR_PREFIXES = ("aten::_foreach_", "aten::_fused_")
 LAUNCH_PREFIX = "triton launch: "
@@ -147,12 +183,14 @@ def layer_pass(layer: nn.Module, x: torch.Tensor, backward: bool):
     return run
 
 
-def block_counts(impl: str, channels: int, size: int, batch: int, device: torch.device) -> dict:
+def block_counts(
+    impl: str, channels: int, size: int, batch: int, device: torch.device, warmup: int = 1
+) -> dict:
     """Counted operations of one default CBAM layer (forward, backward, both) in training mode."""
     layer = CBAM(channels, reduction_ratio=min(16, channels), impl=impl).to(device).train()
     x = torch.randn(batch, channels, size, size, device=device)
-    forward = recorded_operations(layer_pass(layer, x, backward=False))
-    both = recorded_operations(layer_pass(layer, x, backward=True))
+    forward = recorded_operations(layer_pass(layer, x, backward=False), warmup)
+    both = recorded_operations(layer_pass(layer, x, backward=True), warmup)
     return {
         "forward": sum(forward.values()),
         "backward": sum(both.values()) - sum(forward.values()),
@@ -162,7 +200,9 @@ def block_counts(impl: str, channels: int, size: int, batch: int, device: torch.
     }
 
 
-def step_counts(depth: int, network: str, width: int, batch: int, device: torch.device) -> dict:
+def step_counts(
+    depth: int, network: str, width: int, batch: int, device: torch.device, warmup: int = 1
+) -> dict:
     torch.manual_seed(0)
     net = build_resnet(
         depth,
@@ -173,7 +213,7 @@ def step_counts(depth: int, network: str, width: int, batch: int, device: torch.
     ).to(device)
     images = torch.randn(batch, 3, 32, 32, device=device)
     labels = torch.arange(batch, device=device) % 10
-    counted = recorded_operations(training_step(net, images, labels))
+    counted = recorded_operations(training_step(net, images, labels), warmup)
     return {
         "operations": sum(counted.values()),
         "triton_launches": sum(n for name, n in counted.items() if name.startswith(LAUNCH_PREFIX)),

@@ -28,23 +28,9 @@ import triton.language as tl
 
 
 @triton.jit
-def _acc(values, FP64: tl.constexpr):
-    """``values`` in the accumulator dtype."""
-    if FP64:
-        return values.to(tl.float64)
-    else:
-        return values.to(tl.float32)
-
-
-@triton.jit
-def _zero(FP64: tl.constexpr):
+def _zero(ACC: tl.constexpr):
     """A scalar 0 in the accumulator dtype (a loop-carried value must keep one dtype)."""
-    return tl.sum(_acc(tl.zeros([1], tl.float32), FP64), axis=0)
-
-
-@triton.jit
-def _sigmoid(v):
-    return 1.0 / (1.0 + tl.exp(-v))
+    return tl.sum(tl.zeros([1], ACC), axis=0)
 
 
 @triton.jit
@@ -60,7 +46,7 @@ def channel_pool_kernel(
     sxp,
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
-    FP64: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """Per (n, c): mean and max over the P pixels, and the first pixel holding the max.
 
@@ -71,13 +57,13 @@ def channel_pool_kernel(
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     base = x + n.to(tl.int64) * sxn + c[None, :].to(tl.int64) * sxc
-    total = _acc(tl.zeros([BLOCK_P, BLOCK_C], tl.float32), FP64)
-    best = _acc(tl.full([BLOCK_P, BLOCK_C], float("-inf"), tl.float32), FP64)
+    total = tl.zeros([BLOCK_P, BLOCK_C], ACC)
+    best = tl.full([BLOCK_P, BLOCK_C], float("-inf"), ACC)
     best_pixel = tl.zeros([BLOCK_P, BLOCK_C], tl.int32)
     for start in range(0, P, BLOCK_P):
         p = start + tl.arange(0, BLOCK_P)
         ok = (p < P)[:, None] & c_ok[None, :]
-        values = _acc(tl.load(base + p[:, None].to(tl.int64) * sxp, mask=ok, other=0.0), FP64)
+        values = tl.load(base + p[:, None].to(tl.int64) * sxp, mask=ok, other=0.0).to(ACC)
         total += values
         better = tl.where(ok, values, float("-inf")) > best  # strict: each row keeps its earliest pixel
         best = tl.where(better, values, best)
@@ -117,7 +103,7 @@ def gate_pool_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_CM: tl.constexpr,
-    FP64: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """The channel MLP and gate g of sample n, then the channel-wise max and mean of x * g over a block of
     pixels (without storing x * g): maps_out (N, 2, P), max first, and the max's first channel.
@@ -130,20 +116,20 @@ def gate_pool_kernel(
     pixel_block = tl.program_id(1)
     j = tl.arange(0, BLOCK_H)
     j_ok = j < HID
-    hidden_avg = _acc(tl.zeros([BLOCK_H], tl.float32), FP64)
-    hidden_max = _acc(tl.zeros([BLOCK_H], tl.float32), FP64)
+    hidden_avg = tl.zeros([BLOCK_H], ACC)
+    hidden_max = tl.zeros([BLOCK_H], ACC)
     for start in range(0, C, BLOCK_CM):
         c = start + tl.arange(0, BLOCK_CM)
         c_ok = c < C
         weights = tl.load(w1 + j[:, None] * C + c[None, :], mask=j_ok[:, None] & c_ok[None, :], other=0.0)
-        weights = _acc(weights, FP64)
+        weights = weights.to(ACC)
         if USE_AVG:
             hidden_avg += tl.sum(weights * tl.load(avg + n * C + c, mask=c_ok, other=0.0)[None, :], axis=1)
         if USE_MAX:
             hidden_max += tl.sum(weights * tl.load(mx + n * C + c, mask=c_ok, other=0.0)[None, :], axis=1)
-    bias = _acc(tl.load(b1 + j, mask=j_ok, other=0.0), FP64)
+    bias = tl.load(b1 + j, mask=j_ok, other=0.0).to(ACC)
     first = pixel_block == 0
-    hidden_sum = _acc(tl.zeros([BLOCK_H], tl.float32), FP64)
+    hidden_sum = tl.zeros([BLOCK_H], ACC)
     if USE_AVG:
         hidden_avg += bias
         hidden_sum += tl.maximum(hidden_avg, 0.0)
@@ -156,8 +142,8 @@ def gate_pool_kernel(
     p = pixel_block * BLOCK_P + tl.arange(0, BLOCK_P)
     p_ok = p < P
     base = x + n.to(tl.int64) * sxn + p[:, None].to(tl.int64) * sxp
-    total = _acc(tl.zeros([BLOCK_P], tl.float32), FP64)
-    best = _acc(tl.full([BLOCK_P], float("-inf"), tl.float32), FP64)
+    total = tl.zeros([BLOCK_P], ACC)
+    best = tl.full([BLOCK_P], float("-inf"), ACC)
     best_channel = tl.zeros([BLOCK_P], tl.int32)
     for start in range(0, C, BLOCK_C):
         c = start + tl.arange(0, BLOCK_C)
@@ -166,11 +152,11 @@ def gate_pool_kernel(
         out_weights = tl.load(
             w2 + c[:, None] * HID + j[None, :], mask=c_ok[:, None] & j_ok[None, :], other=0.0
         )
-        logits = tl.sum(_acc(out_weights, FP64) * hidden_sum[None, :], axis=1)
-        logits += BRANCHES * _acc(tl.load(b2 + c, mask=c_ok, other=0.0), FP64)
-        gate = _sigmoid(logits)
+        logits = tl.sum(out_weights.to(ACC) * hidden_sum[None, :], axis=1)
+        logits += BRANCHES * tl.load(b2 + c, mask=c_ok, other=0.0).to(ACC)
+        gate = 1.0 / (1.0 + tl.exp(-logits))  # sigmoid
         tl.store(gate_out + n * C + c, gate, mask=c_ok & first)
-        values = _acc(tl.load(base + c[None, :].to(tl.int64) * sxc, mask=ok, other=0.0), FP64)
+        values = tl.load(base + c[None, :].to(tl.int64) * sxc, mask=ok, other=0.0).to(ACC)
         values = values * gate[None, :]
         total += tl.sum(values, axis=1)
         block_max, block_channel = tl.max(tl.where(ok, values, float("-inf")), axis=1, return_indices=True)
@@ -184,14 +170,14 @@ def gate_pool_kernel(
 
 
 @triton.jit
-def _taps(conv_w, swc, swy, swx, KS: tl.constexpr, BLOCK_K: tl.constexpr, FP64: tl.constexpr):
+def _taps(conv_w, swc, swy, swx, KS: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
     """The convolution's taps (ky * KS + kx) for the max map and for the mean map, (BLOCK_K,) each, from a
     (1, 2, KS, KS) weight with strides (., swc, swy, swx) (NCHW or channels_last)."""
     k = tl.arange(0, BLOCK_K)
     offsets = (k // KS) * swy + (k % KS) * swx
     k_ok = k < KS * KS
-    tap_max = _acc(tl.load(conv_w + offsets, mask=k_ok, other=0.0), FP64)
-    tap_mean = _acc(tl.load(conv_w + swc + offsets, mask=k_ok, other=0.0), FP64)
+    tap_max = tl.load(conv_w + offsets, mask=k_ok, other=0.0).to(ACC)
+    tap_mean = tl.load(conv_w + swc + offsets, mask=k_ok, other=0.0).to(ACC)
     return tap_max, tap_mean
 
 
@@ -227,7 +213,7 @@ def spatial_conv_kernel(
     TRAINING: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    FP64: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """z = conv_k(maps), (N, P), and, when training, this program's (count, mean, M2) of z: the BatchNorm's
     partial statistics, combined with Chan's formula over the tiles it visits.
@@ -236,19 +222,19 @@ def spatial_conv_kernel(
     """
     program = tl.program_id(0)
     programs = tl.num_programs(0)
-    tap_max, tap_mean = _taps(conv_w, swc, swy, swx, KS, BLOCK_K, FP64)
-    count = _zero(FP64)
-    mean = _zero(FP64)
-    m2 = _zero(FP64)
-    for step in range(0, tl.cdiv(N * PIXEL_BLOCKS - program, programs)):
+    tap_max, tap_mean = _taps(conv_w, swc, swy, swx, KS, BLOCK_K, ACC)
+    count = _zero(ACC)
+    mean = _zero(ACC)
+    m2 = _zero(ACC)
+    for step in range(tl.cdiv(N * PIXEL_BLOCKS - program, programs)):
         tile = program + step * programs  # a tensor, also under the interpreter
         n = tile // PIXEL_BLOCKS
         p = (tile % PIXEL_BLOCKS) * BLOCK_P + tl.arange(0, BLOCK_P)
         p_ok = p < P
         q, inside = _neighbours(p, P, H, W, KS, BLOCK_K, 1)
         sample = maps + n.to(tl.int64) * 2 * P
-        z = tl.sum(_acc(tl.load(sample + q, mask=inside, other=0.0), FP64) * tap_max[:, None], axis=0)
-        z += tl.sum(_acc(tl.load(sample + P + q, mask=inside, other=0.0), FP64) * tap_mean[:, None], axis=0)
+        z = tl.sum(tl.load(sample + q, mask=inside, other=0.0).to(ACC) * tap_max[:, None], axis=0)
+        z += tl.sum(tl.load(sample + P + q, mask=inside, other=0.0).to(ACC) * tap_mean[:, None], axis=0)
         tl.store(z_out + n * P + p, z, mask=p_ok)
         if TRAINING:
             tile_count = tl.sum(p_ok.to(tl.int32), axis=0).to(z.dtype)
@@ -266,10 +252,10 @@ def spatial_conv_kernel(
 
 
 @triton.jit
-def _batch_statistics(partials, NPART, BLOCK_R: tl.constexpr, FP64: tl.constexpr):
+def _batch_statistics(partials, NPART, BLOCK_R: tl.constexpr, ACC: tl.constexpr):
     """(count, mean, biased variance) of z from the per-program (count, mean, M2) partials."""
-    count = _zero(FP64)
-    weighted = _zero(FP64)
+    count = _zero(ACC)
+    weighted = _zero(ACC)
     for start in range(0, NPART, BLOCK_R):
         r = start + tl.arange(0, BLOCK_R)
         ok = r < NPART
@@ -277,7 +263,7 @@ def _batch_statistics(partials, NPART, BLOCK_R: tl.constexpr, FP64: tl.constexpr
         count += tl.sum(part_count, axis=0)
         weighted += tl.sum(part_count * tl.load(partials + r * 3 + 1, mask=ok, other=0.0), axis=0)
     mean = weighted / count
-    m2 = _zero(FP64)
+    m2 = _zero(ACC)
     for start in range(0, NPART, BLOCK_R):
         r = start + tl.arange(0, BLOCK_R)
         ok = r < NPART
@@ -320,7 +306,7 @@ def gated_output_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_R: tl.constexpr,
-    FP64: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """s = sigmoid(BN(z)) and y = x * g * s.
 
@@ -333,25 +319,25 @@ def gated_output_kernel(
     program = tl.program_id(0)
     programs = tl.num_programs(0)
     if TRAINING:
-        count, mean, var = _batch_statistics(partials, NPART, BLOCK_R, FP64)
+        count, mean, var = _batch_statistics(partials, NPART, BLOCK_R, ACC)
     else:
-        mean = _acc(tl.load(running_mean), FP64)
-        var = _acc(tl.load(running_var), FP64)
+        mean = tl.load(running_mean).to(ACC)
+        var = tl.load(running_var).to(ACC)
     rstd = 1.0 / tl.sqrt(var + eps)
-    scale = _acc(tl.load(bn_w), FP64) * rstd
-    shift = _acc(tl.load(bn_b), FP64) - mean * scale
+    scale = tl.load(bn_w).to(ACC) * rstd
+    shift = tl.load(bn_b).to(ACC) - mean * scale
     first = program == 0
     tl.store(stats_out, mean, mask=first)
     tl.store(stats_out + 1, rstd, mask=first)
     tl.store(stats_out + 2, var, mask=first)
     if UPDATE_RUNNING:
         unbiased = var * count / tl.maximum(count - 1.0, 1.0)
-        old_mean = _acc(tl.load(running_mean), FP64)
-        old_var = _acc(tl.load(running_var), FP64)
+        old_mean = tl.load(running_mean).to(ACC)
+        old_var = tl.load(running_var).to(ACC)
         tl.store(running_mean, old_mean + momentum * (mean - old_mean), mask=first)
         tl.store(running_var, old_var + momentum * (unbiased - old_var), mask=first)
         tl.store(batches_tracked, tl.load(batches_tracked) + 1, mask=first)
-    for step in range(0, tl.cdiv(N * PIXEL_BLOCKS * CHANNEL_BLOCKS - program, programs)):
+    for step in range(tl.cdiv(N * PIXEL_BLOCKS * CHANNEL_BLOCKS - program, programs)):
         tile = program + step * programs  # a tensor, also under the interpreter
         n = tile // (PIXEL_BLOCKS * CHANNEL_BLOCKS)
         rest = tile % (PIXEL_BLOCKS * CHANNEL_BLOCKS)
@@ -360,13 +346,14 @@ def gated_output_kernel(
         c = channel_block * BLOCK_C + tl.arange(0, BLOCK_C)
         p_ok = p < P
         c_ok = c < C
-        s = _sigmoid(_acc(tl.load(z + n * P + p, mask=p_ok, other=0.0), FP64) * scale + shift)
+        logits = tl.load(z + n * P + p, mask=p_ok, other=0.0).to(ACC) * scale + shift
+        s = 1.0 / (1.0 + tl.exp(-logits))  # sigmoid
         tl.store(s_out + n * P + p, s, mask=p_ok & (channel_block == 0))
-        weights = _acc(tl.load(gate + n * C + c, mask=c_ok, other=0.0), FP64)
+        weights = tl.load(gate + n * C + c, mask=c_ok, other=0.0).to(ACC)
         ok = p_ok[:, None] & c_ok[None, :]
         n64 = n.to(tl.int64)
         x_offsets = n64 * sxn + c[None, :].to(tl.int64) * sxc + p[:, None].to(tl.int64) * sxp
-        values = _acc(tl.load(x + x_offsets, mask=ok, other=0.0), FP64) * weights[None, :] * s[:, None]
+        values = tl.load(x + x_offsets, mask=ok, other=0.0).to(ACC) * weights[None, :] * s[:, None]
         y_offsets = n64 * syn + c[None, :].to(tl.int64) * syc + p[:, None].to(tl.int64) * syp
         tl.store(y + y_offsets, values.to(y.dtype.element_ty), mask=ok)
 
@@ -394,7 +381,7 @@ def output_backward_kernel(
     PIXEL_BLOCKS,
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
-    FP64: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """From t = dy * x over a block of pixels of sample n (walking all channels):
     d s[p] = sum_c t * g, hence grad_z = d s * s (1 - s) (the gradient at the BatchNorm's output);
@@ -405,33 +392,33 @@ def output_backward_kernel(
     """
     program = tl.program_id(0)
     programs = tl.num_programs(0)
-    mean = _acc(tl.load(stats), FP64)
-    rstd = _acc(tl.load(stats + 1), FP64)
-    sum_grad = _zero(FP64)
-    sum_grad_zhat = _zero(FP64)
-    for step in range(0, tl.cdiv(N * PIXEL_BLOCKS - program, programs)):
+    mean = tl.load(stats).to(ACC)
+    rstd = tl.load(stats + 1).to(ACC)
+    sum_grad = _zero(ACC)
+    sum_grad_zhat = _zero(ACC)
+    for step in range(tl.cdiv(N * PIXEL_BLOCKS - program, programs)):
         tile = program + step * programs  # a tensor, also under the interpreter
         n = tile // PIXEL_BLOCKS
         p = (tile % PIXEL_BLOCKS) * BLOCK_P + tl.arange(0, BLOCK_P)
         p_ok = p < P
-        pixel_weights = _acc(tl.load(s + n * P + p, mask=p_ok, other=0.0), FP64)
+        pixel_weights = tl.load(s + n * P + p, mask=p_ok, other=0.0).to(ACC)
         p64 = p[:, None].to(tl.int64)
         n64 = n.to(tl.int64)
         partial_row = gate_partials + tile.to(tl.int64) * C
-        spatial_total = _acc(tl.zeros([BLOCK_P], tl.float32), FP64)
+        spatial_total = tl.zeros([BLOCK_P], ACC)
         for start in range(0, C, BLOCK_C):
             c = start + tl.arange(0, BLOCK_C)
             c_ok = c < C
             ok = p_ok[:, None] & c_ok[None, :]
             c64 = c[None, :].to(tl.int64)
-            weights = _acc(tl.load(gate + n * C + c, mask=c_ok, other=0.0), FP64)
-            upstream = _acc(tl.load(grad_y + n64 * sgn + c64 * sgc + p64 * sgp, mask=ok, other=0.0), FP64)
-            t = upstream * _acc(tl.load(x + n64 * sxn + c64 * sxc + p64 * sxp, mask=ok, other=0.0), FP64)
+            weights = tl.load(gate + n * C + c, mask=c_ok, other=0.0).to(ACC)
+            upstream = tl.load(grad_y + n64 * sgn + c64 * sgc + p64 * sgp, mask=ok, other=0.0).to(ACC)
+            t = upstream * tl.load(x + n64 * sxn + c64 * sxc + p64 * sxp, mask=ok, other=0.0).to(ACC)
             spatial_total += tl.sum(t * weights[None, :], axis=1)
             tl.store(partial_row + c, tl.sum(t * pixel_weights[:, None], axis=0), mask=c_ok)
         grad = spatial_total * pixel_weights * (1.0 - pixel_weights)
         tl.store(grad_z + n * P + p, grad, mask=p_ok)
-        zhat = (_acc(tl.load(z + n * P + p, mask=p_ok, other=0.0), FP64) - mean) * rstd
+        zhat = (tl.load(z + n * P + p, mask=p_ok, other=0.0).to(ACC) - mean) * rstd
         sum_grad += tl.sum(tl.where(p_ok, grad, 0.0), axis=0)
         sum_grad_zhat += tl.sum(tl.where(p_ok, grad * zhat, 0.0), axis=0)
     tl.store(sums_out + program * 2, sum_grad)
@@ -457,7 +444,7 @@ def spatial_backward_kernel(
     grad_maps_out,
     conv_partials,
     grad_logits_out,
-    hidden_partials,
+    hidden_grad_out,
     N,
     C,
     P,
@@ -468,7 +455,6 @@ def spatial_backward_kernel(
     sxn,
     sxc,
     sxp,
-    CHANNEL_BLOCKS,
     GATE_BLOCKS,
     swc,
     swy,
@@ -480,27 +466,28 @@ def spatial_backward_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_R: tl.constexpr,
-    FP64: tl.constexpr,
+    ACC: tl.constexpr,
 ):
-    """Per tile (n, channel block), walking all pixels of sample n:
+    """Per sample n, walking its channels in blocks and, for each, all its pixels:
 
     * the BatchNorm backward (training: ``dz = w rstd (grad_z - mean(grad_z) - zhat mean(grad_z zhat))``
       from the partial sums; evaluation: ``dz = w rstd grad_z``) and the convolution's backward,
-      ``d maps[ch, p] = sum_k conv_w[ch, k] dz[p - offset_k]`` (recomputed by every channel block of the
-      sample: a few multiply-adds per pixel);
+      ``d maps[ch, p] = sum_k conv_w[ch, k] dz[p - offset_k]`` (recomputed for every channel block: a few
+      multiply-adds per pixel, where keeping them would need a pass over memory);
     * the maps' gradient sent back through the channel-wise max (to the first max channel) and mean:
       ``d g[c] += sum_p x[c, p] (d mean[p] / C + (c == argmax[p]) d max[p])``;
     * with the d g term of y (gate_partials), the gate's full gradient, the MLP's output gradient
-      ``grad_logits = d g * g (1 - g)`` (N, C), and ``hidden_partials[n, block] = W2[block]^T grad_logits``.
+      ``grad_logits = d g * g (1 - g)`` (N, C), and the gradient at the MLP's hidden layer (before its
+      ReLU), ``W2^T grad_logits`` (N, HID).
 
-    The first channel block of each sample also stores d maps (N, 2, P) and the convolution weight
-    gradient's per-sample sums (N, 2, k*k); program 0 stores the BatchNorm's weight and bias gradients.
-    Grid: persistent, over the N * CHANNEL_BLOCKS tiles.
+    The first channel block also stores d maps (N, 2, P) and the convolution weight gradient's per-sample
+    sums (N, 2, k*k); program 0 stores the BatchNorm's weight and bias gradients. Grid: persistent, over
+    the N samples.
     """
     program = tl.program_id(0)
     programs = tl.num_programs(0)
-    sum_grad = _zero(FP64)
-    sum_grad_zhat = _zero(FP64)
+    sum_grad = _zero(ACC)
+    sum_grad_zhat = _zero(ACC)
     for start in range(0, NPART, BLOCK_R):
         r = start + tl.arange(0, BLOCK_R)
         ok = r < NPART
@@ -508,88 +495,77 @@ def spatial_backward_kernel(
         sum_grad_zhat += tl.sum(tl.load(sums + r * 2 + 1, mask=ok, other=0.0), axis=0)
     tl.store(grad_bn_w, sum_grad_zhat.to(grad_bn_w.dtype.element_ty), mask=program == 0)
     tl.store(grad_bn_b, sum_grad.to(grad_bn_b.dtype.element_ty), mask=program == 0)
-    mean = _acc(tl.load(stats), FP64)
-    rstd = _acc(tl.load(stats + 1), FP64)
-    scale = _acc(tl.load(bn_w), FP64) * rstd
+    mean = tl.load(stats).to(ACC)
+    rstd = tl.load(stats + 1).to(ACC)
+    scale = tl.load(bn_w).to(ACC) * rstd
     if TRAINING:
-        count = _acc(N * P, FP64)
+        count = (N * P).to(ACC)
         centre = sum_grad / count
         slope = sum_grad_zhat / count
     else:  # evaluation: the statistics are constants
-        centre = _zero(FP64)
-        slope = _zero(FP64)
+        centre = _zero(ACC)
+        slope = _zero(ACC)
     k = tl.arange(0, BLOCK_K)
     k_ok = k < KS * KS
-    tap_max, tap_mean = _taps(conv_w, swc, swy, swx, KS, BLOCK_K, FP64)
+    tap_max, tap_mean = _taps(conv_w, swc, swy, swx, KS, BLOCK_K, ACC)
     j = tl.arange(0, BLOCK_H)
     j_ok = j < HID
-    for step in range(0, tl.cdiv(N * CHANNEL_BLOCKS - program, programs)):
-        tile = program + step * programs  # a tensor, also under the interpreter
-        n = tile // CHANNEL_BLOCKS
-        channel_block = tile % CHANNEL_BLOCKS
-        keeps_maps = channel_block == 0
-        c = channel_block * BLOCK_C + tl.arange(0, BLOCK_C)
-        c_ok = c < C
+    for step in range(tl.cdiv(N - program, programs)):
+        n = program + step * programs  # a tensor, also under the interpreter
         n64 = n.to(tl.int64)
         sample_maps = maps + n64 * 2 * P
-        grad_gate = _acc(tl.zeros([BLOCK_C], tl.float32), FP64)
-        conv_max = _acc(tl.zeros([BLOCK_K], tl.float32), FP64)
-        conv_mean = _acc(tl.zeros([BLOCK_K], tl.float32), FP64)
-        for pixel_start in range(0, P, BLOCK_P):
-            p = pixel_start + tl.arange(0, BLOCK_P)
-            p_ok = p < P
-            # d maps at p gathers dz at p - offset_k: dz recomputed there from grad_z and z
-            q, inside = _neighbours(p, P, H, W, KS, BLOCK_K, -1)
-            upstream = _acc(tl.load(grad_z + n * P + q, mask=inside, other=0.0), FP64)
-            zhat = (_acc(tl.load(z + n * P + q, mask=inside, other=0.0), FP64) - mean) * rstd
-            dz = tl.where(inside, scale * (upstream - centre - zhat * slope), 0.0)
-            grad_max = tl.sum(dz * tap_max[:, None], axis=0)
-            grad_mean = tl.sum(dz * tap_mean[:, None], axis=0)
-            grad_maps = grad_maps_out + n64 * 2 * P + p
-            tl.store(grad_maps, grad_max, mask=p_ok & keeps_maps)
-            tl.store(grad_maps + P, grad_mean, mask=p_ok & keeps_maps)
-            if channel_block == 0:  # the weight gradient: sum_p maps[p + offset_k] dz[p]
-                here = tl.where(
-                    p_ok,
-                    scale
-                    * (
-                        _acc(tl.load(grad_z + n * P + p, mask=p_ok, other=0.0), FP64)
-                        - centre
-                        - (_acc(tl.load(z + n * P + p, mask=p_ok, other=0.0), FP64) - mean) * rstd * slope
-                    ),
-                    0.0,
+        d_hidden = tl.zeros([BLOCK_H], ACC)
+        for channel_start in range(0, C, BLOCK_C):
+            first_channels = channel_start == 0
+            c = channel_start + tl.arange(0, BLOCK_C)
+            c_ok = c < C
+            grad_gate = tl.zeros([BLOCK_C], ACC)
+            conv_max = tl.zeros([BLOCK_K], ACC)
+            conv_mean = tl.zeros([BLOCK_K], ACC)
+            for pixel_start in range(0, P, BLOCK_P):
+                p = pixel_start + tl.arange(0, BLOCK_P)
+                p_ok = p < P
+                # d maps at p gathers dz at p - offset_k: dz recomputed there from grad_z and z
+                q, inside = _neighbours(p, P, H, W, KS, BLOCK_K, -1)
+                upstream = tl.load(grad_z + n * P + q, mask=inside, other=0.0).to(ACC)
+                zhat = (tl.load(z + n * P + q, mask=inside, other=0.0).to(ACC) - mean) * rstd
+                dz = tl.where(inside, scale * (upstream - centre - zhat * slope), 0.0)
+                grad_max = tl.sum(dz * tap_max[:, None], axis=0)
+                grad_mean = tl.sum(dz * tap_mean[:, None], axis=0)
+                if first_channels:  # d maps, and the weight gradient sum_p maps[p + offset_k] dz[p]
+                    grad_maps = grad_maps_out + n64 * 2 * P + p
+                    tl.store(grad_maps, grad_max, mask=p_ok)
+                    tl.store(grad_maps + P, grad_mean, mask=p_ok)
+                    here_z = (tl.load(z + n * P + p, mask=p_ok, other=0.0).to(ACC) - mean) * rstd
+                    here_grad = tl.load(grad_z + n * P + p, mask=p_ok, other=0.0).to(ACC)
+                    here = tl.where(p_ok, scale * (here_grad - centre - here_z * slope), 0.0)
+                    ahead, ahead_inside = _neighbours(p, P, H, W, KS, BLOCK_K, 1)
+                    ahead_max = tl.load(sample_maps + ahead, mask=ahead_inside, other=0.0).to(ACC)
+                    ahead_mean = tl.load(sample_maps + P + ahead, mask=ahead_inside, other=0.0).to(ACC)
+                    conv_max += tl.sum(ahead_max * here[None, :], axis=1)
+                    conv_mean += tl.sum(ahead_mean * here[None, :], axis=1)
+                winner = tl.load(channel_argmax + n * P + p, mask=p_ok, other=-1)
+                ok = p_ok[:, None] & c_ok[None, :]
+                share = grad_mean[:, None] / C + tl.where(
+                    c[None, :] == winner[:, None], grad_max[:, None], 0.0
                 )
-                ahead, ahead_inside = _neighbours(p, P, H, W, KS, BLOCK_K, 1)
-                conv_max += tl.sum(
-                    _acc(tl.load(sample_maps + ahead, mask=ahead_inside, other=0.0), FP64) * here[None, :],
-                    axis=1,
-                )
-                conv_mean += tl.sum(
-                    _acc(tl.load(sample_maps + P + ahead, mask=ahead_inside, other=0.0), FP64)
-                    * here[None, :],
-                    axis=1,
-                )
-            winner = tl.load(channel_argmax + n * P + p, mask=p_ok, other=-1)
-            ok = p_ok[:, None] & c_ok[None, :]
-            share = grad_mean[:, None] / C + tl.where(c[None, :] == winner[:, None], grad_max[:, None], 0.0)
-            x_offsets = n64 * sxn + c[None, :].to(tl.int64) * sxc + p[:, None].to(tl.int64) * sxp
-            values = _acc(tl.load(x + x_offsets, mask=ok, other=0.0), FP64)
-            grad_gate += tl.sum(tl.where(ok, values * share, 0.0), axis=0)
-        conv_row = conv_partials + n64 * 2 * KS * KS
-        tl.store(conv_row + k, conv_max, mask=k_ok & keeps_maps)
-        tl.store(conv_row + KS * KS + k, conv_mean, mask=k_ok & keeps_maps)
-        for block in range(0, GATE_BLOCKS):  # the d g term of y, summed over its pixel blocks
-            grad_gate += _acc(
-                tl.load(gate_partials + ((n * GATE_BLOCKS + block) * C + c), mask=c_ok, other=0.0), FP64
+                x_offsets = n64 * sxn + c[None, :].to(tl.int64) * sxc + p[:, None].to(tl.int64) * sxp
+                values = tl.load(x + x_offsets, mask=ok, other=0.0).to(ACC)
+                grad_gate += tl.sum(tl.where(ok, values * share, 0.0), axis=0)
+            conv_row = conv_partials + n64 * 2 * KS * KS
+            tl.store(conv_row + k, conv_max, mask=k_ok & first_channels)
+            tl.store(conv_row + KS * KS + k, conv_mean, mask=k_ok & first_channels)
+            for block in range(GATE_BLOCKS):  # the d g term of y, summed over its pixel blocks
+                rows = gate_partials + (n * GATE_BLOCKS + block) * C + c
+                grad_gate += tl.load(rows, mask=c_ok, other=0.0).to(ACC)
+            weights = tl.load(gate + n * C + c, mask=c_ok, other=0.0).to(ACC)
+            grad_logits = grad_gate * weights * (1.0 - weights)
+            tl.store(grad_logits_out + n * C + c, grad_logits, mask=c_ok)
+            out_weights = tl.load(
+                w2 + c[:, None] * HID + j[None, :], mask=c_ok[:, None] & j_ok[None, :], other=0.0
             )
-        weights = _acc(tl.load(gate + n * C + c, mask=c_ok, other=0.0), FP64)
-        grad_logits = grad_gate * weights * (1.0 - weights)
-        tl.store(grad_logits_out + n * C + c, grad_logits, mask=c_ok)
-        out_weights = tl.load(
-            w2 + c[:, None] * HID + j[None, :], mask=c_ok[:, None] & j_ok[None, :], other=0.0
-        )
-        hidden = tl.sum(_acc(out_weights, FP64) * grad_logits[:, None], axis=0)
-        tl.store(hidden_partials + (n * CHANNEL_BLOCKS + channel_block) * HID + j, hidden, mask=j_ok)
+            d_hidden += tl.sum(out_weights.to(ACC) * grad_logits[:, None], axis=0)
+        tl.store(hidden_grad_out + n * HID + j, d_hidden, mask=j_ok)
 
 
 @triton.jit
@@ -604,7 +580,7 @@ def input_backward_kernel(
     avg,
     mx,
     hidden,
-    hidden_partials,
+    hidden_grad,
     grad_logits,
     conv_partials,
     w1,
@@ -629,7 +605,6 @@ def input_backward_kernel(
     sdp,
     PIXEL_BLOCKS,
     CHANNEL_BLOCKS,
-    HIDDEN_CHANNEL_BLOCKS,
     WEIGHT_CHANNEL_BLOCKS,
     WEIGHT_HIDDEN_BLOCKS,
     swc,
@@ -646,7 +621,7 @@ def input_backward_kernel(
     BLOCK_WC: tl.constexpr,
     BLOCK_WH: tl.constexpr,
     BLOCK_T: tl.constexpr,
-    FP64: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """The input gradient, written once, and the weight gradients. Tiles of a persistent grid:
 
@@ -663,45 +638,40 @@ def input_backward_kernel(
     programs = tl.num_programs(0)
     weight_tiles = WEIGHT_CHANNEL_BLOCKS * WEIGHT_HIDDEN_BLOCKS
     input_tiles = N * PIXEL_BLOCKS * CHANNEL_BLOCKS
-    for step in range(0, tl.cdiv(weight_tiles + 1 + input_tiles - program, programs)):
+    for step in range(tl.cdiv(weight_tiles + 1 + input_tiles - program, programs)):
         tile = program + step * programs  # a tensor, also under the interpreter
         if tile < weight_tiles:
             cw = (tile // WEIGHT_HIDDEN_BLOCKS) * BLOCK_WC + tl.arange(0, BLOCK_WC)
             jw = (tile % WEIGHT_HIDDEN_BLOCKS) * BLOCK_WH + tl.arange(0, BLOCK_WH)
             cw_ok = cw < C
             jw_ok = jw < HID
-            acc_w2 = _acc(tl.zeros([BLOCK_WC, BLOCK_WH], tl.float32), FP64)
-            acc_w1 = _acc(tl.zeros([BLOCK_WH, BLOCK_WC], tl.float32), FP64)
-            acc_b2 = _acc(tl.zeros([BLOCK_WC], tl.float32), FP64)
-            acc_b1 = _acc(tl.zeros([BLOCK_WH], tl.float32), FP64)
+            acc_w2 = tl.zeros([BLOCK_WC, BLOCK_WH], ACC)
+            acc_w1 = tl.zeros([BLOCK_WH, BLOCK_WC], ACC)
+            acc_b2 = tl.zeros([BLOCK_WC], ACC)
+            acc_b1 = tl.zeros([BLOCK_WH], ACC)
             for n_start in range(0, N, BLOCK_N):
                 ns = n_start + tl.arange(0, BLOCK_N)
                 ns_ok = ns < N
                 nc = ns_ok[:, None] & cw_ok[None, :]
                 nj = ns_ok[:, None] & jw_ok[None, :]
-                logits = _acc(tl.load(grad_logits + ns[:, None] * C + cw[None, :], mask=nc, other=0.0), FP64)
-                d_hidden = _acc(tl.zeros([BLOCK_N, BLOCK_WH], tl.float32), FP64)
-                for block in range(0, HIDDEN_CHANNEL_BLOCKS):
-                    rows = (ns[:, None] * HIDDEN_CHANNEL_BLOCKS + block) * HID + jw[None, :]
-                    d_hidden += _acc(tl.load(hidden_partials + rows, mask=nj, other=0.0), FP64)
-                relu_total = _acc(tl.zeros([BLOCK_N, BLOCK_WH], tl.float32), FP64)
+                logits = tl.load(grad_logits + ns[:, None] * C + cw[None, :], mask=nc, other=0.0).to(ACC)
+                d_hidden = tl.load(hidden_grad + ns[:, None] * HID + jw[None, :], mask=nj, other=0.0).to(ACC)
+                relu_total = tl.zeros([BLOCK_N, BLOCK_WH], ACC)
                 if USE_AVG:
-                    pre = _acc(
-                        tl.load(hidden + (ns[:, None] * 2) * HID + jw[None, :], mask=nj, other=0.0), FP64
-                    )
+                    pre = tl.load(hidden + (ns[:, None] * 2) * HID + jw[None, :], mask=nj, other=0.0).to(ACC)
                     relu_total += tl.maximum(pre, 0.0)
                     d_avg = tl.where(pre > 0, d_hidden, 0.0)
                     acc_b1 += tl.sum(d_avg, axis=0)
-                    desc = _acc(tl.load(avg + ns[:, None] * C + cw[None, :], mask=nc, other=0.0), FP64)
+                    desc = tl.load(avg + ns[:, None] * C + cw[None, :], mask=nc, other=0.0).to(ACC)
                     acc_w1 += tl.sum(d_avg[:, :, None] * desc[:, None, :], axis=0)
                 if USE_MAX:
-                    pre = _acc(
-                        tl.load(hidden + (ns[:, None] * 2 + 1) * HID + jw[None, :], mask=nj, other=0.0), FP64
+                    pre = tl.load(hidden + (ns[:, None] * 2 + 1) * HID + jw[None, :], mask=nj, other=0.0).to(
+                        ACC
                     )
                     relu_total += tl.maximum(pre, 0.0)
                     d_max = tl.where(pre > 0, d_hidden, 0.0)
                     acc_b1 += tl.sum(d_max, axis=0)
-                    desc = _acc(tl.load(mx + ns[:, None] * C + cw[None, :], mask=nc, other=0.0), FP64)
+                    desc = tl.load(mx + ns[:, None] * C + cw[None, :], mask=nc, other=0.0).to(ACC)
                     acc_w1 += tl.sum(d_max[:, :, None] * desc[:, None, :], axis=0)
                 acc_w2 += tl.sum(logits[:, :, None] * relu_total[:, None, :], axis=0)
                 acc_b2 += tl.sum(logits, axis=0)
@@ -726,9 +696,9 @@ def input_backward_kernel(
         elif tile == weight_tiles:
             taps = tl.arange(0, BLOCK_T)  # (map channel, ky, kx) flattened, as conv_partials holds them
             taps_ok = taps < 2 * KS * KS
-            total = _acc(tl.zeros([BLOCK_T], tl.float32), FP64)
-            for n in range(0, N):
-                total += _acc(tl.load(conv_partials + n * 2 * KS * KS + taps, mask=taps_ok, other=0.0), FP64)
+            total = tl.zeros([BLOCK_T], ACC)
+            for n in range(N):
+                total += tl.load(conv_partials + n * 2 * KS * KS + taps, mask=taps_ok, other=0.0).to(ACC)
             kernel_tap = taps % (KS * KS)
             offsets = (taps // (KS * KS)) * swc + (kernel_tap // KS) * swy + (kernel_tap % KS) * swx
             tl.store(grad_conv_w + offsets, total.to(grad_conv_w.dtype.element_ty), mask=taps_ok)
@@ -742,32 +712,25 @@ def input_backward_kernel(
             c_ok = c < C
             j = tl.arange(0, BLOCK_H)
             j_ok = j < HID
-            d_hidden = _acc(tl.zeros([BLOCK_H], tl.float32), FP64)
-            for block in range(0, HIDDEN_CHANNEL_BLOCKS):
-                d_hidden += _acc(
-                    tl.load(
-                        hidden_partials + (n * HIDDEN_CHANNEL_BLOCKS + block) * HID + j, mask=j_ok, other=0.0
-                    ),
-                    FP64,
-                )
-            first_weights = _acc(
-                tl.load(w1 + j[:, None] * C + c[None, :], mask=j_ok[:, None] & c_ok[None, :], other=0.0), FP64
-            )
-            channel_term = _acc(tl.zeros([BLOCK_P, BLOCK_C], tl.float32), FP64)
+            d_hidden = tl.load(hidden_grad + n * HID + j, mask=j_ok, other=0.0).to(ACC)
+            first_weights = tl.load(
+                w1 + j[:, None] * C + c[None, :], mask=j_ok[:, None] & c_ok[None, :], other=0.0
+            ).to(ACC)
+            channel_term = tl.zeros([BLOCK_P, BLOCK_C], ACC)
             if USE_AVG:
-                pre = _acc(tl.load(hidden + (n * 2) * HID + j, mask=j_ok, other=0.0), FP64)
+                pre = tl.load(hidden + (n * 2) * HID + j, mask=j_ok, other=0.0).to(ACC)
                 d_avg = tl.sum(first_weights * tl.where(pre > 0, d_hidden, 0.0)[:, None], axis=0)
                 channel_term += d_avg[None, :] / P
             if USE_MAX:
-                pre = _acc(tl.load(hidden + (n * 2 + 1) * HID + j, mask=j_ok, other=0.0), FP64)
+                pre = tl.load(hidden + (n * 2 + 1) * HID + j, mask=j_ok, other=0.0).to(ACC)
                 d_max = tl.sum(first_weights * tl.where(pre > 0, d_hidden, 0.0)[:, None], axis=0)
                 winner_pixel = tl.load(pixel_argmax + n * C + c, mask=c_ok, other=-1)
                 channel_term += tl.where(p[:, None] == winner_pixel[None, :], d_max[None, :], 0.0)
-            weights = _acc(tl.load(gate + n * C + c, mask=c_ok, other=0.0), FP64)
-            pixel_weights = _acc(tl.load(s + n * P + p, mask=p_ok, other=0.0), FP64)
+            weights = tl.load(gate + n * C + c, mask=c_ok, other=0.0).to(ACC)
+            pixel_weights = tl.load(s + n * P + p, mask=p_ok, other=0.0).to(ACC)
             sample_grad_maps = grad_maps + n.to(tl.int64) * 2 * P + p
-            grad_max = _acc(tl.load(sample_grad_maps, mask=p_ok, other=0.0), FP64)
-            grad_mean = _acc(tl.load(sample_grad_maps + P, mask=p_ok, other=0.0), FP64)
+            grad_max = tl.load(sample_grad_maps, mask=p_ok, other=0.0).to(ACC)
+            grad_mean = tl.load(sample_grad_maps + P, mask=p_ok, other=0.0).to(ACC)
             winner_channel = tl.load(channel_argmax + n * P + p, mask=p_ok, other=-1)
             spatial_share = grad_mean[:, None] / C + tl.where(
                 c[None, :] == winner_channel[:, None], grad_max[:, None], 0.0
@@ -776,6 +739,6 @@ def input_backward_kernel(
             n64 = n.to(tl.int64)
             c64 = c[None, :].to(tl.int64)
             p64 = p[:, None].to(tl.int64)
-            upstream = _acc(tl.load(grad_y + n64 * sgn + c64 * sgc + p64 * sgp, mask=ok, other=0.0), FP64)
+            upstream = tl.load(grad_y + n64 * sgn + c64 * sgc + p64 * sgp, mask=ok, other=0.0).to(ACC)
             grad = weights[None, :] * (upstream * pixel_weights[:, None] + spatial_share) + channel_term
             tl.store(grad_x + n64 * sdn + c64 * sdc + p64 * sdp, grad.to(grad_x.dtype.element_ty), mask=ok)

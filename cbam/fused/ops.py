@@ -16,6 +16,7 @@ import functools
 from dataclasses import dataclass
 
 import torch
+import triton.language as tl
 from torch import Tensor
 from torch.library import register_autograd, triton_op, wrap_triton
 
@@ -39,8 +40,10 @@ _BLOCK_N = 8
 _PROGRAMS_PER_SM = 4
 _INTERPRETER_PROGRAMS = 3
 #: tile sizes x this on the CPU: Triton's interpreter runs every tile operation as a numpy call with a fixed
-#: cost, so larger tiles make the tests ~4x faster (a 32x32 map is still 4 tiles of the loops over pixels)
+#: cost, so larger tiles make the tests ~4x faster (a 32x32 map is still 4 tiles of the loops over pixels);
+#: the weight gradients' tiles x 16 (C = 2048 channels still make 4 channel blocks of 4 hidden blocks)
 _INTERPRETER_TILE_SCALE = 4
+_INTERPRETER_WEIGHT_TILE_SCALE = 16
 
 #: channel_pooling -> (uses the average descriptor, uses the max descriptor)
 DESCRIPTORS = {"avg_max": (True, True), "avg": (True, False), "max": (False, True)}
@@ -79,7 +82,7 @@ def _tile(
     return block_p, max(1, min(_pow2(channels), _TILE * scale // block_p, max_channels))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _programs(device: torch.device) -> int:
     """Programs of a persistent grid on ``device``."""
     if device.type == "cuda":
@@ -101,7 +104,6 @@ class Plan:
     out: tuple[int, int]  # gated_output and output_backward (BLOCK_P, BLOCK_C)
     out_blocks: tuple[int, int]  # (pixel blocks, channel blocks)
     spatial: tuple[int, int]  # spatial_backward (BLOCK_P, BLOCK_C)
-    spatial_blocks: int  # its channel blocks
     grad: tuple[int, int]  # input_backward's x tiles (BLOCK_P, BLOCK_C)
     grad_blocks: tuple[int, int]
     weight: tuple[int, int]  # input_backward's weight tiles (BLOCK_WC, BLOCK_WH)
@@ -116,7 +118,8 @@ def plan(
 ) -> Plan:
     """Worked out once per (shape, layout, hidden size, kernel size, device): eager mode then pays one
     dictionary lookup per layer call for all its launch arguments."""
-    scale = 1 if device.type == "cuda" else _INTERPRETER_TILE_SCALE
+    on_gpu = device.type == "cuda"
+    scale = 1 if on_gpu else _INTERPRETER_TILE_SCALE
     block_h = _pow2(hidden)
     mlp_channels = max(1, _WEIGHT_TILE * scale // block_h)
     block_k = _pow2(kernel_size * kernel_size)
@@ -125,7 +128,8 @@ def plan(
     spatial_p, spatial_c = _tile(strides, c, p, scale, mlp_channels)
     grad = _tile(strides, c, p, scale, mlp_channels)
     weight_h = min(32, block_h)
-    weight_c = max(1, min(_pow2(c), _WEIGHT_GRAD_TILE // (_BLOCK_N * weight_h)))
+    weight_budget = _WEIGHT_GRAD_TILE * (1 if on_gpu else _INTERPRETER_WEIGHT_TILE_SCALE)
+    weight_c = max(1, min(_pow2(c), weight_budget // (_BLOCK_N * weight_h)))
     return Plan(
         pool=_tile(strides, c, p, scale),
         gate=_tile(strides, c, p, scale, mlp_channels),
@@ -137,7 +141,6 @@ def plan(
         out=out,
         out_blocks=(_cdiv(p, out[0]), _cdiv(c, out[1])),
         spatial=(max(1, min(spatial_p, _GATHER_TILE * scale // block_k)), spatial_c),
-        spatial_blocks=_cdiv(c, spatial_c),
         grad=grad,
         grad_blocks=(_cdiv(p, grad[0]), _cdiv(c, grad[1])),
         weight=(weight_c, weight_h),
@@ -184,15 +187,15 @@ def forward(
     kernel_size = conv_w.shape[-1]
     x, strides = _ncp(x)
     use_avg, use_max = DESCRIPTORS[channel_pooling]
-    fp64 = x.dtype == torch.float64
+    accumulator = tl.float64 if x.dtype == torch.float64 else tl.float32
     layout = plan(n, c, pixels, strides, hidden_size, kernel_size, x.device)
-    small = dict(dtype=_accumulator(x), device=x.device)
+    small = {"dtype": _accumulator(x), "device": x.device}
 
     avg, mx = torch.empty((n, c), **small), torch.empty((n, c), **small)
     pixel_argmax = torch.empty((n, c), dtype=torch.int32, device=x.device)
     block_p, block_c = layout.pool
     launch(kernels.channel_pool_kernel)[(n, _cdiv(c, block_c))](
-        x, avg, mx, pixel_argmax, c, pixels, *strides, BLOCK_P=block_p, BLOCK_C=block_c, FP64=fp64
+        x, avg, mx, pixel_argmax, c, pixels, *strides, BLOCK_P=block_p, BLOCK_C=block_c, ACC=accumulator
     )
 
     gate, hidden = torch.empty((n, c), **small), torch.empty((n, 2, hidden_size), **small)
@@ -202,7 +205,7 @@ def forward(
     launch(kernels.gate_pool_kernel)[(n, _cdiv(pixels, block_p))](
         x, avg, mx, w1, b1, w2, b2, gate, hidden, maps, channel_argmax, c, pixels, hidden_size, *strides,
         USE_AVG=use_avg, USE_MAX=use_max, BRANCHES=use_avg + use_max, BLOCK_P=block_p, BLOCK_C=block_c,
-        BLOCK_H=layout.block_h, BLOCK_CM=layout.block_cm, FP64=fp64,
+        BLOCK_H=layout.block_h, BLOCK_CM=layout.block_cm, ACC=accumulator,
     )  # fmt: skip
 
     z = torch.empty((n, pixels), **small)
@@ -210,7 +213,7 @@ def forward(
     partials = torch.empty((conv_grid[0], 3), **small)
     launch(kernels.spatial_conv_kernel)[conv_grid](
         maps, conv_w, z, partials, n, pixels, height, width, layout.conv_blocks, *conv_w.stride()[1:],
-        KS=kernel_size, TRAINING=training, BLOCK_P=layout.conv_p, BLOCK_K=layout.block_k, FP64=fp64,
+        KS=kernel_size, TRAINING=training, BLOCK_P=layout.conv_p, BLOCK_K=layout.block_k, ACC=accumulator,
     )  # fmt: skip
 
     y, y_strides = _ncp(torch.empty_like(x))
@@ -220,7 +223,7 @@ def forward(
         x, gate, z, bn_w, bn_b, running_mean, running_var, batches_tracked, partials, y, s, stats,
         n, c, pixels, conv_grid[0], eps, momentum, *strides, *y_strides, pixel_blocks, channel_blocks,
         TRAINING=training, UPDATE_RUNNING=training and update_running, BLOCK_P=block_p, BLOCK_C=block_c,
-        BLOCK_R=min(_pow2(conv_grid[0]), 1024), FP64=fp64,
+        BLOCK_R=min(_pow2(conv_grid[0]), 1024), ACC=accumulator,
     )  # fmt: skip
     return y, avg, mx, pixel_argmax, hidden, gate, maps, channel_argmax, z, s, stats
 
@@ -257,9 +260,9 @@ def backward(
     x, strides = _ncp(x)
     grad_y, grad_strides = _ncp(grad_y)
     use_avg, use_max = DESCRIPTORS[channel_pooling]
-    fp64 = x.dtype == torch.float64
+    accumulator = tl.float64 if x.dtype == torch.float64 else tl.float32
     layout = plan(n, c, pixels, strides, hidden_size, kernel_size, x.device)
-    small = dict(dtype=_accumulator(x), device=x.device)
+    small = {"dtype": _accumulator(x), "device": x.device}
 
     (block_p, block_c), pixel_blocks = layout.out, layout.out_blocks[0]
     grad_z = torch.empty((n, pixels), **small)
@@ -268,21 +271,21 @@ def backward(
     sums = torch.empty((sums_grid[0], 2), **small)
     launch(kernels.output_backward_kernel)[sums_grid](
         grad_y, x, gate, s, z, stats, grad_z, gate_partials, sums, n, c, pixels, *grad_strides, *strides,
-        pixel_blocks, BLOCK_P=block_p, BLOCK_C=block_c, FP64=fp64,
+        pixel_blocks, BLOCK_P=block_p, BLOCK_C=block_c, ACC=accumulator,
     )  # fmt: skip
 
     grad_bn_w, grad_bn_b = torch.empty_like(bn_w), torch.empty_like(bn_b)
     grad_maps = torch.empty((n, 2, pixels), **small)
     conv_partials = torch.empty((n, 2 * kernel_size * kernel_size), **small)
     grad_logits = torch.empty((n, c), **small)
-    (block_p, block_c), channel_blocks = layout.spatial, layout.spatial_blocks
-    hidden_partials = torch.empty((n, channel_blocks, hidden_size), **small)
-    launch(kernels.spatial_backward_kernel)[_persistent(n * channel_blocks, layout.programs)](
+    hidden_grad = torch.empty((n, hidden_size), **small)
+    block_p, block_c = layout.spatial
+    launch(kernels.spatial_backward_kernel)[_persistent(n, layout.programs)](
         x, gate, maps, channel_argmax, grad_z, z, stats, sums, bn_w, conv_w, w2, gate_partials, grad_bn_w,
-        grad_bn_b, grad_maps, conv_partials, grad_logits, hidden_partials, n, c, pixels, height, width,
-        hidden_size, sums_grid[0], *strides, channel_blocks, pixel_blocks, *conv_w.stride()[1:],
+        grad_bn_b, grad_maps, conv_partials, grad_logits, hidden_grad, n, c, pixels, height, width,
+        hidden_size, sums_grid[0], *strides, pixel_blocks, *conv_w.stride()[1:],
         KS=kernel_size, TRAINING=training, BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_K=layout.block_k,
-        BLOCK_H=layout.block_h, BLOCK_R=min(_pow2(sums_grid[0]), 1024), FP64=fp64,
+        BLOCK_H=layout.block_h, BLOCK_R=min(_pow2(sums_grid[0]), 1024), ACC=accumulator,
     )  # fmt: skip
 
     grad_x, grad_x_strides = _ncp(torch.empty_like(x))
@@ -292,13 +295,13 @@ def backward(
     (block_wc, block_wh), (weight_c_blocks, weight_h_blocks) = layout.weight, layout.weight_blocks
     tiles = weight_c_blocks * weight_h_blocks + 1 + n * pixel_blocks * grad_channel_blocks
     launch(kernels.input_backward_kernel)[_persistent(tiles, layout.programs)](
-        grad_y, x, gate, s, grad_maps, channel_argmax, pixel_argmax, avg, mx, hidden, hidden_partials,
+        grad_y, x, gate, s, grad_maps, channel_argmax, pixel_argmax, avg, mx, hidden, hidden_grad,
         grad_logits, conv_partials, w1, grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_conv_w,
         n, c, pixels, hidden_size, *grad_strides, *strides, *grad_x_strides, pixel_blocks, grad_channel_blocks,
-        channel_blocks, weight_c_blocks, weight_h_blocks, *conv_w.stride()[1:], KS=kernel_size,
+        weight_c_blocks, weight_h_blocks, *conv_w.stride()[1:], KS=kernel_size,
         USE_AVG=use_avg, USE_MAX=use_max, BRANCHES=use_avg + use_max, BLOCK_P=block_p, BLOCK_C=block_c,
         BLOCK_H=layout.block_h, BLOCK_N=_BLOCK_N, BLOCK_WC=block_wc, BLOCK_WH=block_wh,
-        BLOCK_T=layout.block_t, FP64=fp64,
+        BLOCK_T=layout.block_t, ACC=accumulator,
     )  # fmt: skip
     return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_conv_w, grad_bn_w, grad_bn_b
 
