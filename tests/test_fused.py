@@ -151,6 +151,19 @@ def test_fused_matches_the_plain_formula(case: Case):
         assert twin.bn.num_batches_tracked.item() == 1 and twin.bn.running_mean.item() != 0.3
 
 
+@pytest.mark.parametrize(
+    "case", [CASES["channels_last-5x7-k7"], CASES["nchw-24x24-hidden-20"]], ids=["cl-k7", "24x24"]
+)
+def test_the_gpu_tile_plan_gives_the_same_numbers(case: Case, monkeypatch):
+    """The tile sizes and persistent grids an H100 (132 multiprocessors) gets, run by the interpreter."""
+    import cbam.fused.ops as ops
+
+    monkeypatch.setattr(ops, "multiprocessors", lambda device: 132)
+    torch.manual_seed(6)
+    reference, fused = run_both(make_gates(case), make_input(case), case.channel_pooling)
+    assert_same(reference, fused, TOLERANCES[case.dtype])
+
+
 def test_cropped_input_and_broadcast_output_gradient():
     """A crop cannot flatten H and W into one stride, and ``y.sum()`` sends back a zero-stride gradient."""
     torch.manual_seed(1)

@@ -83,11 +83,9 @@ def _tile(
 
 
 @functools.cache
-def _programs(device: torch.device) -> int:
-    """Programs of a persistent grid on ``device``."""
-    if device.type == "cuda":
-        return _PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
-    return _INTERPRETER_PROGRAMS
+def multiprocessors(device: torch.device) -> int | None:
+    """The GPU's multiprocessor count; None on the CPU (Triton's interpreter)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
 
 
 @dataclass(frozen=True)
@@ -114,11 +112,12 @@ class Plan:
 
 @functools.lru_cache(maxsize=512)
 def plan(
-    n: int, c: int, p: int, strides: tuple[int, int, int], hidden: int, kernel_size: int, device: torch.device
+    n: int, c: int, p: int, strides: tuple[int, int, int], hidden: int, kernel_size: int, gpu: int | None
 ) -> Plan:
-    """Worked out once per (shape, layout, hidden size, kernel size, device): eager mode then pays one
-    dictionary lookup per layer call for all its launch arguments."""
-    on_gpu = device.type == "cuda"
+    """Worked out once per (shape, layout, hidden size, kernel size, GPU multiprocessors or None for
+    Triton's interpreter): eager mode then pays one dictionary lookup per layer call for all its launch
+    arguments."""
+    on_gpu = gpu is not None
     scale = 1 if on_gpu else _INTERPRETER_TILE_SCALE
     block_h = _pow2(hidden)
     mlp_channels = max(1, _WEIGHT_TILE * scale // block_h)
@@ -146,7 +145,7 @@ def plan(
         weight=(weight_c, weight_h),
         weight_blocks=(_cdiv(c, weight_c), _cdiv(hidden, weight_h)),
         block_t=_pow2(2 * kernel_size * kernel_size),
-        programs=_programs(device),
+        programs=_PROGRAMS_PER_SM * gpu if on_gpu else _INTERPRETER_PROGRAMS,
     )
 
 
@@ -188,7 +187,7 @@ def forward(
     x, strides = _ncp(x)
     use_avg, use_max = DESCRIPTORS[channel_pooling]
     accumulator = tl.float64 if x.dtype == torch.float64 else tl.float32
-    layout = plan(n, c, pixels, strides, hidden_size, kernel_size, x.device)
+    layout = plan(n, c, pixels, strides, hidden_size, kernel_size, multiprocessors(x.device))
     small = {"dtype": _accumulator(x), "device": x.device}
 
     avg, mx = torch.empty((n, c), **small), torch.empty((n, c), **small)
@@ -261,7 +260,7 @@ def backward(
     grad_y, grad_strides = _ncp(grad_y)
     use_avg, use_max = DESCRIPTORS[channel_pooling]
     accumulator = tl.float64 if x.dtype == torch.float64 else tl.float32
-    layout = plan(n, c, pixels, strides, hidden_size, kernel_size, x.device)
+    layout = plan(n, c, pixels, strides, hidden_size, kernel_size, multiprocessors(x.device))
     small = {"dtype": _accumulator(x), "device": x.device}
 
     (block_p, block_c), pixel_blocks = layout.out, layout.out_blocks[0]
