@@ -24,48 +24,32 @@ from pathlib import Path
 if "--quick" in sys.argv:  # the interpreter must be on before the Triton kernels are defined
     os.environ["TRITON_INTERPRET"] = "1"
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import describe_device, software_versions  # noqa: E402
+from common import describe_device, software_versions
 
-from cbam.attention import CBAM  # noqa: E402
-from cbam.fused import cbam_fused, fused_available  # noqa: E402
-from cbam.resnet import BasicBlock, build_resnet  # noqa: E402
+from cbam.attention import CBAM
+from cbam.fused import fused_available
+from cbam.resnet import BasicBlock, build_resnet
 
 #: largest accepted difference relative to the largest reference value, per precision
 TOLERANCE = {"fp32": 1e-3, "bf16": 5e-2}
-
-
-class FusedCBAM(nn.Module):
-    """The reference layer's parameters driven through cbam_fused."""
-
-    def __init__(self, reference: CBAM) -> None:
-        super().__init__()
-        self.channel, self.spatial = reference.channel, reference.spatial
-
-    def channel_gate(self, average: torch.Tensor, maximum: torch.Tensor) -> torch.Tensor:
-        both = self.channel.mlp(torch.cat((average, maximum), dim=0))
-        return torch.sigmoid(sum(both.chunk(2, dim=0)))[:, :, None, None]
-
-    def spatial_gate(self, maps: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.spatial.bn(self.spatial.conv(maps)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cbam_fused(x, self.channel_gate, self.spatial_gate)
 
 
 def make_blocks(channels: int, device: torch.device) -> dict[str, nn.Module]:
     torch.manual_seed(0)
     reference = BasicBlock(channels, channels, 1, lambda c: CBAM(c, 16, 7))
     fused = copy.deepcopy(reference)
-    fused.attention = FusedCBAM(fused.attention)
+    fused.attention.impl = "fused"  # the same parameters, driven through the fused kernels
     plain = copy.deepcopy(reference)
     plain.attention = nn.Identity()
-    return {name: block.to(device).to(memory_format=torch.channels_last)
-            for name, block in (("plain", plain), ("reference", reference), ("fused", fused))}
+    return {
+        name: block.to(device).to(memory_format=torch.channels_last)
+        for name, block in (("plain", plain), ("reference", reference), ("fused", fused))
+    }
 
 
 def step(block: nn.Module, x: torch.Tensor, weights: torch.Tensor, precision: str) -> torch.Tensor:
@@ -136,16 +120,20 @@ def check(channels: int, size: int, batch: int, precision: str, compiled: bool, 
     prepare = torch.compile if compiled else (lambda block: block)
     row = {"channels": channels, "size": size, "batch": batch, "precision": precision, "compiled": compiled}
     if precision == "fp32":
-        runs = {name: forward_backward(prepare(blocks[name]), x, weights, "fp32")
-                for name in ("reference", "fused")}
+        runs = {
+            name: forward_backward(prepare(blocks[name]), x, weights, "fp32")
+            for name in ("reference", "fused")
+        }
         (y_ref, x_ref), (y_fused, x_fused) = runs["reference"], runs["fused"]
         row["relative_difference"] = relative_differences(
             blocks["reference"], blocks["fused"], x_ref, x_fused, y_ref, y_fused
         )
         row["nonfinite"] = nonfinite("reference", blocks["reference"], y_ref, x_ref) + nonfinite(
-            "fused", blocks["fused"], y_fused, x_fused)
+            "fused", blocks["fused"], y_fused, x_fused
+        )
         row["passed"] = not row["nonfinite"] and all(
-            value <= TOLERANCE["fp32"] for value in row["relative_difference"].values())
+            value <= TOLERANCE["fp32"] for value in row["relative_difference"].values()
+        )
     else:
         x = x.to(torch.bfloat16)
         row["error_vs_fp32"], row["nonfinite"] = {}, []
@@ -159,7 +147,8 @@ def check(channels: int, size: int, batch: int, precision: str, compiled: bool, 
             row["nonfinite"] += nonfinite(name, blocks[name], y_low, x_low)
         errors = row["error_vs_fp32"]
         row["passed"] = not row["nonfinite"] and all(
-            errors["fused"][key] <= 2 * errors["reference"][key] + 1e-3 for key in errors["fused"])
+            errors["fused"][key] <= 2 * errors["reference"][key] + 1e-3 for key in errors["fused"]
+        )
     timed = {name: prepare(block) for name, block in blocks.items()}
     x = x.detach().requires_grad_()
     row["step_ms"] = {
@@ -196,12 +185,14 @@ def network_step_ms(batch: int, device: torch.device, repeats: int, width: int) 
     torch.manual_seed(0)
     networks = {
         "plain": build_resnet(18, width=width),
-        "reference": build_resnet(18, use_cbam_block=True, width=width),
+        "reference": build_resnet(
+            18, use_cbam_block=True, width=width, reduction_ratio=min(16, width), cbam_impl="reference"
+        ),
     }
     networks["fused"] = copy.deepcopy(networks["reference"])
     for module in networks["fused"].modules():
-        if isinstance(getattr(module, "attention", None), CBAM):
-            module.attention = FusedCBAM(module.attention)
+        if isinstance(module, CBAM):
+            module.impl = "fused"
     images = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, 10, (batch,), device=device)
     times = {}
@@ -218,22 +209,29 @@ def network_step_ms(batch: int, device: torch.device, repeats: int, width: int) 
 
 
 def opcheck_all(device: torch.device) -> dict:
-    """torch.library.opcheck on every op (schema, fake tensors, autograd registration, AOT dispatch)."""
+    """torch.library.opcheck on the fused layer's op (schema, fake tensors, autograd registration, AOT
+    dispatch), in training and in evaluation mode."""
+    layer = CBAM(8, 2, 3).to(device, torch.float64)
+    first, _, second = layer.channel.mlp
+    bn = layer.spatial.bn
     x = torch.randn(2, 8, 5, 7, device=device, dtype=torch.float64, requires_grad=True)
-    gate = torch.rand(2, 8, 1, 1, device=device, dtype=torch.float64, requires_grad=True)
-    spatial = torch.rand(2, 1, 5, 7, device=device, dtype=torch.float64, requires_grad=True)
-    cases = {
-        "channel_pool": (torch.ops.cbam.channel_pool.default, (x,)),
-        "gated_pool": (torch.ops.cbam.gated_pool.default, (x, gate)),
-        "gated_output": (torch.ops.cbam.gated_output.default, (x, gate, spatial)),
-    }
+    parameters = [
+        first.weight,
+        first.bias,
+        second.weight,
+        second.bias,
+        layer.spatial.conv.weight,
+        bn.weight,
+        bn.bias,
+    ]
     results = {}
-    for name, (op, args) in cases.items():
+    for training in (True, False):
+        arguments = (x, *parameters, bn.running_mean, bn.running_var, "avg_max", training, bn.eps)
         try:
-            torch.library.opcheck(op, args)
-            results[name] = "ok"
+            torch.library.opcheck(torch.ops.cbam.fused_cbam.default, arguments)
+            results[f"fused_cbam training={training}"] = "ok"
         except Exception as error:  # reported, not raised: the other checks still run
-            results[name] = f"{type(error).__name__}: {str(error)[:300]}"
+            results[f"fused_cbam training={training}"] = f"{type(error).__name__}: {str(error)[:300]}"
     return results
 
 
@@ -256,12 +254,15 @@ def main() -> None:
     if not fused_available(device):
         sys.exit(f"check_fused_gpu: the fused kernels cannot run on {device} (needs CUDA, or --quick)")
     if args.quick:
-        shapes, batch, repeats, width = [(16, 4)], 2, 1, 16
+        shapes, batch, repeats, width = [(16, 4)], 2, 1, 4
     else:  # the first and last ResNet18 stages; torch.compile (slow to build) on the first only
         shapes, batch, repeats, width = [(64, 32), (512, 4)], args.batch, args.repeats, 64
     report = {
-        "device": describe_device(device), "software": software_versions(), "date": time.strftime("%Y-%m-%d"),
-        "opcheck": None if args.quick else opcheck_all(device), "blocks": [],
+        "device": describe_device(device),
+        "software": software_versions(),
+        "date": time.strftime("%Y-%m-%d"),
+        "opcheck": None if args.quick else opcheck_all(device),
+        "blocks": [],
     }
     for index, (channels, size) in enumerate(shapes):
         for precision in ("fp32",) if args.quick else ("fp32", "bf16"):  # bf16 is noise at the tiny sizes

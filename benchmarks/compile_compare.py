@@ -28,7 +28,9 @@ def training_step(
     statistics, so repeated calls see the same function of the same weights."""
     net.zero_grad(set_to_none=True)
     net.train()
-    with torch.autocast(images.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+    with torch.autocast(
+        images.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+    ):
         loss = nn.functional.cross_entropy(net(images), labels)
     loss.backward()
     gradients = {

@@ -126,7 +126,12 @@ def synthetic_batches(count: int, batch_size: int, size: int, device: torch.devi
 def train_losses(net: nn.Module, batches, steps: int, device: torch.device) -> list[float]:
     """Loss of each of ``steps`` SGD steps (bf16 autocast), cycling through ``batches``."""
     optimizer = torch.optim.SGD(
-        net.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4, fused=device.type == "cuda" or None
+        net.parameters(),
+        lr=0.05,
+        momentum=0.9,
+        nesterov=True,
+        weight_decay=5e-4,
+        fused=device.type == "cuda" or None,
     )
     net.train()
     losses = []
@@ -159,13 +164,24 @@ def agrees(report: dict, noise_floor: float) -> bool:
 
 
 def verdict(results: dict) -> str:
-    ok = {name: result["agrees"] and result["learns"] for name, result in results.items() if "agrees" in result}
+    ok = {
+        name: result["agrees"] and result["learns"] for name, result in results.items() if "agrees" in result
+    }
     failed = sorted(name for name, good in ok.items() if not good)
     if not failed:
-        return f"no failure reproduced: compiled matches eager and learns in every variant run ({', '.join(ok)})"
-    fixes = [name for name in ("max_indices", "emulate_precision_casts", "no_mix_order_reduction", "both") if ok.get(name)]
-    library = {True: "the library's CBAM compiles correctly", False: "the library's CBAM is broken compiled",
-               None: "the library variant did not run"}[ok.get("library")]
+        return (
+            f"no failure reproduced: compiled matches eager and learns in every variant run ({', '.join(ok)})"
+        )
+    fixes = [
+        name
+        for name in ("max_indices", "emulate_precision_casts", "no_mix_order_reduction", "both")
+        if ok.get(name)
+    ]
+    library = {
+        True: "the library's CBAM compiles correctly",
+        False: "the library's CBAM is broken compiled",
+        None: "the library variant did not run",
+    }[ok.get("library")]
     if "default" not in ok:
         return f"failing: {', '.join(failed)}; {library}"
     if ok["default"]:
@@ -173,7 +189,9 @@ def verdict(results: dict) -> str:
     lead_a = ok.get("max_indices") or ok.get("emulate_precision_casts")
     lead_b = ok.get("no_mix_order_reduction")
     if lead_a and not lead_b:
-        cause = "amax's backward under Inductor's bf16 fusion (lead a, pytorch#195214): the tie count of the max"
+        cause = (
+            "amax's backward under Inductor's bf16 fusion (lead a, pytorch#195214): the tie count of the max"
+        )
     elif lead_b and not lead_a:
         cause = "Inductor's mix-order reduction (lead b, pytorch#190796 / #193061)"
     elif lead_a and lead_b:
@@ -186,16 +204,24 @@ def verdict(results: dict) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--depth", type=int, default=18)
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=30, help="training steps per variant")
     parser.add_argument("--backend", default="inductor")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list, in order, of {', '.join(VARIANTS)}")
-    parser.add_argument("--budget-s", type=float, default=330, help="start no new variant after this many seconds")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, CPU, aot_eager: a smoke run, no verdict")
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help=f"comma list, in order, of {', '.join(VARIANTS)}"
+    )
+    parser.add_argument(
+        "--budget-s", type=float, default=330, help="start no new variant after this many seconds"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny sizes, CPU, aot_eager: a smoke run, no verdict"
+    )
     parser.add_argument("--out", help="write the results as JSON here (after every variant)")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.variants.split(",")) - set(VARIANTS))
@@ -212,7 +238,9 @@ def main(argv=None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
     torch.backends.cudnn.benchmark = device.type == "cuda"
     torch.manual_seed(0)
-    base = build_resnet(args.depth, use_cbam_block=True, width=args.width).to(device, memory_format=torch.channels_last)
+    base = build_resnet(args.depth, use_cbam_block=True, width=args.width).to(
+        device, memory_format=torch.channels_last
+    )
     batches = synthetic_batches(4, args.batch_size, args.image_size, device)
     images, labels = batches[0]
     results: dict[str, dict] = {}
@@ -237,7 +265,9 @@ def main(argv=None) -> dict:
             results[name] = {"skipped": f"time budget of {args.budget_s} s spent"}
             continue
         if not settings.keys() <= INDUCTOR_DEFAULTS.keys():
-            results[name] = {"skipped": f"torch {torch.__version__} has no {', '.join(settings.keys() - INDUCTOR_DEFAULTS.keys())}"}
+            results[name] = {
+                "skipped": f"torch {torch.__version__} has no {', '.join(settings.keys() - INDUCTOR_DEFAULTS.keys())}"
+            }
             continue
         net = with_formulation(base, formulation)
         key = formulation or "library"
@@ -246,14 +276,19 @@ def main(argv=None) -> dict:
             fp32 = training_step(net, images, labels, None)
             floor = compare_steps(fp32, eager_steps[key])["global_relative_error"]
             eager_losses = train_losses(copy.deepcopy(net), batches, args.steps, device)
-            report["eager"][key] = {"bf16_vs_fp32_global_relative_error": floor, "losses": eager_losses,
-                                    "learns": learned(eager_losses)}
+            report["eager"][key] = {
+                "bf16_vs_fp32_global_relative_error": floor,
+                "losses": eager_losses,
+                "learns": learned(eager_losses),
+            }
         noise_floor = report["eager"][key]["bf16_vs_fp32_global_relative_error"]
         variant_started = time.perf_counter()
         torch._dynamo.reset()
         with inductor_config.patch(INDUCTOR_DEFAULTS | settings):
             compiled = compiled_copy(net, args.backend)
-            comparison = compare_steps(eager_steps[key], training_step(compiled, images, labels, torch.bfloat16))
+            comparison = compare_steps(
+                eager_steps[key], training_step(compiled, images, labels, torch.bfloat16)
+            )
             losses = train_losses(compiled, batches, args.steps, device)
         results[name] = {
             "max_formulation": formulation or "library",
@@ -264,10 +299,29 @@ def main(argv=None) -> dict:
             "losses": losses,
             **comparison,
         }
-        summary = {k: results[name][k] for k in ("agrees", "learns", "global_relative_error", "worst_parameter",
-                                                  "max_relative_error", "seconds")}
-        print(json.dumps({"variant": name, **summary, "non_finite": len(comparison["non_finite"]),
-                          "zeroed": len(comparison["zeroed"]), "last_loss": losses[-1]}), flush=True)
+        summary = {
+            k: results[name][k]
+            for k in (
+                "agrees",
+                "learns",
+                "global_relative_error",
+                "worst_parameter",
+                "max_relative_error",
+                "seconds",
+            )
+        }
+        print(
+            json.dumps(
+                {
+                    "variant": name,
+                    **summary,
+                    "non_finite": len(comparison["non_finite"]),
+                    "zeroed": len(comparison["zeroed"]),
+                    "last_loss": losses[-1],
+                }
+            ),
+            flush=True,
+        )
         save()
     report["verdict"] = "quick CPU run: no GPU verdict" if args.quick else verdict(results)
     save()

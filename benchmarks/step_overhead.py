@@ -50,16 +50,24 @@ class StepClock(pl.Callback):
         steps = trainer.global_step
         durations = getattr(trainer.profiler, "recorded_durations", {})
         per_step = {
-            action: round(1000 * sum(times) / steps, 3) for action, times in durations.items() if len(times) >= steps
+            action: round(1000 * sum(times) / steps, 3)
+            for action, times in durations.items()
+            if len(times) >= steps
         }
-        callbacks = {a: t for a, t in per_step.items() if a.startswith("[Callback]") and type(self).__name__ not in a}
-        Path(self.out).write_text(json.dumps({
-            "steps": len(self.deltas),
-            "median_ms": round(1000 * statistics.median(self.deltas), 3),
-            "mean_ms": round(1000 * statistics.fmean(self.deltas), 3),
-            "callbacks_ms_per_step": round(sum(callbacks.values()), 3),
-            "profile_ms_per_step": dict(sorted(per_step.items(), key=lambda item: -item[1])),
-        }))
+        callbacks = {
+            a: t for a, t in per_step.items() if a.startswith("[Callback]") and type(self).__name__ not in a
+        }
+        Path(self.out).write_text(
+            json.dumps(
+                {
+                    "steps": len(self.deltas),
+                    "median_ms": round(1000 * statistics.median(self.deltas), 3),
+                    "mean_ms": round(1000 * statistics.fmean(self.deltas), 3),
+                    "callbacks_ms_per_step": round(sum(callbacks.values()), 3),
+                    "profile_ms_per_step": dict(sorted(per_step.items(), key=lambda item: -item[1])),
+                }
+            )
+        )
 
 
 def write_images(root: Path, per_class: int) -> None:
@@ -69,7 +77,9 @@ def write_images(root: Path, per_class: int) -> None:
             folder = root / split / f"class{label}"
             folder.mkdir(parents=True)
             for index in range(count):
-                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{index}.png")
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                    folder / f"{index}.png"
+                )
 
 
 def default_callbacks() -> list[str]:
@@ -79,15 +89,31 @@ def default_callbacks() -> list[str]:
 def measure(data: Path, scratch: Path, name: str, overrides: list[str], args) -> dict:
     out = scratch / f"{name}.json"
     command = [
-        sys.executable, "train.py", "trainer=cpu", "model.width=2", "model.reduction_ratio=1", "cbam=block",
-        "data.batch_size=4", "data.val_size=40", "data.loader=device", f"data.root={data}", "data.download=false",
-        f"data.cache_dir={scratch}", f"+trainer.max_steps={args.warmup + args.steps}", "trainer.max_epochs=-1",
-        "test=false", f"hydra.run.dir={scratch / name}",
-        "+callbacks.step_clock._target_=step_overhead.StepClock", f"+callbacks.step_clock.out={out}",
+        sys.executable,
+        "train.py",
+        "trainer=cpu",
+        "model.width=2",
+        "model.reduction_ratio=1",
+        "cbam=block",
+        "data.batch_size=4",
+        "data.val_size=40",
+        "data.loader=device",
+        f"data.root={data}",
+        "data.download=false",
+        f"data.cache_dir={scratch}",
+        f"+trainer.max_steps={args.warmup + args.steps}",
+        "trainer.max_epochs=-1",
+        "test=false",
+        f"hydra.run.dir={scratch / name}",
+        "+callbacks.step_clock._target_=step_overhead.StepClock",
+        f"+callbacks.step_clock.out={out}",
         f"+callbacks.step_clock.warmup={args.warmup}",
-        "+trainer.profiler._target_=pytorch_lightning.profilers.SimpleProfiler", *overrides,
+        "+trainer.profiler._target_=pytorch_lightning.profilers.SimpleProfiler",
+        *overrides,
     ]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(BENCHMARKS), str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(BENCHMARKS), str(ROOT), os.environ.get("PYTHONPATH", "")])
+    )
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise SystemExit(f"{name}: train.py failed:\n{result.stderr[-2000:]}")
@@ -95,14 +121,19 @@ def measure(data: Path, scratch: Path, name: str, overrides: list[str], args) ->
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
     callbacks = default_callbacks()
     variants = {"full": [], "bare": [*(f"callbacks.{c}=null" for c in callbacks), "~logger"]}
-    report = {"machine": f"{os.cpu_count()} CPUs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}", "results": {}}
+    report = {
+        "machine": f"{os.cpu_count()} CPUs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}",
+        "results": {},
+    }
     with tempfile.TemporaryDirectory() as scratch:
         data = Path(scratch) / "data"
         write_images(data, per_class=24)

@@ -73,9 +73,13 @@ def run_plain(args, arrays, depth: int, network: dict, device: torch.device) -> 
     if gpu:
         net = net.to(memory_format=torch.channels_last)
     step_net = torch.compile(net) if args.compile else net
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4, fused=gpu or None)
+    optimizer = torch.optim.SGD(
+        net.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4, fused=gpu or None
+    )
     criterion = torch.nn.CrossEntropyLoss()
-    loader = DeviceLoader(arrays.train_images, arrays.train_labels, args.batch_size, train=True, device=device)
+    loader = DeviceLoader(
+        arrays.train_images, arrays.train_labels, args.batch_size, train=True, device=device
+    )
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
@@ -101,7 +105,10 @@ def _profile(step, loader, args, device: torch.device, title: str) -> None:
             step(*next(batches))
         _synchronize(device)
     sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(f"# profile: {title}, {args.profile} steps\n" + profiler.key_averages().table(sort_by=sort_by, row_limit=25))
+    print(
+        f"# profile: {title}, {args.profile} steps\n"
+        + profiler.key_averages().table(sort_by=sort_by, row_limit=25)
+    )
 
 
 class _PILDataset(Dataset):
@@ -163,7 +170,11 @@ def run_lightning(args, arrays, depth: int, network: dict, device: torch.device)
     class _Data(pl.LightningDataModule):
         def train_dataloader(self):
             return DeviceLoader(
-                arrays.train_images, arrays.train_labels, args.batch_size, train=True, device=self.trainer.strategy.root_device
+                arrays.train_images,
+                arrays.train_labels,
+                args.batch_size,
+                train=True,
+                device=self.trainer.strategy.root_device,
             )
 
     class _Clock(pl.Callback):
@@ -178,11 +189,23 @@ def run_lightning(args, arrays, depth: int, network: dict, device: torch.device)
             _synchronize(device)
             self.end = time.perf_counter()
 
-    optimizer = {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.05, "momentum": 0.9,
-                 "nesterov": True, "weight_decay": 5e-4, "fused": gpu or None}
+    optimizer = {
+        "_target_": "torch.optim.SGD",
+        "_partial_": True,
+        "lr": 0.05,
+        "momentum": 0.9,
+        "nesterov": True,
+        "weight_decay": 5e-4,
+        "fused": gpu or None,
+    }
     scheduler = {"_target_": "cbam.schedules.constant", "_partial_": True}  # the plain loop's constant rate
     module = CBAMResNetModule(
-        depth, width=args.width, optimizer=optimizer, scheduler=scheduler, channels_last=gpu, compile=args.compile,
+        depth,
+        width=args.width,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        channels_last=gpu,
+        compile=args.compile,
         **network,
     )
     clock = _Clock()
@@ -206,21 +229,34 @@ PIPELINES = {"lightning": run_lightning, "plain": run_plain, "conventional": run
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", help="CIFAR-10 root (image folder or batches); random images if omitted")
     parser.add_argument("--cache-dir", help="where the decoded cache goes (default beside the data)")
     parser.add_argument("--pipelines", default="lightning,plain,conventional")
     parser.add_argument("--depths", default="18,50")
     parser.add_argument("--cbam", default="none,block", help="comma list of none,block")
-    parser.add_argument("--impl", default="reference", help="CBAM implementations (block rows): comma list of reference,fused,auto")
+    parser.add_argument(
+        "--impl",
+        default="reference",
+        help="CBAM implementations (block rows): comma list of reference,fused,auto",
+    )
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=30, help="untimed steps (cuDNN autotuning, compile)")
     parser.add_argument("--steps", type=int, default=100, help="timed steps")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="conventional pipeline")
+    parser.add_argument(
+        "--workers", type=int, default=min(8, os.cpu_count() or 1), help="conventional pipeline"
+    )
     parser.add_argument("--compile", action="store_true", help="torch.compile the network (lightning, plain)")
-    parser.add_argument("--profile", type=int, default=0, metavar="N",
-                        help="after timing, print the top operators of N steps of the plain loop (torch.profiler)")
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after timing, print the top operators of N steps of the plain loop (torch.profiler)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes on the CPU, for a smoke test")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -232,7 +268,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
-    arrays = cifar_arrays(args.data, args.cache_dir, num_images=args.batch_size * (args.warmup + args.steps + 1))
+    arrays = cifar_arrays(
+        args.data, args.cache_dir, num_images=args.batch_size * (args.warmup + args.steps + 1)
+    )
     peak = peak_tflops(device)
     results = []
     report = {
@@ -270,7 +308,9 @@ def main(argv=None) -> dict:
                 "train_gflops_per_image": round(flops / 1e9, 4),
                 "mfu": round(flops * images_per_s / (peak * 1e12), 4) if peak else None,
                 "peak_memory_gib": (
-                    round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None
+                    round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+                    if device.type == "cuda"
+                    else None
                 ),
             }
             results.append(row)

@@ -33,8 +33,14 @@ from cbam.reliability import DivergenceGuard, TrainingDiverged
 from cbam.training import build_model
 
 QUICK_OVERRIDES = [
-    "trainer=cpu", "model.compile=false", "model.width=16", "data.batch_size=64", "data.loader=device",
-    "trainer.max_epochs=2", "+trainer.limit_train_batches=10", "optim.fused=null",
+    "trainer=cpu",
+    "model.compile=false",
+    "model.width=16",
+    "data.batch_size=64",
+    "data.loader=device",
+    "trainer.max_epochs=2",
+    "+trainer.limit_train_batches=10",
+    "optim.fused=null",
 ]
 
 
@@ -84,7 +90,12 @@ class TestEveryEpoch(pl.Callback):
         accuracy = self._test_accuracy(trainer, module)
         train_loss = float(self._loss_sum) / max(self._batches, 1)
         self.epochs.append(
-            {"epoch": trainer.current_epoch, "train_seconds": round(self.train_seconds, 2), "train_loss": train_loss, "test_acc": accuracy}
+            {
+                "epoch": trainer.current_epoch,
+                "train_seconds": round(self.train_seconds, 2),
+                "train_loss": train_loss,
+                "test_acc": accuracy,
+            }
         )
         print(json.dumps(self.epochs[-1]), flush=True)
         for target in self.targets:
@@ -96,8 +107,12 @@ class TestEveryEpoch(pl.Callback):
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data.root=... model.compile=false")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "overrides", nargs="*", help="Hydra overrides, e.g. data.root=... model.compile=false"
+    )
     parser.add_argument("--experiment", default="fast")
     parser.add_argument("--targets", default="0.94,0.95")
     parser.add_argument("--quick", action="store_true", help="a tiny CPU run, for a smoke test")
@@ -140,7 +155,15 @@ def main(argv=None) -> dict:
         "wall_seconds_with_evaluation": round(wall, 2),
         "epochs": clock.epochs,
     }
-    print(json.dumps({"seconds_to_accuracy": clock.reached, "train_seconds": report["train_seconds"], "diverged": diverged}))
+    print(
+        json.dumps(
+            {
+                "seconds_to_accuracy": clock.reached,
+                "train_seconds": report["train_seconds"],
+                "diverged": diverged,
+            }
+        )
+    )
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     if diverged:

@@ -281,9 +281,13 @@ class CBAM(nn.Module):
         if self._runs_fused(x):
             from cbam.fused import cbam_fused
 
+            first, _, second = self.channel.mlp
+            bn = self.spatial.bn
             return cbam_fused(
-                x, self.channel.gate_from_descriptors, self.spatial.gate_from_maps, self.channel.pooling
-            )
+                x, first.weight, first.bias, second.weight, second.bias, self.spatial.conv.weight,
+                bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked,
+                channel_pooling=self.channel.pooling, training=bn.training, momentum=bn.momentum, eps=bn.eps,
+            )  # fmt: skip
         if self.gate_order == "parallel":
             gates = [part.gate(x) for part in self._sequence()]
             for gate in gates:
@@ -296,6 +300,8 @@ class CBAM(nn.Module):
     def _runs_fused(self, x: torch.Tensor) -> bool:
         compiled_on_cuda = x.is_cuda and torch.compiler.is_compiling()
         if self.impl == "reference" or not self.fusable or (self.impl == "auto" and not compiled_on_cuda):
+            return False
+        if x.device.type == "meta":  # shapes only (FLOP counting, config checks): the same function
             return False
         from cbam.fused import fused_available
 

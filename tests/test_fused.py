@@ -1,22 +1,28 @@
 """The fused CBAM (cbam.fused) against plain PyTorch, on the CPU through Triton's interpreter (switched on
-in conftest.py): outputs, input and parameter gradients, BatchNorm running statistics.
+in conftest.py): outputs, input and parameter gradients, BatchNorm running statistics, float64 gradcheck,
+the torch.library op, and the host work of a layer and of a training step.
 
-torch.compile over the ops cannot run under the interpreter; benchmarks/check_fused_gpu.py checks it on a GPU.
+torch.compile over the op cannot run under the interpreter; benchmarks/check_fused_gpu.py checks it on a GPU.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import sys
 from dataclasses import dataclass
 
 import pytest
 import torch
+from helpers import REPO, run_python, run_train, write_random_pngs
 from torch import nn
 
+from cbam import CBAM, build_resnet
 from cbam.errors import InvalidArgument
 from cbam.fused import cbam_fused, fused_available
-from helpers import run_python
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import host_ops  # noqa: E402  (the counting rules of benchmarks/host_ops.py)
 
 TOLERANCES = {
     torch.float64: dict(rtol=1e-9, atol=1e-11),
@@ -50,6 +56,17 @@ def reference_cbam(gates: Gates, x: torch.Tensor, channel_pooling: str) -> torch
     return gated * gates.spatial_gate(maps)
 
 
+def fused_cbam(gates: Gates, x: torch.Tensor, channel_pooling: str) -> torch.Tensor:
+    """The same layer through the fused kernels, with the same parameters and buffers."""
+    first, _, second = gates.mlp
+    bn = gates.bn
+    return cbam_fused(
+        x, first.weight, first.bias, second.weight, second.bias, gates.conv.weight, bn.weight, bn.bias,
+        bn.running_mean, bn.running_var, bn.num_batches_tracked, channel_pooling=channel_pooling,
+        training=bn.training, momentum=bn.momentum, eps=bn.eps,
+    )  # fmt: skip
+
+
 @dataclass
 class Case:
     shape: tuple[int, int, int, int]
@@ -58,18 +75,23 @@ class Case:
     training: bool = True
     dtype: torch.dtype = torch.float64
     channel_pooling: str = "avg_max"
+    hidden: int | None = None  # default channels // 4
 
 
 CASES = {
     "nchw-5x7-k3": Case((2, 6, 5, 7)),
+    # more tiles than the interpreter's 3 persistent programs: programs loop over several tiles
+    "nchw-5-samples-k5": Case((5, 6, 5, 7), kernel_size=5),
     "channels_last-5x7-k7": Case((2, 6, 5, 7), kernel_size=7, channels_last=True),
     "nchw-5x7-k7-eval": Case((2, 6, 5, 7), kernel_size=7, training=False),
     "channels_last-4x4-k3-eval-fp32": Case(
         (3, 8, 4, 4), channels_last=True, training=False, dtype=torch.float32
     ),
     "nchw-1x1-k1-fp32": Case((4, 8, 1, 1), kernel_size=1, dtype=torch.float32),
-    "channels_last-C2048-fp32": Case((2, 2048, 2, 3), channels_last=True, dtype=torch.float32),
-    "nchw-C2048": Case((2, 2048, 3, 2), kernel_size=1),
+    "channels_last-C2048-fp32": Case((2, 2048, 2, 3), channels_last=True, dtype=torch.float32, hidden=128),
+    "nchw-C2048": Case((2, 2048, 3, 2), kernel_size=1, hidden=128),
+    # several pixel tiles in every loop over pixels; a hidden size that is no power of 2 (ratio 1)
+    "nchw-24x24-hidden-20": Case((2, 20, 24, 24), kernel_size=7, hidden=20),
     "avg-pooling": Case((2, 6, 3, 5), channel_pooling="avg"),
     "max-pooling-channels_last": Case((2, 6, 3, 5), channels_last=True, channel_pooling="max"),
 }
@@ -77,10 +99,13 @@ CASES = {
 
 def make_gates(case: Case) -> Gates:
     channels = case.shape[1]
-    gates = Gates(channels, max(channels // 4, 1), case.kernel_size).to(case.dtype)
-    with torch.no_grad():  # running statistics away from (0, 1), so eval mode uses them visibly
+    hidden = case.hidden or max(channels // 4, 1)
+    gates = Gates(channels, hidden, case.kernel_size).to(case.dtype)
+    with torch.no_grad():  # BatchNorm away from its initial values, so every term shows
         gates.bn.running_mean.fill_(0.3)
         gates.bn.running_var.fill_(2.0)
+        gates.bn.weight.fill_(1.3)
+        gates.bn.bias.fill_(0.2)
     return gates.train(case.training)
 
 
@@ -96,7 +121,7 @@ def run_both(gates: Gates, x: torch.Tensor, channel_pooling: str, loss=lambda y,
     weights = torch.randn(x.shape, dtype=x.dtype)
     y_reference = reference_cbam(gates, x_reference, channel_pooling)
     loss(y_reference, weights).backward()
-    y_fused = cbam_fused(x_fused, twin.channel_gate, twin.spatial_gate, channel_pooling)
+    y_fused = fused_cbam(twin, x_fused, channel_pooling)
     loss(y_fused, weights).backward()
     return (y_reference, x_reference, gates), (y_fused, x_fused, twin)
 
@@ -126,19 +151,17 @@ def test_fused_matches_the_plain_formula(case: Case):
         assert twin.bn.num_batches_tracked.item() == 1 and twin.bn.running_mean.item() != 0.3
 
 
-@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
-def test_pooled_maps_follow_the_input_layout(layout):
-    """The spatial gate's convolution gets its maps in the network's memory format."""
-    gates = make_gates(Case((2, 6, 3, 5)))
-    seen = []
+@pytest.mark.parametrize(
+    "case", [CASES["channels_last-5x7-k7"], CASES["nchw-24x24-hidden-20"]], ids=["cl-k7", "24x24"]
+)
+def test_the_gpu_tile_plan_gives_the_same_numbers(case: Case, monkeypatch):
+    """The tile sizes and persistent grids an H100 (132 multiprocessors) gets, run by the interpreter."""
+    import cbam.fused.ops as ops
 
-    def spatial_gate(maps: torch.Tensor) -> torch.Tensor:
-        seen.append(maps)
-        return gates.spatial_gate(maps)
-
-    x = torch.randn(2, 6, 3, 5, dtype=torch.float64).contiguous(memory_format=layout)
-    cbam_fused(x, gates.channel_gate, spatial_gate)
-    assert seen[0].shape == (2, 2, 3, 5) and seen[0].is_contiguous(memory_format=layout)
+    monkeypatch.setattr(ops, "multiprocessors", lambda device: 132)
+    torch.manual_seed(6)
+    reference, fused = run_both(make_gates(case), make_input(case), case.channel_pooling)
+    assert_same(reference, fused, TOLERANCES[case.dtype])
 
 
 def test_cropped_input_and_broadcast_output_gradient():
@@ -150,6 +173,25 @@ def test_cropped_input_and_broadcast_output_gradient():
     assert_same(reference, fused, TOLERANCES[torch.float64])
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_fused_layer_passes_gradcheck_in_float64(training):
+    """Input and every parameter, through the BatchNorm's batch statistics (training) or its running ones."""
+    torch.manual_seed(4)
+    gates = make_gates(Case((3, 6, 4, 5), training=training))
+    first, _, second = gates.mlp
+    bn = gates.bn
+    parameters = [first.weight, first.bias, second.weight, second.bias, gates.conv.weight, bn.weight, bn.bias]
+    x = torch.randn(3, 6, 4, 5, dtype=torch.float64, requires_grad=True)
+
+    def layer(x, w1, b1, w2, b2, conv_w, bn_w, bn_b):
+        return cbam_fused(
+            x, w1, b1, w2, b2, conv_w, bn_w, bn_b, bn.running_mean, bn.running_var, bn.num_batches_tracked,
+            training=training,
+        )  # fmt: skip
+
+    assert torch.autograd.gradcheck(layer, (x, *parameters), eps=1e-6, atol=1e-6, fast_mode=True)
+
+
 def test_bfloat16_stays_close_to_float64():
     """bf16 storage, fp32 accumulation: within bf16 rounding of the fp64 result (C = 512 channel sums)."""
     torch.manual_seed(2)
@@ -158,53 +200,57 @@ def test_bfloat16_stays_close_to_float64():
     x = make_input(case)
     low = copy.deepcopy(gates).to(torch.bfloat16)
     x_low = x.to(torch.bfloat16).requires_grad_()
-    y_low = cbam_fused(x_low, low.channel_gate, low.spatial_gate)
+    y_low = fused_cbam(low, x_low, "avg_max")
     weights = torch.randn(x.shape, dtype=torch.float64)
     (y_low.double() * weights).sum().backward()
     x_high = x_low.detach().double().requires_grad_()  # the same rounded inputs
     y_high = reference_cbam(gates, x_high, "avg_max")
     (y_high * weights).sum().backward()
     assert y_low.dtype == torch.bfloat16 and x_low.grad.dtype == torch.bfloat16
+    assert low.mlp[0].weight.grad.dtype == torch.bfloat16  # gradients in each parameter's own dtype
     for low_value, high_value in ((y_low, y_high), (x_low.grad, x_high.grad)):
         scale = high_value.abs().max()
         assert (low_value.double() - high_value).abs().max() <= 0.03 * scale
 
 
-def test_max_gradient_goes_to_the_first_maximum_only():
-    """Ties (a constant map, equal channels) send the max's gradient to one element, as max pooling does,
-    also when the tie spans several of the kernels' tiles (400 pixels; 300 channels_last channels)."""
-    x = torch.ones(1, 2, 20, 20, dtype=torch.float64, requires_grad=True)
-    _, maximum, pixel = torch.ops.cbam.channel_pool(x)
-    maximum.sum().backward()
-    expected = torch.zeros_like(x)
-    expected[:, :, 0, 0] = 1
-    assert pixel.eq(0).all()
-    torch.testing.assert_close(x.grad, expected)
+@pytest.mark.parametrize(
+    "shape, channels_last",
+    [((2, 3, 20, 20), False), ((2, 300, 2, 2), True), ((3, 5, 4, 6), False)],
+    ids=["400-pixel-ties", "300-channel-ties", "small"],
+)
+def test_ties_send_the_max_gradient_where_the_reference_layer_does(shape, channels_last):
+    """Inputs of a few integer values tie in both max poolings, also across the kernels' tiles (400
+    pixels; 300 channels_last channels): the gradient goes to the first maximum, as torch.max (the
+    reference layer's max) sends it."""
+    torch.manual_seed(5)
+    reference = CBAM(shape[1], 1, 3, impl="reference").double()
+    fused = copy.deepcopy(reference)
+    fused.impl = "fused"
+    x = torch.randint(-2, 1, shape).double()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    inputs = [x.clone().requires_grad_() for _ in range(2)]
+    weights = torch.randn(shape, dtype=torch.float64)
+    for layer, value in zip((reference, fused), inputs):
+        (layer(value) * weights).sum().backward()
+    torch.testing.assert_close(inputs[1].grad, inputs[0].grad, **TOLERANCES[torch.float64])
+    for (name, p_reference), (_, p_fused) in zip(reference.named_parameters(), fused.named_parameters()):
+        torch.testing.assert_close(p_fused.grad, p_reference.grad, **TOLERANCES[torch.float64], msg=name)
 
-    x = torch.ones(1, 300, 2, 2, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
-    x.requires_grad_()
-    gate = torch.full((1, 300, 1, 1), 0.5, dtype=torch.float64)
-    maps, channel = torch.ops.cbam.gated_pool(x, gate)
-    maps[:, 0].sum().backward()
-    expected = torch.zeros_like(x)
-    expected[:, 0] = 0.5
-    assert channel.eq(0).all()
-    torch.testing.assert_close(x.grad, expected)
 
-
-def test_library_ops_give_what_the_eager_path_gives():
-    """torch.compile traces the torch.library ops; eager mode calls their autograd.Function twins."""
+def test_library_op_gives_what_the_eager_path_gives(monkeypatch):
+    """torch.compile traces the torch.library op (which moves the running statistics outside the kernels);
+    eager mode calls the autograd.Function. The same kernels: the same numbers."""
     torch.manual_seed(3)
     case = Case((2, 6, 5, 7), channels_last=True)
     gates = make_gates(case)
     x = make_input(case)
     twin = copy.deepcopy(gates)
     x_eager, x_library = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y_eager = cbam_fused(x_eager, gates.channel_gate, gates.spatial_gate)
-    average, maximum, _ = torch.ops.cbam.channel_pool(x_library)
-    gate = twin.channel_gate(average, maximum)
-    maps, _ = torch.ops.cbam.gated_pool(x_library, gate)
-    y_library = torch.ops.cbam.gated_output(x_library, gate, twin.spatial_gate(maps))
+    y_eager = fused_cbam(gates, x_eager, "avg_max")
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # the op path, run eagerly
+    y_library = fused_cbam(twin, x_library, "avg_max")
+    monkeypatch.undo()
     weights = torch.randn(x.shape, dtype=x.dtype)
     (y_eager * weights).sum().backward()
     (y_library * weights).sum().backward()
@@ -212,19 +258,28 @@ def test_library_ops_give_what_the_eager_path_gives():
     twin_parameters = dict(twin.named_parameters())
     for name, parameter in gates.named_parameters():
         assert torch.equal(parameter.grad, twin_parameters[name].grad), name
+    twin_buffers = dict(twin.named_buffers())
+    for name, buffer in gates.named_buffers():
+        torch.testing.assert_close(twin_buffers[name], buffer, **TOLERANCES[torch.float64], msg=name)
+    assert twin.bn.num_batches_tracked.item() == 1
 
 
-@pytest.mark.parametrize("name", ["channel_pool", "gated_pool", "gated_output"])
-def test_opcheck(name):
+@pytest.mark.parametrize("training", [True, False])
+def test_opcheck(training):
     """Schema and autograd registration. The fake-tensor and AOT-dispatch checks would run the
     interpreted kernels on fake tensors (the interpreter copies every argument to the host), so they
     run on a GPU, in benchmarks/check_fused_gpu.py."""
-    x = torch.randn(2, 3, 3, 5, dtype=torch.float64, requires_grad=True)
-    gate = torch.rand(2, 3, 1, 1, dtype=torch.float64, requires_grad=True)
-    spatial = torch.rand(2, 1, 3, 5, dtype=torch.float64, requires_grad=True)
-    arguments = {"channel_pool": (x,), "gated_pool": (x, gate), "gated_output": (x, gate, spatial)}[name]
-    op = getattr(torch.ops.cbam, name).default
-    torch.library.opcheck(op, arguments, test_utils=("test_schema", "test_autograd_registration"))
+    gates = make_gates(Case((2, 6, 3, 5), training=training))
+    first, _, second = gates.mlp
+    bn = gates.bn
+    x = torch.randn(2, 6, 3, 5, dtype=torch.float64, requires_grad=True)
+    arguments = (
+        x, first.weight, first.bias, second.weight, second.bias, gates.conv.weight, bn.weight, bn.bias,
+        bn.running_mean, bn.running_var, "avg_max", training, bn.eps,
+    )  # fmt: skip
+    torch.library.opcheck(
+        torch.ops.cbam.fused_cbam.default, arguments, test_utils=("test_schema", "test_autograd_registration")
+    )
 
 
 def test_fused_available(monkeypatch):
@@ -237,8 +292,33 @@ def test_fused_available(monkeypatch):
 def test_unknown_channel_pooling_is_an_invalid_argument():
     gates = make_gates(Case((1, 4, 2, 2)))
     with pytest.raises(InvalidArgument, match="channel_pooling=mean"):
-        x = torch.randn(1, 4, 2, 2, dtype=torch.float64)
-        cbam_fused(x, gates.channel_gate, gates.spatial_gate, "mean")
+        fused_cbam(gates, torch.randn(1, 4, 2, 2, dtype=torch.float64), "mean")
+
+
+# ------------------------------------------------------------------------------------------- host work
+
+
+def test_a_fused_block_is_its_seven_kernel_launches_and_nothing_else():
+    """Forward and backward of one CBAM layer: 4 + 3 Triton launches, no PyTorch operator around them
+    (counted as benchmarks/host_ops.py counts: views, metadata and allocations aside)."""
+    forward = host_ops.block_counts("fused", channels=8, size=4, batch=2, device=torch.device("cpu"))
+    launches = [name.removeprefix(host_ops.LAUNCH_PREFIX) for name in forward["operations"]]
+    assert forward["forward"] == 4 and forward["backward"] == 3, forward["operations"]
+    assert sorted(launches) == sorted(
+        ["channel_pool_kernel", "gate_pool_kernel", "spatial_conv_kernel", "gated_output_kernel",
+         "output_backward_kernel", "spatial_backward_kernel", "input_backward_kernel"]
+    )  # fmt: skip
+    reference = host_ops.block_counts("reference", channels=8, size=4, batch=2, device=torch.device("cpu"))
+    assert reference["total"] > 4 * forward["total"]  # the counter sees the reference's many operators
+
+
+def test_a_fused_resnet18_training_step_costs_under_1_5x_the_plain_steps_host_operations():
+    cpu = torch.device("cpu")
+    plain = host_ops.step_counts(18, "plain", width=2, batch=2, device=cpu)
+    fused = host_ops.step_counts(18, "fused", width=2, batch=2, device=cpu)
+    assert fused["triton_launches"] == 8 * 7  # 8 blocks, 7 launches each
+    assert fused["operations"] - fused["triton_launches"] == plain["operations"]  # nothing else added
+    assert fused["operations"] <= 1.5 * plain["operations"]
 
 
 def test_gpu_check_script_quick_run_agrees_and_reports():
@@ -249,3 +329,30 @@ def test_gpu_check_script_quick_run_agrees_and_reports():
     (row,) = report["blocks"]
     assert row["passed"] and not row["nonfinite"] and row["relative_difference"]["input_grad"] < 1e-4
     assert set(report["resnet18_step_ms"]) == {"plain", "reference", "fused"}
+
+
+# ------------------------------------------------------------------------------------------- train.py
+
+
+def test_train_py_fits_checkpoints_and_tests_with_the_fused_layer(tmp_path):
+    """model.cbam_impl=fused through train.py (Triton's interpreter on the CPU): the FLOP count (meta
+    device), fit, checkpoint, test; the checkpoint loads into the reference layer."""
+    root = write_random_pngs(tmp_path / "data", 2, 1, [f"class{i}" for i in range(10)])
+    run_dir = tmp_path / "run"
+    result = run_train(
+        ["cbam=block", "model.cbam_impl=fused", "model.width=2", "model.reduction_ratio=2", "data.batch_size=4",
+         "data.val_size=4", "data.num_workers=0", f"data.root={root}", "data.download=false",
+         "trainer.max_epochs=1", "+trainer.limit_train_batches=1", "+trainer.limit_test_batches=1",
+         "callbacks.attention_maps=null", f"hydra.run.dir={run_dir}"]
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "MFLOPs per 3x32x32 image" in result.stdout
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert 0 <= metrics["test_acc"] <= 1 and metrics["global_step"] == 1
+    (checkpoint,) = (run_dir / "checkpoints").glob("best-*.ckpt")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    reference = build_resnet(18, width=2, reduction_ratio=2, use_cbam_block=True, cbam_impl="reference")
+    reference.load_state_dict(
+        {key.removeprefix("net."): value for key, value in state.items() if key.startswith("net.")}
+    )
+    assert state["net.stages.0.0.attention.spatial.bn.num_batches_tracked"].item() == 1  # one fused step ran

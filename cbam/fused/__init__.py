@@ -1,28 +1,24 @@
-"""A fused CBAM layer: Triton kernels for the passes over the full activation tensor, the small gate
-math (channel MLP, spatial convolution and BatchNorm) left to the layer's own PyTorch modules.
-
-The forward makes three passes over the full (N, C, H, W) tensor (pool x; pool x * g without storing
-it; write x * g * s), the backward three more, one per forward op, whose input gradients autograd adds.
+"""The fused CBAM layer: the whole default layer, its gate math included (channel MLP, spatial convolution,
+BatchNorm, sigmoids), in Triton kernels: four launches forward, three backward (see
+:mod:`cbam.fused.kernels`), with the parameters, buffers and numbers of :class:`cbam.CBAM`.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
 from cbam.errors import InvalidArgument
 
-#: channel_pooling -> (uses the average descriptor, uses the max descriptor)
-_DESCRIPTORS = {"avg_max": (True, True), "avg": (True, False), "max": (False, True)}
-
 TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
 if TRITON_IMPORTABLE:
     # Registers the torch.library ops; Triton reads TRITON_INTERPRET when the kernels are defined.
     from cbam.fused import ops as _ops
+
+CHANNEL_POOLINGS = ("avg_max", "avg", "max")
 
 
 def fused_available(device: torch.device | str) -> bool:
@@ -38,27 +34,51 @@ def fused_available(device: torch.device | str) -> bool:
 
 def cbam_fused(
     x: Tensor,
-    channel_gate: Callable[[Optional[Tensor], Optional[Tensor]], Tensor],
-    spatial_gate: Callable[[Tensor], Tensor],
+    w1: Tensor,
+    b1: Tensor,
+    w2: Tensor,
+    b2: Tensor,
+    conv_w: Tensor,
+    bn_w: Tensor,
+    bn_b: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    batches_tracked: Tensor,
+    *,
     channel_pooling: str = "avg_max",
+    training: bool = True,
+    momentum: float = 0.01,
+    eps: float = 1e-5,
 ) -> Tensor:
-    """CBAM (channel gate, then spatial gate) on ``x`` (N, C, H, W), any strides.
+    """CBAM (channel gate, then a max/mean spatial gate) on ``x`` (N, C, H, W), any strides.
 
     Args:
         x: the activations.
-        channel_gate: ``(avg, max) -> g`` (N, C, 1, 1) in (0, 1) from the (N, C) descriptors; the one not
-            used by ``channel_pooling`` is passed as None.
-        spatial_gate: ``maps -> s`` (N, 1, H, W) in (0, 1) from the (N, 2, H, W) channel-wise max and
-            mean maps of ``x * g`` (max first).
-        channel_pooling: ``avg_max``, ``avg`` or ``max``: the descriptors fed to ``channel_gate``.
+        w1, b1, w2, b2: the channel MLP, ``Linear(C, hidden)`` then ``Linear(hidden, C)``.
+        conv_w: the spatial convolution's weight, (1, 2, k, k), no bias (max map first).
+        bn_w, bn_b, running_mean, running_var, batches_tracked: the one-channel BatchNorm after it.
+        channel_pooling: ``avg_max``, ``avg`` or ``max``: the descriptors fed to the MLP.
+        training: BatchNorm with batch statistics, moving the running statistics by ``momentum``
+            (as ``nn.BatchNorm2d``), else with the running statistics.
 
     Returns:
         ``x * g * s``, in x's dtype and memory layout.
     """
-    if channel_pooling not in _DESCRIPTORS:
-        raise InvalidArgument("channel_pooling", channel_pooling, f"one of {', '.join(_DESCRIPTORS)}")
-    use_average, use_maximum = _DESCRIPTORS[channel_pooling]
-    average, maximum, _ = _ops.call("channel_pool", x)
-    gate = channel_gate(average if use_average else None, maximum if use_maximum else None)
-    maps, _ = _ops.call("gated_pool", x, gate)
-    return _ops.call("gated_output", x, gate, spatial_gate(maps))
+    if channel_pooling not in CHANNEL_POOLINGS:
+        raise InvalidArgument("channel_pooling", channel_pooling, f"one of {', '.join(CHANNEL_POOLINGS)}")
+    if not torch.compiler.is_compiling():
+        options = (channel_pooling, training, momentum, eps)
+        return _ops.EagerCBAM.apply(
+            x, w1, b1, w2, b2, conv_w, bn_w, bn_b, running_mean, running_var, batches_tracked, options
+        )
+    y, *_, stats = torch.ops.cbam.fused_cbam(
+        x, w1, b1, w2, b2, conv_w, bn_w, bn_b, running_mean, running_var, channel_pooling, training, eps
+    )
+    if training:  # the op is functional: the running statistics move here (Inductor fuses these)
+        with torch.no_grad():
+            count = x.numel() // x.shape[1]
+            mean, variance = stats[0].to(running_mean.dtype), stats[2].to(running_var.dtype)
+            running_mean.lerp_(mean, momentum)
+            running_var.lerp_(variance * (count / max(count - 1, 1)), momentum)
+            batches_tracked.add_(1)
+    return y

@@ -1,32 +1,57 @@
-"""The fused CBAM passes as Triton kernels, each op registered with ``torch.library`` (``triton_op`` +
-``register_autograd``) for torch.compile and wrapped as an ``autograd.Function`` for eager mode: both
-launch the same kernels with the same derivative formulas.
+"""Launching the fused CBAM kernels (:mod:`cbam.fused.kernels`): tile sizes and grids, worked out once per
+input shape; the forward (four launches) and the backward (three launches); an ``autograd.Function`` for
+eager mode and ``torch.library`` ops (``triton_op`` + ``register_autograd``) for torch.compile, both
+running the same code.
 
-Forward: ``channel_pool`` (x -> per-channel mean, max, argmax pixel), ``gated_pool`` (x, g -> the
-(N, 2, H, W) max/mean maps of x * g, argmax channel) and ``gated_output`` (x, g, s -> x * g * s). Each
-backward is one pass: ``gated_output`` reads dy and x and writes dx (with d s and d g as reductions),
-``gated_pool`` reads x and writes dx, ``channel_pool`` writes dx; autograd adds the three dx. Between the
-ops the small gate math stays in PyTorch.
+Host work is the point of this module: a CBAM block costs as many kernel launches as it has, and nothing
+else (no PyTorch operator runs between them; allocations aside). The only difference between the two
+paths is the BatchNorm's running statistics: eager mode moves them inside the last forward kernel, while a
+``torch.library`` op must not mutate its inputs to have an autograd formula, so under torch.compile the
+op returns the batch statistics and the layer moves the running statistics itself (which Inductor fuses).
 """
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+
 import torch
+import triton.language as tl
 from torch import Tensor
 from torch.library import register_autograd, triton_op, wrap_triton
 
 from cbam.fused import kernels
 
-#: elements per tile: large enough to stream memory, small enough for registers at any block shape
+#: elements of a tile of x: large enough to stream memory, small enough for registers at any tile shape
 _TILE = 2048
 #: the most channels (channels_last) or pixels (NCHW) a tile spans along the contiguous axis
 _MAX_CONTIGUOUS = 128
 _MAX_PIXELS = 256
+#: elements of a (kernel taps x pixels) gather of the spatial convolution
+_GATHER_TILE = 4096
+#: elements of a (channels x hidden units) tile of an MLP weight
+_WEIGHT_TILE = 8192
+#: elements of a (samples x channels x hidden units) product in the MLP's weight gradient
+_WEIGHT_GRAD_TILE = 8192
+#: samples per step of the weight gradients' walk over the batch
+_BLOCK_N = 8
+#: programs of a persistent grid per GPU multiprocessor; on the CPU (Triton's interpreter) a small odd
+#: count, so that the tests run programs that loop over several tiles
+_PROGRAMS_PER_SM = 4
+_INTERPRETER_PROGRAMS = 3
+#: tile sizes x this on the CPU: Triton's interpreter runs every tile operation as a numpy call with a fixed
+#: cost, so larger tiles make the tests ~4x faster (a 32x32 map is still 4 tiles of the loops over pixels);
+#: the weight gradients' tiles x 16 (C = 2048 channels still make 4 channel blocks of 4 hidden blocks)
+_INTERPRETER_TILE_SCALE = 4
+_INTERPRETER_WEIGHT_TILE_SCALE = 16
+
+#: channel_pooling -> (uses the average descriptor, uses the max descriptor)
+DESCRIPTORS = {"avg_max": (True, True), "avg": (True, False), "max": (False, True)}
 
 
-def _next_power_of_2(n: int) -> int:
-    # plain Python: triton.next_power_of_2 and triton.cdiv cost ~2 us a call (measured), a dozen per layer
-    return 1 << (n - 1).bit_length()
+def _pow2(n: int) -> int:
+    # plain Python: triton.next_power_of_2 and triton.cdiv cost ~2 us a call (measured)
+    return 1 << max(n - 1, 0).bit_length()
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -45,251 +70,334 @@ def _ncp(t: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
     return t, (t.stride(0), t.stride(1), t.stride(3))
 
 
-def _blocks(strides: tuple[int, int, int], channels: int, pixels: int) -> tuple[int, int]:
-    """(BLOCK_P, BLOCK_C): the wide side of the tile along the tensor's contiguous axis."""
+def _tile(
+    strides: tuple[int, int, int], channels: int, pixels: int, scale: int, max_channels: int = _TILE
+) -> tuple[int, int]:
+    """(BLOCK_P, BLOCK_C) of an x tile: the wide side along the tensor's contiguous axis, at most
+    ``max_channels`` (a power of 2) channels."""
     if strides[1] == 1 and channels > 1:  # channels_last: channels are contiguous
-        block_c = min(_next_power_of_2(channels), _MAX_CONTIGUOUS)
-        return min(_next_power_of_2(pixels), _TILE // block_c), block_c
-    block_p = min(_next_power_of_2(pixels), _MAX_PIXELS)
-    return block_p, min(_next_power_of_2(channels), _TILE // block_p)
+        block_c = min(_pow2(channels), _MAX_CONTIGUOUS * scale, max_channels)
+        return min(_pow2(pixels), _TILE * scale // block_c), block_c
+    block_p = min(_pow2(pixels), _MAX_PIXELS * scale)
+    return block_p, max(1, min(_pow2(channels), _TILE * scale // block_p, max_channels))
 
 
-def _accumulator_dtype(x: Tensor) -> torch.dtype:
+@functools.cache
+def multiprocessors(device: torch.device) -> int | None:
+    """The GPU's multiprocessor count; None on the CPU (Triton's interpreter)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Tile sizes, tile counts and grids of every kernel for one input shape and layout."""
+
+    pool: tuple[int, int]  # channel_pool (BLOCK_P, BLOCK_C)
+    gate: tuple[int, int]  # gate_pool (BLOCK_P, BLOCK_C)
+    block_h: int
+    block_cm: int
+    block_k: int
+    conv_p: int  # spatial_conv BLOCK_P and its tiles per sample
+    conv_blocks: int
+    out: tuple[int, int]  # gated_output and output_backward (BLOCK_P, BLOCK_C)
+    out_blocks: tuple[int, int]  # (pixel blocks, channel blocks)
+    spatial: tuple[int, int]  # spatial_backward (BLOCK_P, BLOCK_C)
+    grad: tuple[int, int]  # input_backward's x tiles (BLOCK_P, BLOCK_C)
+    grad_blocks: tuple[int, int]
+    weight: tuple[int, int]  # input_backward's weight tiles (BLOCK_WC, BLOCK_WH)
+    weight_blocks: tuple[int, int]
+    block_t: int
+    programs: int
+
+
+@functools.lru_cache(maxsize=512)
+def plan(
+    n: int, c: int, p: int, strides: tuple[int, int, int], hidden: int, kernel_size: int, gpu: int | None
+) -> Plan:
+    """Worked out once per (shape, layout, hidden size, kernel size, GPU multiprocessors or None for
+    Triton's interpreter): eager mode then pays one dictionary lookup per layer call for all its launch
+    arguments."""
+    on_gpu = gpu is not None
+    scale = 1 if on_gpu else _INTERPRETER_TILE_SCALE
+    block_h = _pow2(hidden)
+    mlp_channels = max(1, _WEIGHT_TILE * scale // block_h)
+    block_k = _pow2(kernel_size * kernel_size)
+    conv_p = max(1, min(_pow2(p), _GATHER_TILE * scale // block_k))
+    out = _tile(strides, c, p, scale)
+    spatial_p, spatial_c = _tile(strides, c, p, scale, mlp_channels)
+    grad = _tile(strides, c, p, scale, mlp_channels)
+    weight_h = min(32, block_h)
+    weight_budget = _WEIGHT_GRAD_TILE * (1 if on_gpu else _INTERPRETER_WEIGHT_TILE_SCALE)
+    weight_c = max(1, min(_pow2(c), weight_budget // (_BLOCK_N * weight_h)))
+    return Plan(
+        pool=_tile(strides, c, p, scale),
+        gate=_tile(strides, c, p, scale, mlp_channels),
+        block_h=block_h,
+        block_cm=max(1, min(_pow2(c), mlp_channels)),
+        block_k=block_k,
+        conv_p=conv_p,
+        conv_blocks=_cdiv(p, conv_p),
+        out=out,
+        out_blocks=(_cdiv(p, out[0]), _cdiv(c, out[1])),
+        spatial=(max(1, min(spatial_p, _GATHER_TILE * scale // block_k)), spatial_c),
+        grad=grad,
+        grad_blocks=(_cdiv(p, grad[0]), _cdiv(c, grad[1])),
+        weight=(weight_c, weight_h),
+        weight_blocks=(_cdiv(c, weight_c), _cdiv(hidden, weight_h)),
+        block_t=_pow2(2 * kernel_size * kernel_size),
+        programs=_PROGRAMS_PER_SM * gpu if on_gpu else _INTERPRETER_PROGRAMS,
+    )
+
+
+def _accumulator(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _per_sample(t: Tensor, n: int) -> Tensor:
-    """A gate, (N, C, 1, 1) or (N, 1, H, W), as a contiguous (N, C) or (N, P) matrix."""
-    return t.reshape(n, -1).contiguous()
+def _persistent(tiles: int, programs: int) -> tuple[int]:
+    return (max(1, min(tiles, programs)),)
 
 
-def _channel_pool(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Mean and max of ``x`` over H*W, shape (N, C) each in x's dtype, and the max's pixel (int32)."""
-    n, c, height, width = x.shape
-    x, strides = _ncp(x)
-    average, maximum = x.new_empty((n, c)), x.new_empty((n, c))
-    argmax = torch.empty((n, c), dtype=torch.int32, device=x.device)
-    block_p, block_c = _blocks(strides, c, height * width)
-    wrap_triton(kernels.channel_pool_kernel)[(n, _cdiv(c, block_c))](
-        x,
-        average,
-        maximum,
-        argmax,
-        c,
-        height * width,
-        *strides,
-        BLOCK_P=block_p,
-        BLOCK_C=block_c,
-        FP64=x.dtype == torch.float64,
-    )
-    return average, maximum, argmax
-
-
-def _channel_pool_backward(grad_average: Tensor, grad_maximum: Tensor, argmax: Tensor, x: Tensor) -> Tensor:
-    """dx of ``channel_pool``: the average's gradient spread over H*W, the max's to its pixel only."""
-    n, c, height, width = x.shape
-    dx, strides = _ncp(torch.empty_like(x))
-    block_p, block_c = _blocks(strides, c, height * width)
-    grid = (n, _cdiv(height * width, block_p), _cdiv(c, block_c))
-    wrap_triton(kernels.channel_pool_backward_kernel)[grid](
-        grad_average.contiguous(),
-        grad_maximum.contiguous(),
-        argmax,
-        dx,
-        c,
-        height * width,
-        *strides,
-        BLOCK_P=block_p,
-        BLOCK_C=block_c,
-        FP64=x.dtype == torch.float64,
-    )
-    return dx
-
-
-def _gated_pool(x: Tensor, gate: Tensor) -> tuple[Tensor, Tensor]:
-    """The channel-wise max and mean of ``x * gate`` as (N, 2, H, W) maps (max first) in x's dtype and
-    memory format, and the max's channel (N, H, W) int32; ``gate`` (N, C, 1, 1)."""
-    n, c, height, width = x.shape
-    x, strides = _ncp(x)
-    # channels_last maps when x is: the spatial gate's convolution then runs in the network's layout
-    layout = torch.channels_last if strides[1] == 1 and c > 1 else torch.contiguous_format
-    maps, map_strides = _ncp(
-        torch.empty((n, 2, height, width), dtype=x.dtype, device=x.device, memory_format=layout)
-    )
-    argmax = torch.empty((n, height, width), dtype=torch.int32, device=x.device)
-    block_p, block_c = _blocks(strides, c, height * width)
-    wrap_triton(kernels.gated_pool_kernel)[(n, _cdiv(height * width, block_p))](
-        x,
-        _per_sample(gate, n),
-        maps,
-        argmax,
-        c,
-        height * width,
-        *strides,
-        *map_strides,
-        BLOCK_P=block_p,
-        BLOCK_C=block_c,
-        FP64=x.dtype == torch.float64,
-    )
-    return maps, argmax
-
-
-def _gated_pool_backward(grad_maps: Tensor, x: Tensor, gate: Tensor, argmax: Tensor) -> tuple[Tensor, Tensor]:
-    """(dx, d gate) of ``gated_pool`` in one pass over x."""
-    n, c, height, width = x.shape
-    dx, dx_strides = _ncp(torch.empty_like(x))
-    x, x_strides = _ncp(x)
-    grad_maps, map_strides = _ncp(grad_maps)
-    grad_gate = torch.empty((n, c), dtype=_accumulator_dtype(x), device=x.device)
-    block_p, block_c = _blocks(x_strides, c, height * width)
-    wrap_triton(kernels.gated_pool_backward_kernel)[(n, _cdiv(c, block_c))](
-        grad_maps,
-        x,
-        _per_sample(gate, n),
-        argmax,
-        dx,
-        grad_gate,
-        c,
-        height * width,
-        *map_strides,
-        *x_strides,
-        *dx_strides,
-        BLOCK_P=block_p,
-        BLOCK_C=block_c,
-        FP64=x.dtype == torch.float64,
-    )
-    return dx, grad_gate.to(gate.dtype).reshape(gate.shape)
-
-
-def _gated_output(x: Tensor, gate: Tensor, spatial: Tensor) -> Tensor:
-    """``x * gate * spatial`` with gate (N, C, 1, 1) and spatial (N, 1, H, W), in x's dtype and layout."""
-    n, c, height, width = x.shape
-    y, y_strides = _ncp(torch.empty_like(x))
-    x, x_strides = _ncp(x)
-    block_p, block_c = _blocks(x_strides, c, height * width)
-    grid = (n, _cdiv(height * width, block_p), _cdiv(c, block_c))
-    wrap_triton(kernels.gated_output_kernel)[grid](
-        x,
-        _per_sample(gate, n),
-        _per_sample(spatial, n),
-        y,
-        c,
-        height * width,
-        *x_strides,
-        *y_strides,
-        BLOCK_P=block_p,
-        BLOCK_C=block_c,
-        FP64=x.dtype == torch.float64,
-    )
-    return y
-
-
-def _gated_output_backward(
-    grad_y: Tensor, x: Tensor, gate: Tensor, spatial: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx, d gate, d spatial) of ``gated_output`` in one pass over grad_y and x."""
+def forward(
+    x: Tensor,
+    w1: Tensor,
+    b1: Tensor,
+    w2: Tensor,
+    b2: Tensor,
+    conv_w: Tensor,
+    bn_w: Tensor,
+    bn_b: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    batches_tracked: Tensor,
+    channel_pooling: str,
+    training: bool,
+    update_running: bool,
+    momentum: float,
+    eps: float,
+    launch=lambda kernel: kernel,
+) -> tuple[Tensor, ...]:
+    """y = CBAM(x) and what the backward needs: (y, avg, max, pixel argmax, hidden pre-activations, gate,
+    maps, channel argmax, z, s, statistics (mean, 1/std, biased variance)). ``update_running`` moves the
+    running statistics (in place) as BatchNorm does; ``launch`` wraps each kernel (``wrap_triton`` when
+    traced by torch.compile)."""
     n, c, height, width = x.shape
     pixels = height * width
-    dx, dx_strides = _ncp(torch.empty_like(x))
-    x, x_strides = _ncp(x)
+    hidden_size = w1.shape[0]
+    kernel_size = conv_w.shape[-1]
+    x, strides = _ncp(x)
+    use_avg, use_max = DESCRIPTORS[channel_pooling]
+    accumulator = tl.float64 if x.dtype == torch.float64 else tl.float32
+    layout = plan(n, c, pixels, strides, hidden_size, kernel_size, multiprocessors(x.device))
+    small = {"dtype": _accumulator(x), "device": x.device}
+
+    avg, mx = torch.empty((n, c), **small), torch.empty((n, c), **small)
+    pixel_argmax = torch.empty((n, c), dtype=torch.int32, device=x.device)
+    block_p, block_c = layout.pool
+    launch(kernels.channel_pool_kernel)[(n, _cdiv(c, block_c))](
+        x, avg, mx, pixel_argmax, c, pixels, *strides, BLOCK_P=block_p, BLOCK_C=block_c, ACC=accumulator
+    )
+
+    gate, hidden = torch.empty((n, c), **small), torch.empty((n, 2, hidden_size), **small)
+    maps = torch.empty((n, 2, pixels), **small)
+    channel_argmax = torch.empty((n, pixels), dtype=torch.int32, device=x.device)
+    block_p, block_c = layout.gate
+    launch(kernels.gate_pool_kernel)[(n, _cdiv(pixels, block_p))](
+        x, avg, mx, w1, b1, w2, b2, gate, hidden, maps, channel_argmax, c, pixels, hidden_size, *strides,
+        USE_AVG=use_avg, USE_MAX=use_max, BRANCHES=use_avg + use_max, BLOCK_P=block_p, BLOCK_C=block_c,
+        BLOCK_H=layout.block_h, BLOCK_CM=layout.block_cm, ACC=accumulator,
+    )  # fmt: skip
+
+    z = torch.empty((n, pixels), **small)
+    conv_grid = _persistent(n * layout.conv_blocks, layout.programs)
+    partials = torch.empty((conv_grid[0], 3), **small)
+    launch(kernels.spatial_conv_kernel)[conv_grid](
+        maps, conv_w, z, partials, n, pixels, height, width, layout.conv_blocks, *conv_w.stride()[1:],
+        KS=kernel_size, TRAINING=training, BLOCK_P=layout.conv_p, BLOCK_K=layout.block_k, ACC=accumulator,
+    )  # fmt: skip
+
+    y, y_strides = _ncp(torch.empty_like(x))
+    s, stats = torch.empty((n, pixels), **small), torch.empty(3, **small)
+    (block_p, block_c), (pixel_blocks, channel_blocks) = layout.out, layout.out_blocks
+    launch(kernels.gated_output_kernel)[_persistent(n * pixel_blocks * channel_blocks, layout.programs)](
+        x, gate, z, bn_w, bn_b, running_mean, running_var, batches_tracked, partials, y, s, stats,
+        n, c, pixels, conv_grid[0], eps, momentum, *strides, *y_strides, pixel_blocks, channel_blocks,
+        TRAINING=training, UPDATE_RUNNING=training and update_running, BLOCK_P=block_p, BLOCK_C=block_c,
+        BLOCK_R=min(_pow2(conv_grid[0]), 1024), ACC=accumulator,
+    )  # fmt: skip
+    return y, avg, mx, pixel_argmax, hidden, gate, maps, channel_argmax, z, s, stats
+
+
+def backward(
+    grad_y: Tensor,
+    x: Tensor,
+    w1: Tensor,
+    b1: Tensor,
+    w2: Tensor,
+    b2: Tensor,
+    conv_w: Tensor,
+    bn_w: Tensor,
+    bn_b: Tensor,
+    avg: Tensor,
+    mx: Tensor,
+    pixel_argmax: Tensor,
+    hidden: Tensor,
+    gate: Tensor,
+    maps: Tensor,
+    channel_argmax: Tensor,
+    z: Tensor,
+    s: Tensor,
+    stats: Tensor,
+    channel_pooling: str,
+    training: bool,
+    launch=lambda kernel: kernel,
+) -> tuple[Tensor, ...]:
+    """(dx, dW1, db1, dW2, db2, d conv weight, d BatchNorm weight, d BatchNorm bias)."""
+    n, c, height, width = x.shape
+    pixels = height * width
+    hidden_size = w1.shape[0]
+    kernel_size = conv_w.shape[-1]
+    x, strides = _ncp(x)
     grad_y, grad_strides = _ncp(grad_y)
-    block_p, block_c = _blocks(x_strides, c, pixels)
-    pixel_blocks = _cdiv(pixels, block_p)
-    gate_partials = torch.empty((n, pixel_blocks, c), dtype=_accumulator_dtype(x), device=x.device)
-    grad_spatial = spatial.new_empty((n, pixels))
-    wrap_triton(kernels.gated_output_backward_kernel)[(n, pixel_blocks)](
-        grad_y,
-        x,
-        _per_sample(gate, n),
-        _per_sample(spatial, n),
-        dx,
-        grad_spatial,
-        gate_partials,
-        c,
-        pixels,
-        *grad_strides,
-        *x_strides,
-        *dx_strides,
-        BLOCK_P=block_p,
-        BLOCK_C=block_c,
-        FP64=x.dtype == torch.float64,
-    )
-    grad_gate = gate_partials.sum(dim=1).to(gate.dtype).reshape(gate.shape)
-    return dx, grad_gate, grad_spatial.reshape(spatial.shape)
+    use_avg, use_max = DESCRIPTORS[channel_pooling]
+    accumulator = tl.float64 if x.dtype == torch.float64 else tl.float32
+    layout = plan(n, c, pixels, strides, hidden_size, kernel_size, multiprocessors(x.device))
+    small = {"dtype": _accumulator(x), "device": x.device}
+
+    (block_p, block_c), pixel_blocks = layout.out, layout.out_blocks[0]
+    grad_z = torch.empty((n, pixels), **small)
+    gate_partials = torch.empty((n * pixel_blocks, c), **small)
+    sums_grid = _persistent(n * pixel_blocks, layout.programs)
+    sums = torch.empty((sums_grid[0], 2), **small)
+    launch(kernels.output_backward_kernel)[sums_grid](
+        grad_y, x, gate, s, z, stats, grad_z, gate_partials, sums, n, c, pixels, *grad_strides, *strides,
+        pixel_blocks, BLOCK_P=block_p, BLOCK_C=block_c, ACC=accumulator,
+    )  # fmt: skip
+
+    grad_bn_w, grad_bn_b = torch.empty_like(bn_w), torch.empty_like(bn_b)
+    grad_maps = torch.empty((n, 2, pixels), **small)
+    conv_partials = torch.empty((n, 2 * kernel_size * kernel_size), **small)
+    grad_logits = torch.empty((n, c), **small)
+    hidden_grad = torch.empty((n, hidden_size), **small)
+    block_p, block_c = layout.spatial
+    launch(kernels.spatial_backward_kernel)[_persistent(n, layout.programs)](
+        x, gate, maps, channel_argmax, grad_z, z, stats, sums, bn_w, conv_w, w2, gate_partials, grad_bn_w,
+        grad_bn_b, grad_maps, conv_partials, grad_logits, hidden_grad, n, c, pixels, height, width,
+        hidden_size, sums_grid[0], *strides, pixel_blocks, *conv_w.stride()[1:],
+        KS=kernel_size, TRAINING=training, BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_K=layout.block_k,
+        BLOCK_H=layout.block_h, BLOCK_R=min(_pow2(sums_grid[0]), 1024), ACC=accumulator,
+    )  # fmt: skip
+
+    grad_x, grad_x_strides = _ncp(torch.empty_like(x))
+    grad_w1, grad_b1, grad_w2, grad_b2 = (torch.empty_like(t) for t in (w1, b1, w2, b2))
+    grad_conv_w = torch.empty_like(conv_w)
+    (block_p, block_c), (pixel_blocks, grad_channel_blocks) = layout.grad, layout.grad_blocks
+    (block_wc, block_wh), (weight_c_blocks, weight_h_blocks) = layout.weight, layout.weight_blocks
+    tiles = weight_c_blocks * weight_h_blocks + 1 + n * pixel_blocks * grad_channel_blocks
+    launch(kernels.input_backward_kernel)[_persistent(tiles, layout.programs)](
+        grad_y, x, gate, s, grad_maps, channel_argmax, pixel_argmax, avg, mx, hidden, hidden_grad,
+        grad_logits, conv_partials, w1, grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_conv_w,
+        n, c, pixels, hidden_size, *grad_strides, *strides, *grad_x_strides, pixel_blocks, grad_channel_blocks,
+        weight_c_blocks, weight_h_blocks, *conv_w.stride()[1:], KS=kernel_size,
+        USE_AVG=use_avg, USE_MAX=use_max, BRANCHES=use_avg + use_max, BLOCK_P=block_p, BLOCK_C=block_c,
+        BLOCK_H=layout.block_h, BLOCK_N=_BLOCK_N, BLOCK_WC=block_wc, BLOCK_WH=block_wh,
+        BLOCK_T=layout.block_t, ACC=accumulator,
+    )  # fmt: skip
+    return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_conv_w, grad_bn_w, grad_bn_b
 
 
-def _save_inputs_and_indices(ctx, inputs, output) -> None:
-    """Every forward op saves its inputs and, where it has one, its argmax output."""
-    indices = (output[-1],) if isinstance(output, tuple) else ()
-    ctx.save_for_backward(*inputs, *indices)
+#: forward outputs kept for the backward, after y
+_SAVED = ("avg", "max", "pixel_argmax", "hidden", "gate", "maps", "channel_argmax", "z", "s", "stats")
 
 
-def _channel_pool_grad(backward):
-    def grad(ctx, grad_average, grad_maximum, _grad_argmax):
-        x, argmax = ctx.saved_tensors
-        return backward(grad_average, grad_maximum, argmax, x)
+class EagerCBAM(torch.autograd.Function):
+    """The fused layer in eager mode: the forward's and backward's kernels with nothing around them (the
+    torch.library dispatch costs more host time than the launches it wraps)."""
 
-    return grad
+    @staticmethod
+    def forward(
+        ctx, x, w1, b1, w2, b2, conv_w, bn_w, bn_b, running_mean, running_var, batches_tracked, options
+    ):
+        channel_pooling, training, momentum, eps = options
+        y, *saved = forward(
+            x, w1, b1, w2, b2, conv_w, bn_w, bn_b, running_mean, running_var, batches_tracked,
+            channel_pooling, training, True, momentum, eps,
+        )  # fmt: skip
+        ctx.save_for_backward(x, w1, b1, w2, b2, conv_w, bn_w, bn_b, *saved)
+        ctx.options = channel_pooling, training
+        return y
 
-
-def _gated_pool_grad(backward):
-    def grad(ctx, grad_maps, _grad_argmax):
-        x, gate, argmax = ctx.saved_tensors
-        return backward(grad_maps, x, gate, argmax)
-
-    return grad
-
-
-def _gated_output_grad(backward):
-    def grad(ctx, grad_y):
-        x, gate, spatial = ctx.saved_tensors
-        return backward(grad_y, x, gate, spatial)
-
-    return grad
-
-
-# (forward, backward, gradient formula) of each op: registered once as torch.library ops for
-# torch.compile, and wrapped once more for eager mode (below)
-_OPS = {
-    "channel_pool": (_channel_pool, _channel_pool_backward, _channel_pool_grad),
-    "gated_pool": (_gated_pool, _gated_pool_backward, _gated_pool_grad),
-    "gated_output": (_gated_output, _gated_output_backward, _gated_output_grad),
-}
+    @staticmethod
+    def backward(ctx, grad_y):
+        grads = backward(grad_y, *ctx.saved_tensors, *ctx.options)
+        return *grads, None, None, None, None
 
 
-def _eager(forward, backward_pass, gradient) -> type[torch.autograd.Function]:
-    """The op as an autograd.Function launching the same kernels with the same formulas: in eager mode
-    the torch.library dispatch around each call (schema handling, dynamo guard, autograd wrapper) cost
-    about twice the launch itself, on every one of the six calls per layer."""
-
-    class Eager(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, *inputs):
-            output = forward(*inputs)
-            _save_inputs_and_indices(ctx, inputs, output)
-            if isinstance(output, tuple):
-                ctx.mark_non_differentiable(output[-1])
-            return output
-
-        backward = staticmethod(gradient(backward_pass))
-
-    return Eager
+# ------------------------------------------------------------------------------- torch.library (compile)
 
 
-_EAGER = {}
-for _name, (_forward, _backward, _gradient) in _OPS.items():
-    triton_op(f"cbam::{_name}_backward", mutates_args=())(_backward)
-    triton_op(f"cbam::{_name}", mutates_args=())(_forward)
-    register_autograd(
-        f"cbam::{_name}",
-        _gradient(getattr(torch.ops.cbam, f"{_name}_backward")),
-        setup_context=_save_inputs_and_indices,
-    )
-    _EAGER[_name] = _eager(_forward, _backward, _gradient).apply
+@triton_op("cbam::fused_cbam", mutates_args=())
+def _library_forward(
+    x: Tensor,
+    w1: Tensor,
+    b1: Tensor,
+    w2: Tensor,
+    b2: Tensor,
+    conv_w: Tensor,
+    bn_w: Tensor,
+    bn_b: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    channel_pooling: str,
+    training: bool,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    # the running statistics are read, never written: the layer moves them from the returned statistics
+    unused_counter = running_mean  # UPDATE_RUNNING is off: the kernel never touches it
+    return forward(
+        x, w1, b1, w2, b2, conv_w, bn_w, bn_b, running_mean, running_var, unused_counter,
+        channel_pooling, training, False, 0.0, eps, wrap_triton,
+    )  # fmt: skip
 
 
-def call(name: str, *inputs: Tensor):
-    """Op ``name`` on ``inputs``: the torch.library op while torch.compile traces, else its eager twin."""
-    if torch.compiler.is_compiling():
-        return getattr(torch.ops.cbam, name)(*inputs)
-    return _EAGER[name](*inputs)
+@triton_op("cbam::fused_cbam_backward", mutates_args=())
+def _library_backward(
+    grad_y: Tensor,
+    x: Tensor,
+    w1: Tensor,
+    b1: Tensor,
+    w2: Tensor,
+    b2: Tensor,
+    conv_w: Tensor,
+    bn_w: Tensor,
+    bn_b: Tensor,
+    avg: Tensor,
+    mx: Tensor,
+    pixel_argmax: Tensor,
+    hidden: Tensor,
+    gate: Tensor,
+    maps: Tensor,
+    channel_argmax: Tensor,
+    z: Tensor,
+    s: Tensor,
+    stats: Tensor,
+    channel_pooling: str,
+    training: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return backward(
+        grad_y, x, w1, b1, w2, b2, conv_w, bn_w, bn_b, avg, mx, pixel_argmax, hidden, gate, maps,
+        channel_argmax, z, s, stats, channel_pooling, training, wrap_triton,
+    )  # fmt: skip
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, w1, b1, w2, b2, conv_w, bn_w, bn_b, _, _, channel_pooling, training, _ = inputs
+    ctx.save_for_backward(x, w1, b1, w2, b2, conv_w, bn_w, bn_b, *output[1:])
+    ctx.options = channel_pooling, training
+
+
+def _library_gradient(ctx, grad_y, *_unused_output_grads):
+    grads = torch.ops.cbam.fused_cbam_backward(grad_y, *ctx.saved_tensors, *ctx.options)
+    return *grads, None, None, None, None, None
+
+
+register_autograd("cbam::fused_cbam", _library_gradient, setup_context=_setup_context)
