@@ -26,6 +26,7 @@ from helpers import REPO, load_checkpoint, run_train, write_random_pngs
 
 from cbam.callbacks.curves import TrainingCurves
 from cbam.checks import unplaced_attention_warning
+from cbam.data.sources import CACHE_NAME, load_cifar10
 from cbam.reliability import AtomicCheckpointIO
 from cbam.resnet import CBAM_DEFAULTS, PLACEMENT_KEYS
 from cbam.run_dir_lock import LOCK_FILE, RunDirInUse, RunDirLock, is_first_process
@@ -96,9 +97,8 @@ def lock_and_die(run_dir: Path, pipe: tuple[int, int] | None = None) -> int:
 @pytest.fixture(scope="module")
 def full_disk(tmp_path_factory) -> dict:
     """Run 1: a run dir on a 600 KB file system (or with checkpoints failing from step 2 on), a checkpoint
-    every step, a lock left behind by a killed process, and ``attention=se`` with no CBAM placed. Run 2: the
-    same run dir made read-only (or, where nothing can be mounted and the test is not root, unwritable),
-    resumed with ckpt_path=last."""
+    every step, a lock left behind by a killed process, and ``attention=se`` with no CBAM placed. Run 2 (on
+    the file system only): the same run dir, remounted read-only, resumed with ckpt_path=last."""
     base = tmp_path_factory.mktemp("faults")
     data = write_random_pngs(base / "data", 10, 1, [f"class{label}" for label in range(10)])
     disk = base / "disk"
@@ -116,12 +116,6 @@ def full_disk(tmp_path_factory) -> dict:
         )
         if out["mounted"]:
             subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
-            out["reason"] = "read-only file system"
-        elif os.geteuid() != 0:
-            for folder in [out["run_dir"], *(p for p in out["run_dir"].rglob("*") if p.is_dir())]:
-                folder.chmod(0o555)
-            out["reason"] = "permission denied"
-        if "reason" in out:
             out["before"] = tree(out["run_dir"])
             out["second"] = run_train([*common, "ckpt_path=last"])
             out["after"] = tree(out["run_dir"])
@@ -129,9 +123,6 @@ def full_disk(tmp_path_factory) -> dict:
     finally:
         if out["mounted"]:
             subprocess.run(["umount", str(disk)], check=True)
-        else:
-            for folder in [p for p in base.rglob("*") if p.is_dir()]:
-                folder.chmod(0o755)
 
 
 def test_full_disk_stops_with_one_line_naming_the_file_and_the_last_good_checkpoint(full_disk):
@@ -155,13 +146,13 @@ def test_full_disk_stops_with_one_line_naming_the_file_and_the_last_good_checkpo
 
 
 def test_read_only_run_dir_stops_before_any_work_with_one_line(full_disk):
-    if "second" not in full_disk:
-        pytest.skip("root without permission to mount a file system: no way to make a dir unwritable")
+    if not full_disk["mounted"]:  # the in-process tests below cover an unwritable dir
+        pytest.skip("this machine does not let the test mount a file system")
     result, run_dir = full_disk["second"], full_disk["run_dir"]
     assert result.returncode == WRITE_FAILED_EXIT_STATUS, show(result)
     assert "Traceback" not in result.stderr, show(result)
     last = run_dir / "checkpoints" / "last.ckpt"
-    expected = f"error: {full_disk['reason']} while writing {run_dir / LOCK_FILE}; last good checkpoint: {last} (step 1)"
+    expected = f"error: read-only file system while writing {run_dir / LOCK_FILE}; last good checkpoint: {last} (step 1)"
     assert result.stderr.strip().splitlines() == [expected], show(result)
     assert full_disk["after"] == full_disk["before"]
 
@@ -221,7 +212,11 @@ def test_a_second_run_on_a_dir_in_use_stops_with_one_line_naming_the_holder(refu
 # ------------------------------------------------------------------------------- in-process mechanisms
 
 
-def test_failed_checkpoint_and_figure_writes_name_their_file_and_keep_the_previous_one(tmp_path, monkeypatch):
+def test_failed_checkpoint_cache_and_figure_writes_name_their_file_and_keep_the_previous_one(
+    tmp_path, monkeypatch, make_image_folder
+):
+    data = tmp_path / "data"
+    make_image_folder(data, classes=["a", "b"], train_per_class=2, test_per_class=1)
     io = AtomicCheckpointIO()
     last = tmp_path / "checkpoints" / "last.ckpt"
     io.save_checkpoint({"global_step": 1, "state_dict": {"w": torch.ones(1000)}}, last)
@@ -241,9 +236,13 @@ def test_failed_checkpoint_and_figure_writes_name_their_file_and_keep_the_previo
     assert str(failed.value) == f"no space left on device while writing {last}; last good checkpoint: none"
     with pytest.raises(WriteFailed, match=re.escape(f"no space left on device while writing {figure};")):
         curves.draw(figure)
+    cache = data / CACHE_NAME
+    with pytest.raises(WriteFailed, match=re.escape(f"no space left on device while writing {cache};")):
+        load_cifar10(data, download=False)
     monkeypatch.undo()
     assert {path: path.read_bytes() for path in before} == before
-    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["curves.png", "last.ckpt"]
+    written = sorted(p.name for p in tmp_path.rglob("*") if p.is_file() and p.suffix not in (".png", ".jpg"))
+    assert written == [f"{CACHE_NAME}.lock", "last.ckpt"]  # and curves.png: no temporary file, no cache
 
 
 def test_write_errors_are_recognised_in_any_wrapper_and_only_for_writes(tmp_path):
@@ -269,6 +268,19 @@ def test_write_errors_are_recognised_in_any_wrapper_and_only_for_writes(tmp_path
     assert write_failure(named).path == str(tmp_path / "hparams.yaml")
     # permission errors come from reads too: only a write the code marks as such is called one
     assert write_failure(PermissionError(errno.EACCES, "Permission denied", "data/train")) is None
+
+
+def test_a_run_dir_without_permission_is_one_line_naming_the_lock_file(tmp_path, monkeypatch):
+    def forbidden(path, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", path)
+
+    monkeypatch.setattr(os, "open", forbidden)  # as for a dir of another user (root may write anywhere)
+    with pytest.raises(WriteFailed) as failed:
+        RunDirLock(tmp_path).acquire()
+    assert (
+        str(failed.value)
+        == f"permission denied while writing {tmp_path / LOCK_FILE}; last good checkpoint: none"
+    )
 
 
 def test_a_thread_that_dies_of_a_full_disk_prints_nothing(monkeypatch):
