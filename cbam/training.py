@@ -73,12 +73,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
     """Train and/or test as ``cfg`` says; returns the final metrics. A write that fails (disk full,
     read-only, no permission) raises :class:`WriteFailed` naming the file and the newest intact checkpoint."""
     check_config(cfg)
-    warning = unplaced_attention_warning(cfg)
-    if warning and rank_zero_only.rank == 0:
-        print(f"warning: {warning}", file=sys.stderr, flush=True)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     trainer = build_trainer(cfg)
+    warning = unplaced_attention_warning(cfg)  # once the run is known to start: bad input is one line alone
+    if warning and rank_zero_only.rank == 0:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     try:
         return _fit_and_test(cfg, trainer, datamodule)
     except Exception as error:
