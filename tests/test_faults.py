@@ -175,9 +175,8 @@ def test_attention_without_placement_is_a_warning_and_the_run_goes_on(full_disk)
         "(cbam=none): this run trains the plain ResNet. Place it with cbam=block|classifier|both"
     )
     assert warnings == [expected], show(result)
-    assert (
-        load_checkpoint(full_disk["run_dir"] / "checkpoints" / "last.ckpt")["global_step"] >= 1
-    )  # it trained
+    trained = load_checkpoint(full_disk["run_dir"] / "checkpoints" / "last.ckpt")
+    assert trained["global_step"] >= 1
 
 
 @pytest.fixture(scope="module")
@@ -187,11 +186,10 @@ def refused_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
     busy = RunDirLock(base / "busy")
     busy.acquire()
     try:
-        return run_train(
-            [f"data.root={base / 'no_data'}", *TINY, f"hydra.run.dir={busy.run_dir}"]
-        ), busy.run_dir
+        result = run_train([f"data.root={base / 'no_data'}", *TINY, f"hydra.run.dir={busy.run_dir}"])
     finally:
         busy.release()
+    return result, busy.run_dir
 
 
 def test_a_second_run_on_a_dir_in_use_stops_with_one_line_naming_the_holder(refused_run):
@@ -199,10 +197,8 @@ def test_a_second_run_on_a_dir_in_use_stops_with_one_line_naming_the_holder(refu
     assert result.returncode == 2, show(result)
     assert "Traceback" not in result.stderr, show(result)
     holder = rf"process {os.getpid()} on host {re.escape(socket.gethostname())} \(started [\d: -]+\)"
-    expected = (
-        rf"error: run dir {re.escape(str(run_dir))} is in use by {holder}: wait for it to end, or give this "
-    )
-    expected += r"run another hydra\.run\.dir"
+    expected = rf"error: run dir {re.escape(str(run_dir))} is in use by {holder}: "
+    expected += r"wait for it to end, or give this run another hydra\.run\.dir"
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and re.fullmatch(expected, lines[0]), show(result)
     # stopped before Hydra wrote anything into the dir
