@@ -173,7 +173,9 @@ def test_download_is_called_for_an_empty_root(tmp_path, monkeypatch, make_batche
 
 
 def test_empty_root_without_download_raises_naming_data_root(tmp_path, monkeypatch):
-    monkeypatch.setattr(sources.CIFARSource, "download", lambda source, root: pytest.fail("must not download"))
+    monkeypatch.setattr(
+        sources.CIFARSource, "download", lambda source, root: pytest.fail("must not download")
+    )
     with pytest.raises(DataError, match="data.root"):
         load_cifar10(tmp_path / "missing", download=False)
     with pytest.raises(DataError, match="data.root"):
@@ -201,7 +203,9 @@ def test_cache_of_batches_is_reused(tmp_path, make_batches, monkeypatch):
     make_batches(tmp_path)
     calls = []
     original = sources.CIFARSource.read
-    monkeypatch.setattr(sources.CIFARSource, "read", lambda source, root: calls.append(root) or original(source, root))
+    monkeypatch.setattr(
+        sources.CIFARSource, "read", lambda source, root: calls.append(root) or original(source, root)
+    )
     first = load_cifar10(tmp_path, download=False)
     second = load_cifar10(tmp_path, download=False)
     assert len(calls) == 1
@@ -415,7 +419,8 @@ def check_augmentation_statistics(offsets: list[tuple[int, int, bool]]):
 
 #: both loaders with the CIFAR-10 pipeline
 LOADERS = [
-    pytest.param(functools.partial(loader, **CIFAR), id=loader.__name__) for loader in (DeviceLoader, WorkersLoader)
+    pytest.param(functools.partial(loader, **CIFAR), id=loader.__name__)
+    for loader in (DeviceLoader, WorkersLoader)
 ]
 
 
