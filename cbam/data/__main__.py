@@ -3,8 +3,8 @@
     python -m cbam.data data=folder data.root=/data/flowers data.image_size=64
 
 composes ``conf/train.yaml`` with the overrides as train.py does, runs train.py's checks, builds (or reads)
-the decoded cache and prints what the run will use: the data set, its class names with their training and
-test images, the image size, the train/val/test split, the crop padding, the channel mean and std, and the
+the decoded cache and prints what the run will use: the data set, its class names with their training,
+validation and test images, the image size, the train/val/test split, the crop padding, the channel mean and std, and the
 classifier's outputs. Bad input is one line ``error: ...`` and exit status 2.
 """
 
@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-
-import torch
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
@@ -30,17 +28,13 @@ def describe(overrides: list[str]) -> str:
     data = instantiate(cfg.data)
     outputs = num_classes(cfg, data)
     data.prepare_data()
-    data.setup()
-    arrays = data.load(download=False)
-    counts = [
-        torch.bincount(labels, minlength=len(arrays.classes))
-        for labels in (arrays.train_labels, arrays.test_labels)
-    ]
-    width = max(len("class"), *(len(name) for name in arrays.classes))
-    lines = [f"{'class':<{width}}  {'train':>7}  {'test':>6}"]
+    data.setup()  # prints the line every run prints at its start
+    counts = data.class_counts()
+    width = max(len("class"), *(len(name) for name in data.classes))
+    lines = [f"{'class':<{width}}  {'train':>7}  {'val':>6}  {'test':>6}"]
     lines += [
-        f"{name:<{width}}  {int(train):>7}  {int(test):>6}"
-        for name, train, test in zip(arrays.classes, *counts)
+        f"{name:<{width}}  {train:>7}  {val:>6}  {test:>6}"
+        for name, train, val, test in zip(data.classes, counts["train"], counts["val"], counts["test"])
     ]
     lines.append(f"classifier outputs (model.num_classes): {outputs}")
     return "\n".join(lines)

@@ -167,6 +167,13 @@ class ImageDataModule(pl.LightningDataModule):
             f"mean ({mean}), std ({std})"
         )
 
+    def class_counts(self) -> dict[str, list[int]]:
+        """Images of each class in each split, ``{"train": [...], "val": [...], "test": [...]}`` (after setup)."""
+        return {
+            split: torch.bincount(labels, minlength=len(self.classes)).tolist()
+            for split, (_, labels) in self._splits.items()
+        }
+
     @property
     def padding(self) -> int:
         return self.crop_padding if self.crop_padding is not None else default_padding(self.image_size)
