@@ -93,11 +93,13 @@ def check_checkpoint(path: str | Path, key: str = "ckpt_path") -> None:
 _ABSENT = object()
 
 
-def _require(cfg: DictConfig, key: str, kind: type, described: str, optional: bool = False) -> None:
-    """``key`` holds a ``kind``; with ``optional``, it may also be null or absent (``data.download`` of
-    a data set that is never downloaded)."""
+def _require(
+    cfg: DictConfig, key: str, kind: type, described: str, absent_ok: bool = False, null_ok: bool = False
+) -> None:
+    """``key`` holds a ``kind``; ``absent_ok``: or the config has no such key (``data.download`` of a data
+    set that is never downloaded); ``null_ok``: or it is null (``model.num_classes``: the data's count)."""
     value = OmegaConf.select(cfg, key, default=_ABSENT)
-    if optional and (value is None or value is _ABSENT):
+    if (absent_ok and value is _ABSENT) or (null_ok and value is None):
         return
     # bool is a subclass of int: true is not a batch size
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
@@ -105,10 +107,10 @@ def _require(cfg: DictConfig, key: str, kind: type, described: str, optional: bo
 
 
 def num_classes(cfg: DictConfig, data: Any) -> int:
-    """The classifier's outputs: the data's class count (``data.survey()``, read before any image is
-    decoded), which an explicit ``model.num_classes`` must equal. The one place this rule lives: the
+    """The classifier's outputs: the data's class count (``data.class_count()``, read before any image
+    is decoded), which an explicit ``model.num_classes`` must equal. The one place this rule lives: the
     config check and :func:`cbam.training.build_model` both ask here."""
-    found = data.survey().num_classes
+    found = data.class_count()
     configured = OmegaConf.select(cfg, "model.num_classes")
     if configured is not None and configured != found:
         raise ConfigError(
@@ -167,7 +169,7 @@ def check_config(cfg: DictConfig) -> None:
     ):
         _require(cfg, key, int, "an integer")
     for key in ("model.num_classes", "data.image_size", "data.crop_padding"):
-        _require(cfg, key, int, "an integer or null", optional=True)
+        _require(cfg, key, int, "an integer or null", absent_ok=True, null_ok=True)
     for key in (
         "model.use_cbam_block",
         "model.use_cbam_class",
@@ -179,7 +181,7 @@ def check_config(cfg: DictConfig) -> None:
         "test",
     ):
         _require(cfg, key, bool, "true or false")
-    _require(cfg, "data.download", bool, "true or false", optional=True)
+    _require(cfg, "data.download", bool, "true or false", absent_ok=True)
     data = _constructed("data", lambda: instantiate(cfg.data))
     outputs = num_classes(cfg, data)  # the data on disk are surveyed here, before any work
     with torch.device("meta"):  # the constructors' checks, without allocating or initialising weights

@@ -98,7 +98,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         model = CBAMResNetModule.load_from_checkpoint(
             cfg.ckpt_path, map_location="cpu", cbam_impl=cfg.model.cbam_impl
         )
-        classes = datamodule.survey().num_classes
+        classes = datamodule.class_count()
         if model.hparams.num_classes != classes:
             raise ConfigError(
                 f"ckpt_path={cfg.ckpt_path}: its model has {model.hparams.num_classes} outputs, but the data "

@@ -140,7 +140,7 @@ def test_cifar100_offline_names_what_data_root_must_hold(tmp_path):
     with pytest.raises(DataError, match=r"holds no CIFAR-100 and data.download=false: offline it must hold "):
         load_arrays(CIFAR100, tmp_path)
     # before the download, the class count is known: 100 outputs without touching the network
-    assert CIFAR100DataModule(root=str(tmp_path / "new")).survey().num_classes == 100
+    assert CIFAR100DataModule(root=str(tmp_path / "new")).class_count() == 100
 
 
 # ------------------------------------------------------------------------------------ image folders

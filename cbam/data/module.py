@@ -5,7 +5,6 @@ the ``data`` config group: :class:`CIFAR10DataModule`, :class:`CIFAR100DataModul
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,16 +42,6 @@ def _require_integer(argument: str, value: Any, minimum: int) -> None:
         raise InvalidArgument(argument, value, f"must be an integer >= {minimum}")
 
 
-@dataclass(frozen=True)
-class Survey:
-    """What ``root`` holds, found without decoding an image: the class names (None: not there yet, a
-    download brings ``num_classes``) and the training images (None: known only once decoded)."""
-
-    num_classes: int
-    classes: list[str] | None
-    train_images: int | None
-
-
 class ImageDataModule(pl.LightningDataModule):
     """An image-classification data set with a fixed validation split taken out of its training set.
 
@@ -74,7 +63,7 @@ class ImageDataModule(pl.LightningDataModule):
     Both loaders give every rank a disjoint shard of each epoch, evaluate every image exactly once across
     ranks, draw shuffling and augmentation from ``(seed, epoch, rank)`` and resume mid-epoch from the
     position this module saves in checkpoints. After ``setup`` the data set's facts are attributes:
-    ``classes``, ``image_size`` (height, width), ``mean`` and ``std``; :meth:`survey` has the class count
+    ``classes``, ``image_size`` (height, width), ``mean`` and ``std``; :meth:`class_count` is known
     before.
     """
 
@@ -123,7 +112,7 @@ class ImageDataModule(pl.LightningDataModule):
         self._loaders: dict[str, DeviceLoader | WorkersLoader] = {}
         self._train_state: dict | None = None  # the train loader's position, from a checkpoint
         self._prepared: ImageArrays | None = None
-        self._survey: Survey | None = None
+        self._class_count: int | None = None
 
     # ---------------------------------------------------------------------------------- the data set
 
@@ -132,22 +121,24 @@ class ImageDataModule(pl.LightningDataModule):
         """``"<kind> at <root>"``, for a run's record."""
         return self.source.describe(Path(self.root).expanduser())
 
-    def survey(self) -> Survey:
-        """The class count (and names) and the training images, before any image is decoded (once).
+    def class_count(self) -> int:
+        """The data set's number of classes, found before any image is decoded (once): from its class
+        folders or label names, or, before a download, the count of the data set it brings.
 
-        Raises :class:`DataError` for what no training can use: an image-folder tree with a test class that
-        has no training folder or an empty class folder, or ``val_size`` not below its training images.
+        Checks what ``root`` holds on the way, raising :class:`DataError` for what no run can use: an
+        image-folder tree with a test class that has no training folder or an empty class folder, or
+        ``val_size`` not below its training images.
         """
-        if self._survey is None:
+        if self._class_count is None:
             root = Path(self.root).expanduser()
             if self.source.layout(root) is None:  # to be downloaded (the constructor checked it may be)
-                self._survey = Survey(self.source.downloaded_classes, None, None)
+                self._class_count = self.source.downloaded_classes
             else:
                 classes, train_images = self.source.classes(root), self.source.train_count(root)
                 if train_images is not None:
                     check_val_size(self.val_size, train_images, self.description)
-                self._survey = Survey(len(classes), classes, train_images)
-        return self._survey
+                self._class_count = len(classes)
+        return self._class_count
 
     def load(self, download: bool | None = None) -> ImageArrays:
         """The decoded arrays (from the cache, built on first use); ``download`` overrides the module's."""

@@ -180,9 +180,9 @@ class _TreeReader:
         return pixels
 
 
-def read_tree(root: Path, reader: _TreeReader) -> tuple[torch.Tensor, ...]:
-    """``(train images, train labels, test images, test labels)`` of a checked tree, each split in the
-    fixed shuffled order; says once how many images were converted to RGB."""
+def read_tree(root: Path, reader: _TreeReader) -> tuple[list[str], tuple[torch.Tensor, ...]]:
+    """The class names and ``(train images, train labels, test images, test labels)`` of a checked tree,
+    each split in the fixed shuffled order; says once how many images were converted to RGB."""
     classes = tree_classes(root)
 
     def read_split(split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,7 +201,7 @@ def read_tree(root: Path, reader: _TreeReader) -> tuple[torch.Tensor, ...]:
     if reader.converted:
         modes = ", ".join(f"{count} {mode}" for mode, count in sorted(reader.converted.items()))
         log.warning(f"data: converted images to RGB ({modes}; e.g. {reader.converted_example})")
-    return splits
+    return classes, splits
 
 
 # ------------------------------------------------------------------------------------------- the sources
@@ -314,7 +314,7 @@ class CIFARSource(Source):
         if self.layout(root) == "folder":
             other_sizes = f"{self.title} images are 32x32 (data=folder reads images of any size)"
             reader = _TreeReader(image_size=None, required=(32, 32), other_sizes=other_sizes)
-            splits, classes = read_tree(root, reader), tree_classes(root)
+            classes, splits = read_tree(root, reader)
         else:
             classes = self._meta_classes(root)
             splits = (*self._read_pickles(root, self.train_files), *self._read_pickles(root, self.test_files))
@@ -402,8 +402,8 @@ class FolderSource(Source):
             "when the cache is built"
         )
         reader = _TreeReader(image_size=self.image_size, required=None, other_sizes=other_sizes)
-        splits = read_tree(root, reader)
-        return ImageArrays(*splits, tree_classes(root), *channel_statistics(splits[0]))
+        classes, splits = read_tree(root, reader)
+        return ImageArrays(*splits, classes, *channel_statistics(splits[0]))
 
 
 # ------------------------------------------------------------------------------------------------ cache
