@@ -92,21 +92,23 @@ def load_test_data(checkpoint: Path, data_root: str | None, cache_dir: str | Non
 
 
 def describe(module: CBAMResNetModule) -> str:
-    """``ResNet18 + CBAM (blocks)``, with any attention variant that is not the default."""
+    """``ResNet18 + CBAM (blocks)``, with any attention variant that is not the default (and the ImageNet
+    stem, when the network has it)."""
     hparams = module.hparams
+    network = f"ResNet{hparams.depth}" + (" (imagenet stem)" if hparams.get("stem") == "imagenet" else "")
     places = [
         name
         for name, on in (("blocks", hparams.use_cbam_block), ("classifier", hparams.use_cbam_class))
         if on
     ]
     if not places:
-        return f"ResNet{hparams.depth}"
+        return network
     variants = [
         f"{key}={hparams[key]}"
         for key, default in VARIANT_DEFAULTS.items()
         if hparams.get(key, default) != default
     ]
-    return f"ResNet{hparams.depth} + CBAM ({', '.join(places + variants)})"
+    return f"{network} + CBAM ({', '.join(places + variants)})"
 
 
 def grad_cam(
