@@ -139,7 +139,13 @@ class AttentionMaps(pl.Callback):
         self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         missing = self.num_images - self._collected()
-        if dataloader_idx != 0 or missing <= 0 or not isinstance(batch, (tuple, list)):
+        # (not from the sanity check: a validation set smaller than num_images would be collected twice)
+        if (
+            trainer.sanity_checking
+            or dataloader_idx != 0
+            or missing <= 0
+            or not isinstance(batch, (tuple, list))
+        ):
             return
         self._images.append(batch[0][:missing].detach().float().cpu())
         self._labels.append(batch[1][:missing].detach().cpu())
