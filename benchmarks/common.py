@@ -9,7 +9,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from cbam import build_resnet
-from cbam.data import Cifar10Arrays, load_cifar10
+from cbam.data import CIFAR10_MEAN, CIFAR10_STD, ImageArrays, load_cifar10
 from cbam.provenance import describe_device  # noqa: F401 (the benchmarks' device line, one definition)
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets, in TFLOP/s (fp32 peaks for fp32 runs are
@@ -47,11 +47,12 @@ def training_flops_per_image(depth: int, use_cbam_block: bool, width: int = 64) 
     return counter.get_total_flops() / len(images)
 
 
-def cifar_arrays(root: str | None, cache_dir: str | None, num_images: int) -> Cifar10Arrays:
+def cifar_arrays(root: str | None, cache_dir: str | None, num_images: int) -> ImageArrays:
     """The real data when ``root`` is given, else random uint8 images of the same shape."""
     if root:
         return load_cifar10(Path(root), download=False, cache_dir=cache_dir)
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (num_images, 32, 32, 3), dtype=torch.uint8, generator=generator)
     labels = torch.randint(0, 10, (num_images,), generator=generator)
-    return Cifar10Arrays(images, labels, images[:256], labels[:256], [str(i) for i in range(10)])
+    names = [str(i) for i in range(10)]
+    return ImageArrays(images, labels, images[:256], labels[:256], names, CIFAR10_MEAN, CIFAR10_STD)

@@ -39,7 +39,7 @@ from common import (
 )
 
 from cbam import build_resnet
-from cbam.data import CIFAR10_MEAN, CIFAR10_STD, DeviceLoader
+from cbam.data import CIFAR10_MEAN, CIFAR10_STD, DeviceLoader, default_padding
 
 
 def _synchronize(device: torch.device) -> None:
@@ -60,6 +60,11 @@ def _time_steps(step, loader, args, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def pipeline(arrays) -> dict:
+    """The device loader's normalisation and crop padding for ``arrays``, as the data module sets them."""
+    return {"mean": arrays.mean, "std": arrays.std, "padding": default_padding(arrays.image_size)}
+
+
 def network_options(cbam: bool, impl: str | None) -> dict:
     """The ``build_resnet`` / ``CBAMResNetModule`` arguments of a row: CBAM in every block or none."""
     return {"use_cbam_block": True, "cbam_impl": impl} if cbam else {"use_cbam_block": False}
@@ -78,7 +83,7 @@ def run_plain(args, arrays, depth: int, network: dict, device: torch.device) -> 
     )
     criterion = torch.nn.CrossEntropyLoss()
     loader = DeviceLoader(
-        arrays.train_images, arrays.train_labels, args.batch_size, train=True, device=device
+        arrays.train_images, arrays.train_labels, args.batch_size, train=True, device=device, **pipeline(arrays)
     )
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> None:
@@ -175,6 +180,7 @@ def run_lightning(args, arrays, depth: int, network: dict, device: torch.device)
                 args.batch_size,
                 train=True,
                 device=self.trainer.strategy.root_device,
+                **pipeline(arrays),
             )
 
     class _Clock(pl.Callback):

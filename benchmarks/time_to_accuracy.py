@@ -124,7 +124,7 @@ def main(argv=None) -> dict:
         cfg = compose("train", overrides=overrides)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
-    model = build_model(cfg)
+    model = build_model(cfg, datamodule)
     with tempfile.TemporaryDirectory() as scratch:
         OmegaConf.update(cfg, "trainer.default_root_dir", scratch)
         clock = TestEveryEpoch([float(t) for t in args.targets.split(",")])

@@ -91,11 +91,34 @@ def check_checkpoint(path: str | Path, key: str = "ckpt_path") -> None:
 # ------------------------------------------------------------------------------------------------ config
 
 
-def _require(cfg: DictConfig, key: str, kind: type, described: str) -> None:
-    value = OmegaConf.select(cfg, key)
+_ABSENT = object()
+
+
+def _require(
+    cfg: DictConfig, key: str, kind: type, described: str, absent_ok: bool = False, null_ok: bool = False
+) -> None:
+    """``key`` holds a ``kind``; ``absent_ok``: or the config has no such key (``data.download`` of a data
+    set that is never downloaded); ``null_ok``: or it is null (``model.num_classes``: the data's count)."""
+    value = OmegaConf.select(cfg, key, default=_ABSENT)
+    if (absent_ok and value is _ABSENT) or (null_ok and value is None):
+        return
     # bool is a subclass of int: true is not a batch size
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ConfigError(f"{key}={value}: must be {described}")
+        raise ConfigError(f"{key}={None if value is _ABSENT else value}: must be {described}")
+
+
+def num_classes(cfg: DictConfig, data: Any) -> int:
+    """The classifier's outputs: the data's class count (``data.class_count()``, read before any image
+    is decoded), which an explicit ``model.num_classes`` must equal. The one place this rule lives: the
+    config check and :func:`cbam.training.build_model` both ask here."""
+    found = data.class_count()
+    configured = OmegaConf.select(cfg, "model.num_classes")
+    if configured is not None and configured != found:
+        raise ConfigError(
+            f"model.num_classes={configured}: the data ({data.description}) have {found} classes; leave "
+            f"model.num_classes out (null) to follow the data"
+        )
+    return found
 
 
 def _constructed(group: str, build) -> Any:
@@ -146,6 +169,8 @@ def check_config(cfg: DictConfig) -> None:
         "data.val_size",
     ):
         _require(cfg, key, int, "an integer")
+    for key in ("model.num_classes", "data.image_size", "data.crop_padding"):
+        _require(cfg, key, int, "an integer or null", absent_ok=True, null_ok=True)
     for key in (
         "model.use_cbam_block",
         "model.use_cbam_class",
@@ -153,14 +178,17 @@ def check_config(cfg: DictConfig) -> None:
         "model.use_spatial_gate",
         "model.channels_last",
         "model.compile",
-        "data.download",
         "train",
         "test",
     ):
         _require(cfg, key, bool, "true or false")
+    _require(cfg, "data.download", bool, "true or false", absent_ok=True)
+    data = _constructed("data", lambda: instantiate(cfg.data))
+    outputs = num_classes(cfg, data)  # the data on disk are surveyed here, before any work
     with torch.device("meta"):  # the constructors' checks, without allocating or initialising weights
-        _constructed("model", lambda: instantiate(cfg.model, _recursive_=False, _convert_="all"))
-    _constructed("data", lambda: instantiate(cfg.data))
+        _constructed(
+            "model", lambda: instantiate(cfg.model, num_classes=outputs, _recursive_=False, _convert_="all")
+        )
     _check_gpu(cfg)
     _check_fused(cfg)
     if not cfg.train and not cfg.test:

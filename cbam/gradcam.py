@@ -9,8 +9,10 @@ captum's ``LayerGradCam`` (ReLU of the gradient-weighted sum of the stage's chan
 bilinearly to the image and divided by each map's maximum. ``--run RUN_DIR`` also logs the figure as the
 TensorBoard image ``gradcam`` under ``RUN_DIR/tensorboard``.
 
-The data default to the first checkpoint's run: ``data.root`` of ``<run dir>/.hydra/config.yaml`` (a
-checkpoint in ``<run dir>/checkpoints/``). Bad input (a missing file, a file that is not a checkpoint of
+The data default to the first checkpoint's run: the ``data`` config of ``<run dir>/.hydra/config.yaml`` (a
+checkpoint in ``<run dir>/checkpoints/``), so the images come at that data set's size, normalised with its
+mean and std, titled with its class names; ``--data-root`` / ``--cache-dir`` replace its folders (without a
+run config, ``--data-root`` is read as CIFAR-10). Bad input (a missing file, a file that is not a checkpoint of
 this project, no data) ends with one line ``error: ...`` and exit status 2. Needs captum:
 ``pip install -e ".[interpret]"``.
 """
@@ -23,12 +25,14 @@ import sys
 from pathlib import Path
 
 import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from cbam.attention import CBAM
 from cbam.callbacks._utils import new_figure, render
 from cbam.checks import ConfigError
-from cbam.data import DataError, load_cifar10, normalize
+from cbam.data import DataError, ImageArrays, normalize
 from cbam.module import CBAMResNetModule
 
 MISSING_CAPTUM = 'Grad-CAM needs captum, which is not installed: pip install -e ".[interpret]"'
@@ -61,31 +65,50 @@ def load_model(path: Path) -> CBAMResNetModule:
     return module.eval()
 
 
-def run_data_root(checkpoint: Path) -> tuple[str, str | None] | None:
-    """``(data.root, data.cache_dir)`` of the run that wrote ``checkpoint``, if its Hydra config is there."""
+def run_data(checkpoint: Path) -> dict:
+    """The ``data`` config (resolved) of the run that wrote ``checkpoint``, or {} without its Hydra config."""
     config = checkpoint.resolve().parent.parent / ".hydra" / "config.yaml"
     if not config.is_file():
-        return None
-    data = OmegaConf.load(config).get("data") or {}
-    return (str(data["root"]), data.get("cache_dir")) if "root" in data else None
+        return {}
+    data = OmegaConf.load(config).get("data")
+    return OmegaConf.to_container(data, resolve=True) if data is not None else {}
+
+
+def load_test_data(checkpoint: Path, data_root: str | None, cache_dir: str | None) -> ImageArrays:
+    """The data of ``checkpoint``'s run (:func:`run_data`; CIFAR-10 when it does not say), with ``data_root``
+    and ``cache_dir`` replacing its folders when given; never downloaded."""
+    data = {"_target_": "cbam.data.CIFAR10DataModule", **run_data(checkpoint)}
+    data.update({key: value for key, value in (("root", data_root), ("cache_dir", cache_dir)) if value})
+    if data.get("root") is None:
+        raise GradCamError(
+            f"no data root: {checkpoint} is not in a run dir with .hydra/config.yaml; pass --data-root"
+        )
+    try:
+        return instantiate(data).load(download=False)
+    except InstantiationException as error:  # the data module's own check of its arguments, e.g. root
+        raise GradCamError(str(error.__cause__ or error).strip().splitlines()[0]) from None
+    except DataError as error:
+        raise GradCamError(str(error)) from None
 
 
 def describe(module: CBAMResNetModule) -> str:
-    """``ResNet18 + CBAM (blocks)``, with any attention variant that is not the default."""
+    """``ResNet18 + CBAM (blocks)``, with any attention variant that is not the default (and the ImageNet
+    stem, when the network has it)."""
     hparams = module.hparams
+    network = f"ResNet{hparams.depth}" + (" (imagenet stem)" if hparams.get("stem") == "imagenet" else "")
     places = [
         name
         for name, on in (("blocks", hparams.use_cbam_block), ("classifier", hparams.use_cbam_class))
         if on
     ]
     if not places:
-        return f"ResNet{hparams.depth}"
+        return network
     variants = [
         f"{key}={hparams[key]}"
         for key, default in VARIANT_DEFAULTS.items()
         if hparams.get(key, default) != default
     ]
-    return f"ResNet{hparams.depth} + CBAM ({', '.join(places + variants)})"
+    return f"{network} + CBAM ({', '.join(places + variants)})"
 
 
 def grad_cam(
@@ -132,20 +155,15 @@ def draw(images: torch.Tensor, names: list[str], rows: list[tuple[str, torch.Ten
 def gradcam_figure(checkpoints: list[Path], data_root: str | None, cache_dir: str | None, num_images: int):
     """The figure of ``checkpoints`` on the first ``num_images`` test images, as an (H, W, 3) uint8 array."""
     models = [load_model(path) for path in checkpoints]
-    if data_root is None:
-        found = run_data_root(checkpoints[0])
-        if found is None:
+    arrays = load_test_data(checkpoints[0], data_root, cache_dir)
+    for path, module in zip(checkpoints, models):
+        if module.hparams.num_classes != len(arrays.classes):
             raise GradCamError(
-                f"no data root: {checkpoints[0]} is not in a run dir with .hydra/config.yaml; "
-                f"pass --data-root"
+                f"checkpoint={path} has {module.hparams.num_classes} outputs, the data have "
+                f"{len(arrays.classes)} classes: give checkpoints trained on the same data"
             )
-        data_root, cache_dir = found[0], cache_dir or found[1]
-    try:
-        arrays = load_cifar10(data_root, download=False, cache_dir=cache_dir)
-    except DataError as error:
-        raise GradCamError(str(error)) from None
     images, labels = arrays.test_images[:num_images], arrays.test_labels[:num_images]
-    inputs = normalize(images).contiguous()
+    inputs = normalize(images, torch.tensor(arrays.mean), torch.tensor(arrays.std)).contiguous()
     rows = [(describe(module), *grad_cam(module, inputs, labels)) for module in models]
     names = [arrays.classes[label] for label in labels.tolist()]
     return render(draw(images, names, rows), dpi=110)
@@ -157,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoints", nargs="+", type=Path, metavar="CKPT", help="a checkpoint (.ckpt) per row"
     )
     parser.add_argument(
-        "--data-root", help="CIFAR-10 folder (default: data.root of the first checkpoint's run)"
+        "--data-root", help="the data folder (default: data.root of the first checkpoint's run)"
     )
     parser.add_argument("--cache-dir", help="where the decoded cache is or goes (as data.cache_dir)")
     parser.add_argument("--num-images", type=int, default=8, help="the first N test images (default 8)")

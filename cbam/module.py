@@ -45,8 +45,8 @@ class CBAMResNetModule(pl.LightningModule):
 
     Args:
         depth, use_cbam_block, use_cbam_class, reduction_ratio, kernel_size, channel_pooling,
-            spatial_pooling, gate_order, use_channel_gate, use_spatial_gate, cbam_impl, width, num_classes:
-            passed to :func:`cbam.build_resnet` (the CBAM variant and implementation: see :class:`cbam.CBAM`).
+            spatial_pooling, gate_order, use_channel_gate, use_spatial_gate, cbam_impl, width, stem,
+            num_classes: passed to :func:`cbam.build_resnet` (the CBAM variant and implementation: see :class:`cbam.CBAM`).
         optimizer: Hydra config of a partial optimizer (``_target_`` and arguments but the parameters);
             needed for training only (the defaults are ``conf/optim/sgd.yaml``).
         scheduler: Hydra config of a partial schedule taking ``(optimizer, total_steps)``, stepped
@@ -71,6 +71,7 @@ class CBAMResNetModule(pl.LightningModule):
         use_spatial_gate: bool = True,
         cbam_impl: str = "auto",
         width: int = 64,
+        stem: str = "cifar",
         num_classes: int = 10,
         optimizer: dict | None = None,
         scheduler: dict | None = None,
@@ -101,6 +102,7 @@ class CBAMResNetModule(pl.LightningModule):
             cbam_impl=cbam_impl,
             num_classes=num_classes,
             width=width,
+            stem=stem,
         )
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)

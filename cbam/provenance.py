@@ -17,11 +17,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from cbam.data import find_source
-
 REPOSITORY = Path(__file__).resolve().parents[1]
-#: what find_source's answer means, for a reader of the provenance
-SOURCE_NAMES = {"batches": "CIFAR-10 python batches", "folder": "CIFAR-10 image folder (train/, test/)"}
 #: the fields of a run's record that the sweep's provenance lists (every distinct value)
 RECORDED = ("device", "torch_version", "git_revision", "precision", "data")
 
@@ -50,20 +46,15 @@ def git_revision() -> str | None:
     return f"{commit}+dirty" if dirty else commit
 
 
-def describe_data(root: str | Path) -> str:
-    """``"<kind> at <root>"``, the kind as :func:`cbam.data.find_source` detects it."""
-    source = find_source(Path(root).expanduser())
-    return f"{SOURCE_NAMES.get(source, 'no CIFAR-10 found')} at {root}"
-
-
-def run_record(device: torch.device, precision: str, data_root: str | Path | None) -> dict:
-    """What a run's ``metrics.json`` records about where it ran (its date: now, in UTC)."""
+def run_record(device: torch.device, precision: str, data: str | None) -> dict:
+    """What a run's ``metrics.json`` records about where it ran (its date: now, in UTC); ``data`` is the
+    data module's ``description`` (``"<kind> at <root>"``)."""
     return {
         "device": describe_device(device),
         "torch_version": torch.__version__,
         "git_revision": git_revision(),
         "precision": str(precision),
-        "data": describe_data(data_root) if data_root is not None else None,
+        "data": data,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 

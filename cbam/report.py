@@ -3,8 +3,9 @@
 Every job folder of the sweep (any folder holding ``.hydra/config.yaml``) is read: its overrides
 (``.hydra/overrides.yaml``), its resolved config and the ``metrics.json`` that
 :class:`cbam.callbacks.RunMetrics` writes when the run ends. Jobs are grouped by configuration, i.e. by all
-their overrides except ``seed`` and ``hydra*`` (and any ``--ignore`` key), and the sweep dir (or ``--out``)
-receives:
+their overrides except ``seed`` and ``hydra*`` (and any ``--ignore`` key), and by data set (from the
+resolved config: the data module, its folder and image size; a ``data set`` column when the jobs used
+several), and the sweep dir (or ``--out``) receives:
 
 * ``results.csv``: one row per configuration: the overrides that vary, the number of finished seeds,
   best val acc and final test acc (mean and sample standard deviation over seeds), each one's difference
@@ -17,8 +18,8 @@ receives:
 * ``provenance.json``: the sweep's command and what its runs recorded (see :mod:`cbam.provenance`).
 
 A configuration's baseline is the configuration without attention (resolved ``model.use_cbam_block`` and
-``model.use_cbam_class`` both false) of the same depth whose other overrides are the same, attention keys
-(:data:`ATTENTION_KEYS`) aside.
+``model.use_cbam_class`` both false) of the same depth and data set whose other overrides are the same,
+attention keys (:data:`ATTENTION_KEYS`) aside.
 
 A job without ``metrics.json`` is unfinished: it is counted, not averaged. A missing folder, a folder with
 no job and a sweep with no finished job end with a one-line error and exit status 2.
@@ -47,6 +48,10 @@ ATTENTION_KEYS = frozenset(
 )
 
 
+#: the column of the data set, when the jobs of a sweep used more than one
+DATA_SET = "data set"
+
+
 class ReportError(RuntimeError):
     """A sweep that cannot be reported; the message is one line."""
 
@@ -59,6 +64,7 @@ class Job:
     metrics: dict | None = None
     depth: object = None
     has_attention: bool = True
+    data: str = ""
 
 
 @dataclass
@@ -105,6 +111,17 @@ def find_job_dirs(sweep: Path) -> list[Path]:
     return sorted(dirs, key=lambda path: _natural(path.relative_to(sweep)))
 
 
+def data_set(config) -> str:
+    """The data set a job used, from its resolved config: ``"<data module> at <root>"`` (and the size its
+    images were resized to), e.g. ``"CIFAR100 at data"``; empty for a config without a data module."""
+    data = config.get("data") or {}
+    if "_target_" not in data:
+        return ""
+    kind = str(data["_target_"]).rsplit(".", 1)[-1].removesuffix("DataModule")
+    resized = f" ({data['image_size']}px)" if data.get("image_size") else ""
+    return f"{kind} at {data.get('root')}{resized}"
+
+
 def read_job(path: Path, sweep: Path) -> Job:
     overrides_file = path / ".hydra" / "overrides.yaml"
     overrides = OmegaConf.load(overrides_file) if overrides_file.is_file() else []
@@ -120,7 +137,9 @@ def read_job(path: Path, sweep: Path) -> Job:
     model = config.get("model") or {}
     has_attention = bool(model.get("use_cbam_block", True) or model.get("use_cbam_class", True))
     overrides = dict(parse_override(item) for item in overrides)
-    return Job(name, overrides, config.get("seed"), metrics, model.get("depth"), has_attention)
+    return Job(
+        name, overrides, config.get("seed"), metrics, model.get("depth"), has_attention, data_set(config)
+    )
 
 
 def group_jobs(jobs: list[Job], ignore: set[str]) -> list[Group]:
@@ -213,6 +232,9 @@ def tabulate(sweep: Path, ignore: set[str], data: str | None) -> Table:
             f"{sweep} holds no Hydra job (no <job>/.hydra/config.yaml): an empty or not-yet-started sweep?"
         )
     jobs = [read_job(path, sweep) for path in job_dirs]
+    if len({job.data for job in jobs}) > 1:  # one more setting that tells configurations apart
+        for job in jobs:
+            job.overrides = {DATA_SET: job.data, **job.overrides}
     finished = [job.metrics for job in jobs if job.metrics is not None]
     if not finished:
         raise ReportError(

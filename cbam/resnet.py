@@ -1,7 +1,9 @@
-"""CIFAR ResNets (3x3 stem, no max-pool, four stages) with optional CBAM, after kuangliu/pytorch-cifar.
+"""ResNets with optional CBAM: the CIFAR ResNets (3x3 stem, no max-pool, four stages), after
+kuangliu/pytorch-cifar, or with the ImageNet stem of He et al. (7x7 stride 2, 3x3 max-pool).
 
-One generic :class:`ResNet`; the depths are rows of :data:`DEPTHS`. With ``width=64`` and no CBAM the
-parameter counts are the standard ones (ResNet18: 11,173,962 ... ResNet152: 58,156,618).
+One generic :class:`ResNet`; the depths are rows of :data:`DEPTHS`, the stems of :data:`STEMS`. With
+``width=64`` and no CBAM the parameter counts are the standard ones (CIFAR stem, 10 classes: ResNet18
+11,173,962 ... ResNet152 58,156,618; ImageNet stem, 1000 classes: torchvision's, ResNet18 11,689,512).
 """
 
 from __future__ import annotations
@@ -77,6 +79,17 @@ class Bottleneck(_ResidualBlock):
         ]
 
 
+#: stem -> its layers, from the image's 3 channels to ``width``: CIFAR's keeps the resolution, ImageNet's
+#: divides it by 4 (the paper's ResNets, for images of 64 px and more)
+STEMS: dict[str, Callable[[int], list[nn.Module]]] = {
+    "cifar": lambda width: [*_conv_bn(3, width, 3), nn.ReLU(inplace=True)],
+    "imagenet": lambda width: [
+        *_conv_bn(3, width, 7, stride=2),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(3, stride=2, padding=1),
+    ],
+}
+
 #: depth -> (block type, number of blocks in each of the four stages)
 DEPTHS: dict[int, tuple[type[_ResidualBlock], tuple[int, int, int, int]]] = {
     18: (BasicBlock, (2, 2, 2, 2)),
@@ -88,7 +101,7 @@ DEPTHS: dict[int, tuple[type[_ResidualBlock], tuple[int, int, int, int]]] = {
 
 
 class ResNet(nn.Module):
-    """A CIFAR ResNet: 3x3 stem, four stages (strides 1, 2, 2, 2), global average pool, linear classifier.
+    """A ResNet: a stem, four stages (strides 1, 2, 2, 2), global average pool, linear classifier.
 
     Args:
         block: :class:`BasicBlock` or :class:`Bottleneck`.
@@ -97,6 +110,7 @@ class ResNet(nn.Module):
         num_classes: size of the classifier's output.
         block_attention: builds the attention module of every residual block from its channel count.
         classifier_attention: builds the attention module applied to the final feature map.
+        stem: a key of :data:`STEMS`.
     """
 
     def __init__(
@@ -108,9 +122,10 @@ class ResNet(nn.Module):
         num_classes: int = 10,
         block_attention: AttentionFactory | None = None,
         classifier_attention: AttentionFactory | None = None,
+        stem: str = "cifar",
     ) -> None:
         super().__init__()
-        self.stem = nn.Sequential(*_conv_bn(3, width, 3), nn.ReLU(inplace=True))
+        self.stem = nn.Sequential(*STEMS[stem](width))
         in_channels = width
         stages = []
         for index, blocks in enumerate(num_blocks):
@@ -149,8 +164,9 @@ def build_resnet(
     use_channel_gate: bool = True,
     use_spatial_gate: bool = True,
     cbam_impl: str = "auto",
+    stem: str = "cifar",
 ) -> ResNet:
-    """Build a CIFAR ResNet of ``depth`` in {18, 34, 50, 101, 152}, with CBAM where asked.
+    """Build a ResNet of ``depth`` in {18, 34, 50, 101, 152}, with CBAM where asked.
 
     Args:
         depth: network depth.
@@ -162,11 +178,16 @@ def build_resnet(
             use_spatial_gate: the arguments of every :class:`~cbam.attention.CBAM` (checked even when no
             CBAM is placed, so a sweep cannot carry an unusable value unnoticed).
         cbam_impl: the CBAM's ``impl``: ``reference``, ``fused`` or ``auto``.
+        stem: ``cifar`` (3x3 convolution, stride 1) or ``imagenet`` (7x7 stride 2 and a 3x3 max-pool).
     """
     if depth not in DEPTHS:
         raise InvalidArgument("depth", depth, f"accepted depths are {', '.join(map(str, DEPTHS))}")
     if width < 1:
         raise InvalidArgument("width", width, "must be an integer >= 1")
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise InvalidArgument("num_classes", num_classes, "must be an integer >= 1")
+    if stem not in STEMS:
+        raise InvalidArgument("stem", stem, f"accepted values are {', '.join(STEMS)}")
     options = dict(
         reduction_ratio=reduction_ratio,
         kernel_size=kernel_size,
@@ -195,6 +216,7 @@ def build_resnet(
         num_classes=num_classes,
         block_attention=attention if use_cbam_block else None,
         classifier_attention=attention if use_cbam_class else None,
+        stem=stem,
     )
 
 

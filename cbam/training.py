@@ -11,8 +11,8 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-from cbam.checks import ConfigError, check_config, read_checkpoint, unplaced_attention_warning
-from cbam.data import DataError
+from cbam.checks import ConfigError, check_config, num_classes, read_checkpoint, unplaced_attention_warning
+from cbam.data import DataError, ImageDataModule
 from cbam.module import CBAMResNetModule
 from cbam.reliability import TrainingDiverged, check_last_checkpoint, newest_checkpoint
 from cbam.schedules import ScheduleLengthChanged
@@ -25,11 +25,17 @@ from cbam.write_failures import (
 )
 
 
-def build_model(cfg: DictConfig) -> CBAMResNetModule:
-    """The LightningModule of ``cfg.model``, with the optimizer and schedule of ``cfg.optim`` and
-    ``cfg.scheduler`` (passed as configs: the module instantiates them and saves them as hparams)."""
+def build_model(cfg: DictConfig, data: ImageDataModule) -> CBAMResNetModule:
+    """The LightningModule of ``cfg.model``, with as many outputs as ``data`` has classes
+    (:func:`cbam.checks.num_classes`) and the optimizer and schedule of ``cfg.optim`` and ``cfg.scheduler``
+    (passed as configs: the module instantiates them and saves them as hparams)."""
     return instantiate(
-        cfg.model, optimizer=cfg.optim, scheduler=cfg.scheduler, _recursive_=False, _convert_="all"
+        cfg.model,
+        num_classes=num_classes(cfg, data),
+        optimizer=cfg.optim,
+        scheduler=cfg.scheduler,
+        _recursive_=False,
+        _convert_="all",
     )
 
 
@@ -96,7 +102,7 @@ def _fit_and_test(
         check_last_checkpoint(trainer)  # a corrupt last.ckpt: one error line naming it
     metrics = {}  # trainer.test resets callback_metrics: keep fit's (val/acc, which the sweepers maximise)
     if cfg.train:
-        model = build_model(cfg)
+        model = build_model(cfg, datamodule)
         if cfg.weights_from:
             load_weights(model, cfg.weights_from)
         if trainer.logger:
@@ -116,6 +122,12 @@ def _fit_and_test(
         model = CBAMResNetModule.load_from_checkpoint(
             cfg.ckpt_path, map_location="cpu", cbam_impl=cfg.model.cbam_impl
         )
+        classes = datamodule.class_count()
+        if model.hparams.num_classes != classes:
+            raise ConfigError(
+                f"ckpt_path={cfg.ckpt_path}: its model has {model.hparams.num_classes} outputs, but the data "
+                f"({datamodule.description}) have {classes} classes; test it on the data it was trained on"
+            )
     if cfg.test:
         trainer.test(model, datamodule=datamodule, ckpt_path=best_checkpoint(trainer) if cfg.train else None)
     metrics.update(trainer.callback_metrics)

@@ -1,10 +1,12 @@
-"""cbam.data on small data sets written into tmp_path: the three sources, the uint8 cache, the split and
-both batch paths (torchvision transforms in DataLoader workers, and the DeviceLoader)."""
+"""cbam.data on small data sets written into tmp_path: the sources, the uint8 cache, the split and both
+batch paths (the ``workers`` DataLoader and the ``device`` loader)."""
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -12,6 +14,8 @@ import torch
 
 from cbam.data import (
     CACHE_NAME,
+    CIFAR10_MEAN,
+    CIFAR10_STD,
     CIFAR10DataModule,
     DataError,
     DeviceLoader,
@@ -23,6 +27,13 @@ from cbam.data import (
 )
 from cbam.data.sources import FOLDER_ORDER_SEED
 from cbam.errors import InvalidArgument
+
+#: the CIFAR-10 pipeline: its published mean and std, 4 pixels of crop padding
+CIFAR = {"mean": CIFAR10_MEAN, "std": CIFAR10_STD, "padding": 4}
+
+
+def cifar_normalize(images: torch.Tensor) -> torch.Tensor:
+    return normalize(images, torch.tensor(CIFAR10_MEAN), torch.tensor(CIFAR10_STD))
 
 
 def cache_files(folder) -> list[str]:
@@ -40,9 +51,9 @@ def count_decodes(monkeypatch):
     calls = []
     original = sources._decode_image
 
-    def counting(path):
+    def counting(path, *options):
         calls.append(path)
-        return original(path)
+        return original(path, *options)
 
     monkeypatch.setattr(sources, "_decode_image", counting)
     return calls
@@ -124,11 +135,15 @@ def test_cache_of_version_1_is_rebuilt(tmp_path, make_image_folder, count_decode
     assert torch.load(cache, weights_only=True)["version"] == sources.CACHE_VERSION
 
 
-def test_image_folder_with_different_test_classes_is_rejected(tmp_path, make_image_folder):
+def test_image_folder_with_a_test_class_missing_from_train_is_rejected_naming_it(tmp_path, make_image_folder):
     make_image_folder(tmp_path, classes=["a", "b"], train_per_class=1, test_per_class=1)
     (tmp_path / "test" / "b").rename(tmp_path / "test" / "c")
-    with pytest.raises(DataError, match="classes"):
+    with pytest.raises(DataError, match=r"test/c is a test class with no training folder \(train/c/\)"):
         load_cifar10(tmp_path, download=False)
+    # a training class without test images is fine: its test accuracy is simply unknown
+    shutil.rmtree(tmp_path / "test" / "c")
+    arrays = load_cifar10(tmp_path, download=False)
+    assert arrays.classes == ["a", "b"] and arrays.test_labels.tolist() == [0]
 
 
 def test_image_of_the_wrong_size_is_rejected_naming_it(tmp_path, make_image_folder):
@@ -143,11 +158,11 @@ def test_image_of_the_wrong_size_is_rejected_naming_it(tmp_path, make_image_fold
 def test_download_is_called_for_an_empty_root(tmp_path, monkeypatch, make_batches):
     calls = []
 
-    def fake_download(root):
+    def fake_download(source, root):
         calls.append(root)
         make_batches(root, per_batch=2, num_test=3)
 
-    monkeypatch.setattr(sources, "_download", fake_download)
+    monkeypatch.setattr(sources.CIFARSource, "download", fake_download)
     root = tmp_path / "new" / "data"
     arrays = load_cifar10(root, download=True)
     assert calls == [root]
@@ -158,7 +173,9 @@ def test_download_is_called_for_an_empty_root(tmp_path, monkeypatch, make_batche
 
 
 def test_empty_root_without_download_raises_naming_data_root(tmp_path, monkeypatch):
-    monkeypatch.setattr(sources, "_download", lambda root: pytest.fail("must not download"))
+    monkeypatch.setattr(
+        sources.CIFARSource, "download", lambda source, root: pytest.fail("must not download")
+    )
     with pytest.raises(DataError, match="data.root"):
         load_cifar10(tmp_path / "missing", download=False)
     with pytest.raises(DataError, match="data.root"):
@@ -185,8 +202,10 @@ def test_cache_is_written_once_and_reused(tmp_path, make_image_folder, count_dec
 def test_cache_of_batches_is_reused(tmp_path, make_batches, monkeypatch):
     make_batches(tmp_path)
     calls = []
-    original = sources._read_batches
-    monkeypatch.setattr(sources, "_read_batches", lambda root: calls.append(root) or original(root))
+    original = sources.CIFARSource.read
+    monkeypatch.setattr(
+        sources.CIFARSource, "read", lambda source, root: calls.append(root) or original(source, root)
+    )
     first = load_cifar10(tmp_path, download=False)
     second = load_cifar10(tmp_path, download=False)
     assert len(calls) == 1
@@ -307,11 +326,11 @@ def test_datamodule_holds_out_val_size_and_tests_on_the_test_split(tmp_path, mak
     _, val_idx = split_train_val(50, 14, seed=0)
     val_images, val_labels = collect(module.val_dataloader())
     assert val_images.shape == (14, 3, 32, 32)
-    torch.testing.assert_close(val_images, normalize(arrays.train_images[val_idx]))
+    torch.testing.assert_close(val_images, cifar_normalize(arrays.train_images[val_idx]))
     assert torch.equal(val_labels, arrays.train_labels[val_idx])
 
     test_images, test_labels = collect(module.test_dataloader())
-    torch.testing.assert_close(test_images, normalize(arrays.test_images))
+    torch.testing.assert_close(test_images, cifar_normalize(arrays.test_images))
     assert torch.equal(test_labels, arrays.test_labels)
 
     train = module.train_dataloader()
@@ -338,7 +357,7 @@ def test_datamodule_without_validation(tmp_path, make_batches):
 @pytest.mark.parametrize(
     "argument, value",
     [("batch_size", 0), ("batch_size", True), ("batch_size", "8"), ("num_workers", -1), ("val_size", -1),
-     ("val_size", 50000), ("val_size", 2.5), ("loader", "gpu")],
+     ("val_size", 2.5), ("loader", "gpu"), ("crop_padding", -1)],
 )  # fmt: skip
 def test_datamodule_rejects_arguments_it_cannot_use(tmp_path, make_batches, argument, value):
     make_batches(tmp_path)
@@ -374,7 +393,7 @@ def candidate_crops(image: torch.Tensor) -> torch.Tensor:
     padded = torch.nn.functional.pad(image, (0, 0, 4, 4, 4, 4))  # zero padding of H and W
     crops = torch.stack([padded[r : r + 32, c : c + 32] for r in range(9) for c in range(9)])
     crops = torch.stack([crops, crops.flip(2)], dim=1).view(9 * 9 * 2, 32, 32, 3)
-    return normalize(crops)
+    return cifar_normalize(crops)
 
 
 def identify(crop: torch.Tensor, candidates: torch.Tensor) -> tuple[int, int, bool]:
@@ -398,7 +417,11 @@ def check_augmentation_statistics(offsets: list[tuple[int, int, bool]]):
     assert len({(r, c) for r, c, _ in offsets}) > 40  # rows and columns drawn independently
 
 
-LOADERS = [DeviceLoader, WorkersLoader]
+#: both loaders with the CIFAR-10 pipeline
+LOADERS = [
+    pytest.param(functools.partial(loader, **CIFAR), id=loader.__name__)
+    for loader in (DeviceLoader, WorkersLoader)
+]
 
 
 @pytest.mark.parametrize("loader_class", LOADERS)
@@ -420,11 +443,11 @@ def test_loaders_crop_shifted_flipped_copies(loader_class):
 def test_workers_loader_cuts_the_device_loaders_batches_whatever_its_worker_count():
     images, ids = random_images(45, seed=4), torch.arange(45)
     torch.manual_seed(0)  # the global random state plays no part: changed between the loaders below
-    device = DeviceLoader(images, ids, 8, train=True, seed=9, rank=1, world_size=2)
+    device = DeviceLoader(images, ids, 8, train=True, seed=9, rank=1, world_size=2, **CIFAR)
     for num_workers in (0, 2):
         torch.manual_seed(num_workers + 1)
         workers = WorkersLoader(
-            images, ids, 8, train=True, seed=9, rank=1, world_size=2, num_workers=num_workers
+            images, ids, 8, train=True, seed=9, rank=1, world_size=2, num_workers=num_workers, **CIFAR
         )
         assert len(workers) == len(device) == 2
         for epoch in (0, 3):
@@ -438,7 +461,7 @@ def test_workers_loader_cuts_the_device_loaders_batches_whatever_its_worker_coun
 def test_unaugmented_paths_give_the_same_normalised_values():
     images = random_images(6, seed=2)
     labels = torch.tensor([3, 1, 4, 1, 5, 9])
-    expected = normalize(images)
+    expected = cifar_normalize(images)
     assert expected.shape == (6, 3, 32, 32)
     # the usual CIFAR-10 channel statistics
     mean = torch.tensor([0.4914, 0.4822, 0.4465], dtype=torch.float64)[:, None, None]
@@ -446,7 +469,7 @@ def test_unaugmented_paths_give_the_same_normalised_values():
     manual = (images.permute(0, 3, 1, 2).double() / 255 - mean) / std
     torch.testing.assert_close(expected.double(), manual, atol=1e-5, rtol=0)
     for loader in (DeviceLoader, WorkersLoader):
-        batches = list(loader(images, labels, batch_size=4, train=False))
+        batches = list(loader(images, labels, batch_size=4, train=False, **CIFAR))
         assert [len(b[1]) for b in batches] == [4, 2], loader  # evaluation keeps the last partial batch
         torch.testing.assert_close(torch.cat([b[0] for b in batches]), expected, atol=1e-6, rtol=0)
         assert torch.equal(torch.cat([b[1] for b in batches]), labels)
@@ -519,7 +542,7 @@ def test_loader_reshuffles_per_epoch_and_is_deterministic(loader_class):
 def test_loader_resumes_within_an_epoch(loader_class, num_workers):
     """The position saved is the batches handed out, not those a worker process fetched ahead."""
     images, ids = random_images(40), torch.arange(40)
-    options = {} if num_workers is None else {"num_workers": num_workers}
+    options = CIFAR if num_workers is None else {"num_workers": num_workers, **CIFAR}
 
     def loader():
         return loader_class(images, ids, 8, train=True, seed=2, **options)

@@ -76,7 +76,8 @@ def reference_grad_cam(module: CBAMResNetModule, inputs: torch.Tensor, labels: t
 def test_maps_and_probabilities_match_a_hand_written_grad_cam(runs):
     root, checkpoints = runs
     arrays = load_cifar10(root / "data", download=False, cache_dir=root / "cache")
-    inputs, labels = normalize(arrays.test_images[:6]).contiguous(), arrays.test_labels[:6]
+    mean, std = torch.tensor(arrays.mean), torch.tensor(arrays.std)
+    inputs, labels = normalize(arrays.test_images[:6], mean, std).contiguous(), arrays.test_labels[:6]
     for checkpoint in checkpoints:
         module = load_model(checkpoint)
         maps, probabilities = grad_cam(module, inputs, labels)

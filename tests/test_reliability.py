@@ -426,15 +426,15 @@ def test_concurrent_jobs_build_one_valid_cache(tmp_path, monkeypatch):
     root = write_images(tmp_path / "data", train_per_class=4, test_per_class=1)
     context = multiprocessing.get_context("fork")
     decodes = context.Value("i", 0)
-    read_folder = data._read_folder
+    read = data.CIFARSource.read
 
-    def slow_counting_read(folder):
+    def slow_counting_read(source, folder):
         with decodes.get_lock():
             decodes.value += 1
         time.sleep(0.3)  # a wide window for the other jobs to find no cache
-        return read_folder(folder)
+        return read(source, folder)
 
-    monkeypatch.setattr(data, "_read_folder", slow_counting_read)
+    monkeypatch.setattr(data.CIFARSource, "read", slow_counting_read)
     barrier, results = context.Barrier(4), context.Queue()
     jobs = [context.Process(target=_load_concurrently, args=(str(root), barrier, results)) for _ in range(4)]
     for job in jobs:
@@ -445,17 +445,17 @@ def test_concurrent_jobs_build_one_valid_cache(tmp_path, monkeypatch):
     assert [job.exitcode for job in jobs] == [0] * 4
     assert len(set(checksums)) == 1
     assert decodes.value == 1  # one job decoded the images; the others waited on the lock and read its cache
-    cache = root / data.CACHE_NAME
+    cache = root / data.CIFAR10.cache_name
     files = sorted(p.name for p in root.iterdir() if p.is_file())
-    assert files == [data.CACHE_NAME, data.CACHE_NAME + ".lock"]  # no temporary file left
-    fresh = read_folder(root)
-    assert data._read_cache(cache, data._fingerprint(root, "folder")) is not None
+    assert files == [cache.name, cache.name + ".lock"]  # no temporary file left
+    fresh = read(data.CIFAR10, root)
+    assert data._read_cache(cache, data.CIFAR10.fingerprint(root)) is not None
     assert data._checksum(fresh) == checksums[0]
 
 
 def test_stale_or_damaged_cache_is_rebuilt(tmp_path):
     root = write_images(tmp_path / "data", train_per_class=2, test_per_class=1)
-    cache = root / data.CACHE_NAME
+    cache = root / data.CIFAR10.cache_name
     first = data.load_cifar10(root, download=False)
     assert cache.is_file()
 
@@ -481,7 +481,7 @@ def test_stale_or_damaged_cache_is_rebuilt(tmp_path):
         damage()
         arrays = data.load_cifar10(root, download=False)
         assert data._checksum(arrays) == expected, name
-        assert data._read_cache(cache, data._fingerprint(root, "folder")) is not None, name
+        assert data._read_cache(cache, data.CIFAR10.fingerprint(root)) is not None, name
 
 
 # ------------------------------------------------------------------------------------------ clusters

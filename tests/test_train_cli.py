@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 from helpers import load_checkpoint, run_train
+from hydra.utils import instantiate
 
 from cbam import CBAM
 from cbam.checks import ConfigError
@@ -186,14 +187,19 @@ def test_train_py_with_weights_from_trains_from_those_weights(run, first_run, tm
     assert weights and all(torch.equal(final["state_dict"][k], started["state_dict"][k]) for k in weights)
 
 
+def build(*overrides: str, compose_config):
+    cfg = compose_config(*overrides)
+    return build_model(cfg, instantiate(cfg.data))  # CIFAR-10's 10 classes (data/ need not exist)
+
+
 def test_weights_from_starts_a_new_run_from_a_checkpoints_weights(compose_config, first_run):
     path = first_run / "checkpoints" / "last.ckpt"
-    model = build_model(compose_config("model.width=4", "model.reduction_ratio=4"))
+    model = build("model.width=4", "model.reduction_ratio=4", compose_config=compose_config)
     load_weights(model, str(path))
     saved = load_checkpoint(path)["state_dict"]
     assert saved.keys() == model.state_dict().keys()
     assert all(torch.equal(model.state_dict()[key], tensor) for key, tensor in saved.items())
-    wider = build_model(compose_config("model.width=8", "model.reduction_ratio=4"))
+    wider = build("model.width=8", "model.reduction_ratio=4", compose_config=compose_config)
     with pytest.raises(ConfigError, match=re.escape(f"weights_from={path}: its weights do not fit")):
         load_weights(wider, str(path))
 

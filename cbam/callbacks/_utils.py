@@ -35,6 +35,12 @@ def class_names(trainer: pl.Trainer, num_classes: int) -> list[str]:
     return names if len(names) == num_classes else [str(index) for index in range(num_classes)]
 
 
+def data_input_size(trainer: pl.Trainer) -> tuple[int, int, int] | None:
+    """(3, H, W) of the datamodule's images (known after its setup), else None."""
+    size = getattr(trainer.datamodule, "image_size", None)
+    return (3, *size) if size else None
+
+
 def new_figure(width: float, height: float, layout: str | None = None):
     """A matplotlib figure drawn by the Agg canvas, outside pyplot (no global state, no display)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg

@@ -26,7 +26,7 @@ from cbam.callbacks._utils import (
     run_dir,
     tensorboard_writers,
 )
-from cbam.data import CIFAR10_MEAN, CIFAR10_STD, IGNORED_LABEL
+from cbam.data import IGNORED_LABEL
 from cbam.lightning_internals import call_uncompiled
 
 log = logging.getLogger(__name__)
@@ -81,11 +81,15 @@ def attention_gates(
     return gates
 
 
-def _to_display(images: torch.Tensor) -> torch.Tensor:
-    """Normalised NCHW images -> NHWC in [0, 1]."""
-    mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
-    return (images * std + mean).clamp(0, 1).permute(0, 2, 3, 1)
+def to_display(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """Normalised NCHW images -> NHWC in [0, 1], with the data's channel ``mean`` and ``std`` (None: each
+    image stretched to [0, 1], for a datamodule that does not say)."""
+    if mean is None or std is None:
+        low = images.amin(dim=(1, 2, 3), keepdim=True)
+        images = (images - low) / (images.amax(dim=(1, 2, 3), keepdim=True) - low).clamp_min(1e-8)
+    else:
+        images = images * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
+    return images.clamp(0, 1).permute(0, 2, 3, 1)
 
 
 class AttentionMaps(pl.Callback):
@@ -136,7 +140,13 @@ class AttentionMaps(pl.Callback):
         self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         missing = self.num_images - self._collected()
-        if dataloader_idx != 0 or missing <= 0 or not isinstance(batch, (tuple, list)):
+        # (not from the sanity check: a validation set smaller than num_images would be collected twice)
+        if (
+            trainer.sanity_checking
+            or dataloader_idx != 0
+            or missing <= 0
+            or not isinstance(batch, (tuple, list))
+        ):
             return
         real = batch[1] != IGNORED_LABEL  # not the rows that fill up a short batch
         self._images.append(batch[0][real][:missing].detach().float().cpu())
@@ -165,7 +175,9 @@ class AttentionMaps(pl.Callback):
         folder, epoch, step = run_dir(trainer) / self.dirname, trainer.current_epoch, trainer.global_step
         spatial_gates = {name: gate for name, gate in gates.items() if "spatial" in gate}
         if spatial_gates:
-            figure = self.spatial_figure(images, labels, names, spatial_gates)
+            datamodule = trainer.datamodule
+            display = to_display(images, getattr(datamodule, "mean", None), getattr(datamodule, "std", None))
+            figure = self.spatial_figure(display, labels, names, spatial_gates)
             publish_figure(
                 trainer, figure, folder / f"spatial_epoch{epoch:03d}.png", "attention/spatial_maps"
             )
@@ -178,11 +190,11 @@ class AttentionMaps(pl.Callback):
             for name, gate in channel_gates.items():
                 writer.add_histogram(f"attention/channel/{name}", gate["channel"], global_step=step)
 
-    def mosaic(self, images: torch.Tensor, gates: dict) -> np.ndarray:
-        """Rows: images; columns: the image, then its spatial map of every site overlaid on it."""
+    def mosaic(self, display: torch.Tensor, gates: dict) -> np.ndarray:
+        """Rows: images (NHWC in [0, 1]); columns: the image, then its spatial map of every site overlaid on
+        it, at the images' size."""
         from matplotlib import colormaps
 
-        display = _to_display(images)  # (N, H, W, 3)
         count, height, width, _ = display.shape
         gap = self.GAP
         colormap = colormaps[self.cmap]
@@ -203,16 +215,17 @@ class AttentionMaps(pl.Callback):
                 canvas[top : top + height, left : left + width] = tile
         return canvas
 
-    def spatial_figure(self, images, labels, names, gates):
-        canvas = self.mosaic(images, gates)
-        columns, rows = 1 + len(gates), len(images)
-        tile, left, top, bottom = 1.1, 1.0, 0.5, 0.3  # inches: a tile, the class names, headings, caption
+    def spatial_figure(self, display, labels, names, gates):
+        canvas = self.mosaic(display, gates)
+        columns, rows = 1 + len(gates), len(display)
+        height, width = display.shape[1:3]
+        # inches: a tile (at least a screen pixel per image pixel at 100 dpi), the class names, headings, caption
+        tile, left, top, bottom = max(1.1, max(height, width) / 100), 1.0, 0.5, 0.3
         width_in, height_in = tile * columns + left + 0.1, tile * rows + top + bottom
         figure = new_figure(width_in, height_in)
         box = (left / width_in, bottom / height_in, tile * columns / width_in, tile * rows / height_in)
         axis = figure.add_axes(box)
         axis.imshow(canvas, interpolation="nearest")
-        height, width = images.shape[-2:]
         sizes = {name: "x".join(map(str, gate["spatial"].shape[-2:])) for name, gate in gates.items()}
         headings = ["image"] + [f"{name}\n{size}" for name, size in sizes.items()]
         centres = [c * (width + self.GAP) + width / 2 - 0.5 for c in range(columns)]

@@ -1,9 +1,11 @@
 """Per-class test accuracy and the confusion matrix, at the end of every test (after training, or with
 ``train=false ckpt_path=...``).
 
-Rank 0 prints ``test/acc`` and a per-class table, writes it to ``<run dir>/per_class_accuracy.csv`` and draws
-the confusion matrix to ``<run dir>/confusion_matrix.png``; with a TensorBoard logger the figure is logged as
-``test/confusion_matrix`` and the table as text ``test/per_class_accuracy``.
+Rank 0 prints ``test/acc`` and a per-class table (past ``print_up_to`` classes, the lowest and highest
+accuracies only, with a pointer to the CSV), writes every class to ``<run dir>/per_class_accuracy.csv`` and
+draws the confusion matrix to ``<run dir>/confusion_matrix.png`` (counts in the cells up to
+``annotate_up_to`` classes); with a TensorBoard logger the figure is logged as ``test/confusion_matrix`` and
+the whole table as text ``test/per_class_accuracy``.
 """
 
 from __future__ import annotations
@@ -38,10 +40,21 @@ def per_class_rows(matrix: torch.Tensor, names: list[str]) -> list[dict]:
     return rows
 
 
-def format_table(rows: list[dict]) -> str:
+def format_table(rows: list[dict], print_up_to: int | None = None, csv_path: str | None = None) -> str:
+    """The table as text: every class, or past ``print_up_to`` classes the ``print_up_to // 2`` lowest and
+    highest accuracies (classes without test images last), then a pointer to ``csv_path`` for the rest."""
+    shown: list[dict | None] = list(rows)
+    if print_up_to is not None and len(rows) > print_up_to:
+        ranked = sorted(rows, key=lambda row: (row["accuracy"] is None, row["accuracy"] or 0.0, row["index"]))
+        half = print_up_to // 2
+        shown = [*ranked[:half], None, *ranked[-half:]]
     width = max([len("class"), *(len(row["class"]) for row in rows)])
     lines = [f"{'class':<{width}}  {'correct':>7}  {'total':>6}  {'accuracy':>8}"]
-    for row in rows:
+    for row in shown:
+        if row is None:
+            where = f" (all in {csv_path})" if csv_path else ""
+            lines.append(f"... {len(rows) - len(shown) + 1} classes between the lowest and highest{where}")
+            continue
         accuracy = "-" if row["accuracy"] is None else f"{row['accuracy']:.2%}"
         lines.append(f"{row['class']:<{width}}  {row['correct']:>7}  {row['total']:>6}  {accuracy:>8}")
     correct, total = sum(r["correct"] for r in rows), sum(r["total"] for r in rows)
@@ -56,6 +69,8 @@ class ClassReport(pl.Callback):
         csv_name: file of the run dir receiving the table.
         figure_name: file of the run dir receiving the confusion matrix.
         annotate_up_to: write the counts in the cells when there are at most this many classes.
+        print_up_to: print every class's row when there are at most this many classes, else the lowest and
+            highest ``print_up_to // 2`` (the CSV and TensorBoard hold all).
     """
 
     def __init__(
@@ -63,8 +78,10 @@ class ClassReport(pl.Callback):
         csv_name: str = "per_class_accuracy.csv",
         figure_name: str = "confusion_matrix.png",
         annotate_up_to: int = 20,
+        print_up_to: int = 20,
     ) -> None:
         self.csv_name, self.figure_name, self.annotate_up_to = csv_name, figure_name, annotate_up_to
+        self.print_up_to = print_up_to
         self._matrix: MulticlassConfusionMatrix | None = None
         self._logits: torch.Tensor | None = None
         self._hook = None
@@ -100,18 +117,19 @@ class ClassReport(pl.Callback):
         names = class_names(trainer, matrix.shape[0])
         rows = per_class_rows(matrix, names)
         correct, total = sum(r["correct"] for r in rows), sum(r["total"] for r in rows)
-        print(f"\ntest/acc = {correct / max(total, 1):.4f} ({correct}/{total} test images)")
-        print("Per-class test accuracy:\n" + format_table(rows) + "\n", flush=True)
         folder = run_dir(trainer)
-        table = io.StringIO(newline="")
-        writer = csv.DictWriter(table, fieldnames=["class", "index", "correct", "total", "accuracy"])
+        print(f"\ntest/acc = {correct / max(total, 1):.4f} ({correct}/{total} test images)")
+        table = format_table(rows, self.print_up_to, str(folder / self.csv_name))
+        print("Per-class test accuracy:\n" + table + "\n", flush=True)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=["class", "index", "correct", "total", "accuracy"])
         writer.writeheader()
         for row in rows:
             accuracy = "" if row["accuracy"] is None else f"{row['accuracy']:.6f}"
             writer.writerow({**row, "accuracy": accuracy})
         write_atomically(
             folder / self.csv_name,
-            lambda file: file.write(table.getvalue().encode()),
+            lambda file: file.write(text.getvalue().encode()),
             prefix=f".{self.csv_name}.",
         )
         figure = self._figure(matrix, names)
@@ -135,17 +153,21 @@ class ClassReport(pl.Callback):
 
     def _figure(self, matrix: torch.Tensor, names: list[str]):
         count = len(names)
-        size = max(4.0, 0.55 * count + 2)
+        annotated = count <= self.annotate_up_to
+        # Annotated cells need room for their counts; past that a cell needs only a legible tick label.
+        size = max(4.0, (0.55 if annotated else 0.2) * count + 2)
+        fontsize = 8 if annotated else 6
         figure = new_figure(size + 1, size, layout="constrained")
         axis = figure.subplots()
         totals = matrix.sum(dim=1, keepdim=True).clamp_min(1)
         image = axis.imshow((matrix / totals).numpy(), cmap="Blues", vmin=0, vmax=1)
         figure.colorbar(image, ax=axis, label="fraction of the true class")
-        axis.set_xticks(range(count), names, rotation=45, ha="right", fontsize=8)
-        axis.set_yticks(range(count), names, fontsize=8)
+        rotation = {"rotation": 45, "ha": "right"} if annotated else {"rotation": 90, "ha": "center"}
+        axis.set_xticks(range(count), names, fontsize=fontsize, **rotation)
+        axis.set_yticks(range(count), names, fontsize=fontsize)
         axis.set_xlabel("predicted")
         axis.set_ylabel("true")
-        if count <= self.annotate_up_to:
+        if annotated:
             fractions = matrix / totals
             for true in range(count):
                 for predicted in range(count):

@@ -10,7 +10,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from cbam.callbacks._utils import plain_network
+from cbam.callbacks._utils import data_input_size, plain_network
 from cbam.lightning_internals import call_uncompiled
 
 log = logging.getLogger(__name__)
@@ -64,31 +64,32 @@ class ModelStats(pl.Callback):
     hyperparameters (TensorBoard's HPARAMS tab and hparams.yaml) and as metrics at step 0.
 
     Args:
-        input_size: (C, H, W) of one image.
+        input_size: (C, H, W) of one image; None: the data's (3, H, W), once the datamodule is set up.
     """
 
-    def __init__(self, input_size: tuple[int, ...] | list[int] = (3, 32, 32)) -> None:
-        self.input_size = tuple(input_size)
+    def __init__(self, input_size: tuple[int, ...] | list[int] | None = None) -> None:
+        self.input_size = tuple(input_size) if input_size is not None else None
         self.params: int | None = None
         self.flops_per_image: int | None = None
 
     def summary(self) -> dict[str, int]:
         return {"model/params": self.params, "model/flops_per_image": self.flops_per_image}
 
-    def measure(self, pl_module: pl.LightningModule) -> dict[str, int]:
+    def measure(self, pl_module: pl.LightningModule, input_size: tuple[int, ...]) -> dict[str, int]:
         net = plain_network(pl_module)
         self.params = count_parameters(net)
-        self.flops_per_image = count_flops(net, self.input_size)
+        self.flops_per_image = count_flops(net, input_size)
         return self.summary()
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.params is not None:
             return
-        summary = self.measure(pl_module)
+        input_size = self.input_size or data_input_size(trainer) or (3, 32, 32)
+        summary = self.measure(pl_module, input_size)
         if trainer.is_global_zero:
             print(
                 f"model: {self.params:,} parameters, {self.flops_per_image / 1e6:,.2f} MFLOPs per "
-                f"{'x'.join(map(str, self.input_size))} image",
+                f"{'x'.join(map(str, input_size))} image",
                 flush=True,
             )
         for logger in trainer.loggers:

@@ -14,7 +14,7 @@ import time
 import pytorch_lightning as pl
 
 from cbam.atomic import write_atomically
-from cbam.callbacks._utils import plain_network, run_dir
+from cbam.callbacks._utils import data_input_size, plain_network, run_dir
 from cbam.callbacks.model_summary import ModelStats, count_flops, count_parameters
 from cbam.provenance import run_record
 
@@ -50,7 +50,8 @@ class RunMetrics(pl.Callback):
             stats = measured[0]
             return {"params": stats.params, "flops_per_image": stats.flops_per_image}
         net = plain_network(pl_module)
-        return {"params": count_parameters(net), "flops_per_image": count_flops(net)}
+        flops = count_flops(net, data_input_size(trainer) or (3, 32, 32))
+        return {"params": count_parameters(net), "flops_per_image": flops}
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._started = time.perf_counter()
@@ -92,8 +93,8 @@ class RunMetrics(pl.Callback):
         numbers = self._model_numbers(trainer, pl_module)
         if not trainer.is_global_zero:
             return
-        data_root = getattr(trainer.datamodule, "root", None)
-        record = run_record(trainer.strategy.root_device, trainer.precision, data_root)
+        data = getattr(trainer.datamodule, "description", None)
+        record = run_record(trainer.strategy.root_device, trainer.precision, data)
         text = json.dumps({**self.values, **numbers, **record}, indent=2) + "\n"
         path = run_dir(trainer) / self.filename
         path.parent.mkdir(parents=True, exist_ok=True)

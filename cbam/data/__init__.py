@@ -1,26 +1,54 @@
-"""CIFAR-10 for Lightning: the on-disk sources and their uint8 cache (:mod:`cbam.data.sources`), the plans
-both loaders share (:mod:`cbam.data.batches`), the ``device`` loader (:mod:`cbam.data.device_loader`),
-the ``workers`` loader (:mod:`cbam.data.workers`) and the data module (:mod:`cbam.data.module`)."""
+"""Image data sets for Lightning: their sources on disk and the uint8 cache (:mod:`cbam.data.sources`), the
+plans both loaders share (:mod:`cbam.data.batches`), the ``device`` loader (:mod:`cbam.data.device_loader`),
+the ``workers`` loader (:mod:`cbam.data.workers`) and the data modules (:mod:`cbam.data.module`)."""
 
-from cbam.data.batches import CIFAR10_MEAN, CIFAR10_STD, IGNORED_LABEL, fill_batch, normalize
+from cbam.data.batches import IGNORED_LABEL, default_padding, fill_batch, normalize
 from cbam.data.device_loader import DeviceLoader
-from cbam.data.module import CIFAR10DataModule, split_train_val
-from cbam.data.sources import CACHE_NAME, Cifar10Arrays, DataError, find_source, load_cifar10
+from cbam.data.module import (
+    CIFAR10DataModule,
+    CIFAR100DataModule,
+    ImageDataModule,
+    ImageFolderDataModule,
+    split_train_val,
+)
+from cbam.data.sources import (
+    CIFAR10,
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    CIFAR100,
+    DataError,
+    FolderSource,
+    ImageArrays,
+    Source,
+    load_arrays,
+    load_cifar10,
+)
 from cbam.data.workers import PlannedCrops, WorkersLoader
+
+#: the cache file of CIFAR-10 (each source names its own: ``source.cache_name``)
+CACHE_NAME = CIFAR10.cache_name
 
 __all__ = [
     "CACHE_NAME",
+    "CIFAR10",
     "CIFAR10_MEAN",
     "CIFAR10_STD",
+    "CIFAR100",
     "IGNORED_LABEL",
     "CIFAR10DataModule",
-    "Cifar10Arrays",
+    "CIFAR100DataModule",
     "DataError",
     "DeviceLoader",
+    "FolderSource",
+    "ImageArrays",
+    "ImageDataModule",
+    "ImageFolderDataModule",
     "PlannedCrops",
+    "Source",
     "WorkersLoader",
+    "default_padding",
     "fill_batch",
-    "find_source",
+    "load_arrays",
     "load_cifar10",
     "normalize",
     "split_train_val",

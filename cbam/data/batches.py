@@ -9,36 +9,32 @@ skip exactly the batches it already trained on.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-#: zero padding around each image before a random 32x32 crop (the usual CIFAR-10 augmentation)
-PADDING = 4
-IMAGE_SIZE = 32
 #: the label of the rows that fill up a short evaluation batch (:func:`fill_batch`): cross-entropy's
 #: ``ignore_index``, left out by the module's loss and metrics and by the callbacks
 IGNORED_LABEL = -100
 
 
-def normalize(
-    images: torch.Tensor, mean: torch.Tensor | None = None, std: torch.Tensor | None = None
-) -> torch.Tensor:
-    """uint8 NHWC images -> float NCHW (channels_last in memory), scaled to [0, 1] and standardised.
+def default_padding(image_size: Sequence[int]) -> int:
+    """Zero padding around each image before its random crop: 1/8 of its shorter side (4 px at 32x32, the
+    usual CIFAR augmentation)."""
+    return min(image_size) // 8
 
-    ``mean`` and ``std`` may be given already on the images' device: building them here is a blocking
-    host-to-device copy, which a per-batch caller should not pay.
-    """
-    mean = torch.tensor(CIFAR10_MEAN, device=images.device) if mean is None else mean
-    std = torch.tensor(CIFAR10_STD, device=images.device) if std is None else std
+
+def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 NHWC images -> float NCHW (channels_last in memory), scaled to [0, 1] and standardised with the
+    per-channel ``mean`` and ``std`` (tensors on the images' device: making them here would be a blocking
+    host-to-device copy, which a per-batch caller should not pay)."""
     return ((images.float() / 255 - mean) / std).permute(0, 3, 1, 2)
 
 
-def pad(images: torch.Tensor) -> torch.Tensor:
-    """uint8 NHWC images with ``PADDING`` zero pixels on every side: a crop is then a plain gather."""
-    return torch.nn.functional.pad(images, (0, 0, PADDING, PADDING, PADDING, PADDING))
+def pad(images: torch.Tensor, padding: int) -> torch.Tensor:
+    """uint8 NHWC images with ``padding`` zero pixels on every side: a crop is then a plain gather."""
+    return torch.nn.functional.pad(images, (0, 0, padding, padding, padding, padding))
 
 
 def fill_batch(
@@ -85,8 +81,10 @@ def shard_size(total: int, *, train: bool, rank: int, world_size: int) -> int:
     return total // world_size if train else len(range(rank, total, world_size))
 
 
-def epoch_plan(total: int, *, train: bool, seed: int, epoch: int, rank: int, world_size: int) -> Plan:
-    """This rank's plan for an epoch over ``total`` images.
+def epoch_plan(
+    total: int, *, train: bool, seed: int, epoch: int, rank: int, world_size: int, padding: int
+) -> Plan:
+    """This rank's plan for an epoch over ``total`` images padded by ``padding`` pixels.
 
     Training: a permutation shared by all ranks (from ``seed`` and ``epoch``), dealt out round-robin, and
     per-image crops and flips from a generator of this rank's own. Evaluation: every ``world_size``-th
@@ -94,24 +92,26 @@ def epoch_plan(total: int, *, train: bool, seed: int, epoch: int, rank: int, wor
     """
     size = shard_size(total, train=train, rank=rank, world_size=world_size)
     if not train:
-        centred = torch.full((size,), PADDING, dtype=torch.long)
+        centred = torch.full((size,), padding, dtype=torch.long)
         unflipped = torch.zeros(size, dtype=torch.bool)
         return Plan(torch.arange(rank, total, world_size), centred, centred.clone(), unflipped)
     epoch_seed = seed * 1_000_003 + epoch
     order = torch.randperm(total, generator=torch.Generator().manual_seed(epoch_seed))
     own = torch.Generator().manual_seed(epoch_seed * 8191 + rank)
-    rows = torch.randint(0, 2 * PADDING + 1, (size,), generator=own)
-    cols = torch.randint(0, 2 * PADDING + 1, (size,), generator=own)
+    rows = torch.randint(0, 2 * padding + 1, (size,), generator=own)
+    cols = torch.randint(0, 2 * padding + 1, (size,), generator=own)
     flips = torch.rand(size, generator=own) < 0.5
     return Plan(order[rank::world_size][:size], rows, cols, flips)
 
 
-def cut(padded: torch.Tensor, plan: Plan) -> torch.Tensor:
-    """The planned crops of padded uint8 NHWC images, as uint8 (len(plan), 32, 32, 3): one gather."""
-    grid = torch.arange(IMAGE_SIZE, device=padded.device)
-    rows = plan.rows[:, None] + grid  # (B, 32)
+def cut(padded: torch.Tensor, plan: Plan, padding: int) -> torch.Tensor:
+    """The planned crops of uint8 NHWC images padded by ``padding``, as uint8 (len(plan), H, W, 3), the
+    images' own size: one gather."""
+    height, width = padded.shape[1] - 2 * padding, padded.shape[2] - 2 * padding
+    rows = plan.rows[:, None] + torch.arange(height, device=padded.device)  # (B, H)
+    across = torch.arange(width, device=padded.device)
     # A flip reads the columns of the crop right to left.
-    cols = plan.cols[:, None] + torch.where(plan.flips[:, None], IMAGE_SIZE - 1 - grid, grid)
+    cols = plan.cols[:, None] + torch.where(plan.flips[:, None], width - 1 - across, across)
     return padded[plan.indices[:, None, None], rows[:, :, None], cols[:, None, :]]
 
 

@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
-from cbam.data.batches import (
-    CIFAR10_MEAN,
-    CIFAR10_STD,
-    LoaderPosition,
-    cut,
-    epoch_plan,
-    normalize,
-    pad,
-    shard_size,
-)
+from cbam.data.batches import LoaderPosition, cut, epoch_plan, normalize, pad, shard_size
 
 
 class DeviceLoader:
     """Batches cut from uint8 images held on the training device, with no worker processes.
 
-    The epoch's plan (order, crops with 4-pixel zero padding, flips) comes from ``(seed, epoch, rank)``
+    The epoch's plan (order, crops with ``padding`` pixels of zero padding, flips) comes from ``(seed, epoch, rank)``
     (see :mod:`cbam.data.batches`), so every run with the same seed sees the same batches, on any device,
     and a resumed run picks up where it stopped. Under DDP every rank takes a disjoint, equally long shard
     of each training epoch, and a disjoint slice of the evaluation set (every image exactly once).
@@ -35,6 +26,9 @@ class DeviceLoader:
         batch_size: int,
         *,
         train: bool,
+        mean: Sequence[float],
+        std: Sequence[float],
+        padding: int,
         seed: int = 0,
         device: torch.device | str = "cpu",
         rank: int = 0,
@@ -42,11 +36,11 @@ class DeviceLoader:
     ) -> None:
         self.device = torch.device(device)
         self.train, self.seed, self.rank, self.world_size = train, seed, rank, world_size
-        self.batch_size = batch_size
-        self.images = pad(images).to(self.device)
+        self.batch_size, self.padding = batch_size, padding
+        self.images = pad(images, padding).to(self.device)
         self.labels = labels.to(self.device)
-        self.mean = torch.tensor(CIFAR10_MEAN, device=self.device)
-        self.std = torch.tensor(CIFAR10_STD, device=self.device)
+        self.mean = torch.tensor(mean, device=self.device)
+        self.std = torch.tensor(std, device=self.device)
         # Lightning calls set_epoch on a loader's ``sampler`` every epoch, and inspects ``batch_sampler``.
         self.sampler = LoaderPosition()
         self.batch_sampler = None
@@ -58,7 +52,7 @@ class DeviceLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         plan = epoch_plan(
             len(self.labels), train=self.train, seed=self.seed, epoch=self.sampler.epoch, rank=self.rank,
-            world_size=self.world_size,
+            world_size=self.world_size, padding=self.padding,
         ).to(self.device)  # fmt: skip
         # Lightning knows this loader's length, so it never fetches ahead: batches_done counts exactly
         # the batches trained on when a checkpoint is saved.
@@ -66,7 +60,8 @@ class DeviceLoader:
         for batch in range(position.begin_pass(len(self)), len(self)):
             position.batches_done = batch + 1
             window = plan[batch * self.batch_size : (batch + 1) * self.batch_size]
-            yield normalize(cut(self.images, window), self.mean, self.std), self.labels[window.indices]
+            images = cut(self.images, window, self.padding)
+            yield normalize(images, self.mean, self.std), self.labels[window.indices]
         position.batches_done = 0
 
     def state_dict(self) -> dict:

@@ -9,7 +9,7 @@ records to resume mid-epoch.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -21,10 +21,18 @@ Key = tuple[int, int, int, bool]
 
 
 class PlannedCrops(Dataset):
-    """uint8 NHWC images served as normalised float (3, 32, 32) crops, each item fetched by its key."""
+    """uint8 NHWC images served as normalised float (3, H, W) crops, each item fetched by its key."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        self.padded, self.labels = pad(images), labels
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        mean: Sequence[float],
+        std: Sequence[float],
+        padding: int,
+    ) -> None:
+        self.padded, self.labels, self.padding = pad(images, padding), labels, padding
+        self.mean, self.std = torch.tensor(mean), torch.tensor(std)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -33,7 +41,7 @@ class PlannedCrops(Dataset):
         # A whole batch of keys in one gather (the DataLoader's fetcher prefers this to __getitem__).
         indices, rows, cols, flips = zip(*keys)
         plan = Plan(torch.tensor(indices), torch.tensor(rows), torch.tensor(cols), torch.tensor(flips))
-        images = normalize(cut(self.padded, plan))
+        images = normalize(cut(self.padded, plan, self.padding), self.mean, self.std)
         return list(zip(images, self.labels[plan.indices]))
 
     def __getitem__(self, key: Key) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,7 +72,7 @@ class PlanSampler(DistributedSampler):
     def __iter__(self) -> Iterator[Key]:
         plan = epoch_plan(
             self.total, train=self.train, seed=self.seed, epoch=self.position.epoch, rank=self.rank,
-            world_size=self.num_replicas,
+            world_size=self.num_replicas, padding=self.dataset.padding,
         )[self.start :]  # fmt: skip
         return zip(plan.indices.tolist(), plan.rows.tolist(), plan.cols.tolist(), plan.flips.tolist())
 
@@ -82,13 +90,16 @@ class WorkersLoader(DataLoader):
         batch_size: int,
         *,
         train: bool,
+        mean: Sequence[float],
+        std: Sequence[float],
+        padding: int,
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
         num_workers: int = 0,
         pin_memory: bool = False,
     ) -> None:
-        dataset = PlannedCrops(images, labels)
+        dataset = PlannedCrops(images, labels, mean, std, padding)
         super().__init__(
             dataset,
             batch_size=batch_size,
