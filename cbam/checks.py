@@ -21,6 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from cbam.errors import InvalidArgument
+from cbam.resnet import CBAM_DEFAULTS, PLACEMENT_KEYS
 
 
 class ConfigError(ValueError):
@@ -175,3 +176,23 @@ def check_config(cfg: DictConfig) -> None:
                 f"weights_from={weights_from}: give either weights_from (weights only) or ckpt_path (resume)"
             )
         check_checkpoint(weights_from, key="weights_from")
+
+
+def unplaced_attention_warning(cfg: DictConfig) -> str | None:
+    """A warning when ``cfg`` trains a model whose attention keys differ from their defaults while no CBAM
+    is placed (``attention=se`` with ``cbam=none``): settings that change nothing. Not an error: a multirun
+    crossing ``cbam=none`` with attention variants trains its baselines this way."""
+    model = cfg.model
+    if not cfg.train or any(model.get(key) for key in PLACEMENT_KEYS):
+        return None
+    changed = [
+        f"model.{key}={str(value).lower() if isinstance(value, bool) else value}"
+        for key, default in CBAM_DEFAULTS.items()
+        if (value := model.get(key, default)) != default
+    ]
+    if not changed:
+        return None
+    return (
+        f"{', '.join(changed)} configure a CBAM that no placement uses (cbam=none): this run trains the plain "
+        f"ResNet. Place it with cbam=block|classifier|both"
+    )

@@ -39,25 +39,11 @@ from omegaconf import OmegaConf
 from cbam.comparison import Difference, in_words, welch_difference
 from cbam.provenance import sweep_provenance
 from cbam.report_output import ACCURACIES, METRICS_FILE, Table, short_value, write_all
+from cbam.resnet import CBAM_DEFAULTS, PLACEMENT_KEYS
 
 #: overrides that choose the attention only: a configuration and its baseline may differ in these
 ATTENTION_KEYS = frozenset(
-    ["cbam", "attention"]
-    + [
-        f"model.{key}"
-        for key in (
-            "use_cbam_block",
-            "use_cbam_class",
-            "reduction_ratio",
-            "kernel_size",
-            "channel_pooling",
-            "spatial_pooling",
-            "gate_order",
-            "use_channel_gate",
-            "use_spatial_gate",
-            "cbam_impl",
-        )
-    ]
+    ["cbam", "attention"] + [f"model.{key}" for key in (*PLACEMENT_KEYS, *CBAM_DEFAULTS)]
 )
 
 

@@ -6,6 +6,7 @@ parameter counts are the standard ones (ResNet18: 11,173,962 ... ResNet152: 58,1
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import torch
@@ -195,3 +196,16 @@ def build_resnet(
         block_attention=attention if use_cbam_block else None,
         classifier_attention=attention if use_cbam_class else None,
     )
+
+
+#: the arguments of :func:`build_resnet` (and keys of the model config) that place CBAM
+PLACEMENT_KEYS = ("use_cbam_block", "use_cbam_class")
+#: the arguments of :func:`build_resnet` (and keys of the model config) that configure every CBAM, with
+#: their defaults: the layer's options, those of :func:`~cbam.attention.check_options` (whose ``impl`` is
+#: ``cbam_impl`` here). With no CBAM placed they have no effect.
+CBAM_DEFAULTS = {
+    name: inspect.signature(build_resnet).parameters[name].default
+    for name in (
+        "cbam_impl" if option == "impl" else option for option in inspect.signature(check_options).parameters
+    )
+}

@@ -11,11 +11,18 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-from cbam.checks import ConfigError, check_config, read_checkpoint
+from cbam.checks import ConfigError, check_config, read_checkpoint, unplaced_attention_warning
 from cbam.data import DataError
 from cbam.module import CBAMResNetModule
-from cbam.reliability import TrainingDiverged, check_last_checkpoint
+from cbam.reliability import TrainingDiverged, check_last_checkpoint, newest_checkpoint
 from cbam.schedules import ScheduleLengthChanged
+from cbam.write_failures import (
+    WRITE_FAILED_EXIT_STATUS,
+    WriteFailed,
+    describe_checkpoint,
+    silence_failed_writes_in_threads,
+    write_failure,
+)
 
 
 def build_model(cfg: DictConfig) -> CBAMResNetModule:
@@ -63,11 +70,28 @@ def best_checkpoint(trainer: pl.Trainer) -> str | None:
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
-    """Train and/or test as ``cfg`` says; returns the final metrics."""
+    """Train and/or test as ``cfg`` says; returns the final metrics. A write that fails (disk full,
+    read-only, no permission) raises :class:`WriteFailed` naming the file and the newest intact checkpoint."""
     check_config(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     trainer = build_trainer(cfg)
+    warning = unplaced_attention_warning(cfg)  # once the run is known to start: bad input is one line alone
+    if warning and rank_zero_only.rank == 0:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    try:
+        return _fit_and_test(cfg, trainer, datamodule)
+    except Exception as error:
+        failure = write_failure(error, where=trainer.default_root_dir)
+        if failure is None:
+            raise
+        failure.last_good = describe_checkpoint(newest_checkpoint(trainer))
+        raise failure from None
+
+
+def _fit_and_test(
+    cfg: DictConfig, trainer: pl.Trainer, datamodule: pl.LightningDataModule
+) -> dict[str, float]:
     if cfg.train and cfg.ckpt_path == "last":
         check_last_checkpoint(trainer)  # a corrupt last.ckpt: one error line naming it
     metrics = {}  # trainer.test resets callback_metrics: keep fit's (val/acc, which the sweepers maximise)
@@ -98,19 +122,22 @@ def run(cfg: DictConfig) -> dict[str, float]:
     return {key: float(value) for key, value in metrics.items()}
 
 
-def _fail(error: Exception, status: int) -> None:
+def _fail(error: Exception, status: int, every_rank: bool = False) -> None:
     # Under DDP every rank stops on the same error: one line, from rank 0, is enough.
-    if rank_zero_only.rank == 0:
+    if every_rank or rank_zero_only.rank == 0:
         print(f"error: {error}", file=sys.stderr)
     sys.exit(status)
 
 
 def main(cfg: DictConfig) -> dict[str, float]:
     """:func:`run`, with bad input reported as one line on stderr and exit status 2, divergence with
-    exit status 3 (no traceback)."""
+    exit status 3, a failed write with :data:`WRITE_FAILED_EXIT_STATUS` (no traceback)."""
+    silence_failed_writes_in_threads()  # TensorBoard's writer thread: its error comes back as the line
     try:
         return run(cfg)
     except (ConfigError, DataError) as error:
         _fail(error, 2)
     except TrainingDiverged as error:  # a NaN/inf loss: names the step and the last good checkpoint
         _fail(error, 3)
+    except WriteFailed as error:  # most files are written by rank 0 alone: the rank that failed says it
+        _fail(error, WRITE_FAILED_EXIT_STATUS, every_rank=True)

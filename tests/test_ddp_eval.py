@@ -76,12 +76,15 @@ def evaluation(tmp_path_factory) -> dict:
             f"hydra.run.dir={run_dir}",
             f"data.root={root}", "data.download=false", f"data.loader={loader}", "data.num_workers=1",
             "data.batch_size=8", "data.val_size=0",
+            # each rank tries to take the run dir's lock (tests/test_faults.py: one process per run dir)
+            "+callbacks.lock_probe._target_=fault_callbacks.RecordRunDirHolder",
+            f"+callbacks.lock_probe.record={base / f'holders_{loader}.txt'}",
         ])  # fmt: skip
         return result, run_dir
 
     with ThreadPoolExecutor(2) as pool:
         runs = dict(zip(("workers", "device"), pool.map(ddp_test, ("workers", "device"))))
-    return {"correct": correct, "total": total, "runs": runs}
+    return {"correct": correct, "total": total, "runs": runs, "base": base}
 
 
 @pytest.mark.parametrize("loader", ["workers", "device"])
@@ -103,3 +106,20 @@ def test_two_process_test_counts_every_image_once_with_the_single_process_accura
         rows = list(csv.DictReader(handle))
     assert [int(row["total"]) for row in rows] == total.tolist()
     assert [int(row["correct"]) for row in rows] == correct.tolist()
+
+
+@pytest.mark.parametrize("loader", ["workers", "device"])
+def test_rank_0_holds_the_run_dir_lock_for_every_rank(evaluation, loader):
+    # one process per run dir (README, Reliability): rank 0 locks the dir; rank 1, started into the same dir
+    # by Lightning's launcher, is not refused, and neither rank could take the lock as a second run would
+    result, run_dir = evaluation["runs"][loader]
+    assert result.returncode == 0, result.stderr[-4000:]
+    lines = (evaluation["base"] / f"holders_{loader}.txt").read_text().splitlines()
+    (_, rank0_pid, _, seen_by_0), (_, _, rank1_parent, seen_by_1) = sorted(
+        line.split(" ", 3) for line in lines
+    )
+    assert rank1_parent == rank0_pid  # Lightning's launcher: rank 0 is the process train.py started
+    for seen in (seen_by_0, seen_by_1):
+        assert seen.startswith(f"run dir {run_dir} is in use by process {rank0_pid} on host "), seen
+    # released when the run ended (its forked loader worker, with the workers loader, held nothing)
+    assert (run_dir / ".run.lock").read_text() == ""

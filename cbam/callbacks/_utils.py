@@ -10,6 +10,8 @@ import pytorch_lightning as pl
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
 
+from cbam.atomic import write_atomically
+
 
 def run_dir(trainer: pl.Trainer) -> Path:
     """The run's folder: ``trainer.default_root_dir``, which conf/trainer sets to the Hydra run dir."""
@@ -56,8 +58,9 @@ def publish_figure(trainer: pl.Trainer, figure, path: Path, tag: str, dpi: int =
     from PIL import Image
 
     image = render(figure, dpi)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).save(path)
+    write_atomically(
+        path, lambda file: Image.fromarray(image).save(file, format="PNG"), prefix=f".{path.name}."
+    )
     for writer in tensorboard_writers(trainer):
         writer.add_image(tag, image, global_step=trainer.global_step, dataformats="HWC")
     return path

@@ -9,11 +9,13 @@ the confusion matrix to ``<run dir>/confusion_matrix.png``; with a TensorBoard l
 from __future__ import annotations
 
 import csv
+import io
 
 import pytorch_lightning as pl
 import torch
 from torchmetrics.classification import MulticlassConfusionMatrix
 
+from cbam.atomic import write_atomically
 from cbam.callbacks._utils import class_names, new_figure, publish_figure, run_dir, tensorboard_writers
 from cbam.data import IGNORED_LABEL
 
@@ -101,13 +103,17 @@ class ClassReport(pl.Callback):
         print(f"\ntest/acc = {correct / max(total, 1):.4f} ({correct}/{total} test images)")
         print("Per-class test accuracy:\n" + format_table(rows) + "\n", flush=True)
         folder = run_dir(trainer)
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / self.csv_name, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=["class", "index", "correct", "total", "accuracy"])
-            writer.writeheader()
-            for row in rows:
-                accuracy = "" if row["accuracy"] is None else f"{row['accuracy']:.6f}"
-                writer.writerow({**row, "accuracy": accuracy})
+        table = io.StringIO(newline="")
+        writer = csv.DictWriter(table, fieldnames=["class", "index", "correct", "total", "accuracy"])
+        writer.writeheader()
+        for row in rows:
+            accuracy = "" if row["accuracy"] is None else f"{row['accuracy']:.6f}"
+            writer.writerow({**row, "accuracy": accuracy})
+        write_atomically(
+            folder / self.csv_name,
+            lambda file: file.write(table.getvalue().encode()),
+            prefix=f".{self.csv_name}.",
+        )
         figure = self._figure(matrix, names)
         publish_figure(trainer, figure, folder / self.figure_name, "test/confusion_matrix")
         for writer in tensorboard_writers(trainer):

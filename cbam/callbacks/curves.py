@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytorch_lightning as pl
 from matplotlib.ticker import MaxNLocator
 
+from cbam.atomic import write_atomically
 from cbam.callbacks._utils import new_figure, run_dir
 
 
@@ -82,6 +83,8 @@ class TrainingCurves(pl.Callback):
             axis.grid(alpha=0.3)
             if axis.has_data():
                 axis.legend()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path, dpi=100)
+        # atomically: a failed redraw (a full disk) keeps the previous epoch's figure
+        write_atomically(
+            path, lambda file: figure.savefig(file, format="png", dpi=100), prefix=f".{path.name}."
+        )
         return path

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from cbam.atomic import write_atomically
+from cbam.write_failures import writing
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 BATCHES_DIR = "cifar-10-batches-py"
@@ -191,7 +192,9 @@ def _read_cache(path: Path, fingerprint: str) -> Cifar10Arrays | None:
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
     """An exclusive lock held across processes (and hosts, on file systems that honour flock)."""
-    with open(path, "a+") as handle:
+    with writing(path):  # creating the lock file is the first write into the folder: name it if that fails
+        handle = open(path, "a+")
+    with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -218,7 +221,8 @@ def load_cifar10(
                 _download(root)
         source = "batches"
     cache_dir = _cache_dir_for(root, cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    with writing(cache_dir):
+        cache_dir.mkdir(parents=True, exist_ok=True)
     cache = cache_dir / CACHE_NAME
     fingerprint = _fingerprint(root, source)
     arrays = _read_cache(cache, fingerprint)
