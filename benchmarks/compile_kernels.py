@@ -36,7 +36,14 @@ CONFIGS = {
     "fp64-nchw-train": ("float64", False, "avg_max", True, 7),
 }
 DEFAULT_CONFIGS = ("bf16-channels_last-train", "bf16-channels_last-eval")
-TYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64", "int32": "i32", "int64": "i64"}
+TYPES = {
+    "float32": "fp32",
+    "bfloat16": "bf16",
+    "float16": "fp16",
+    "float64": "fp64",
+    "int32": "i32",
+    "int64": "i64",
+}
 
 
 def record_launches(configs: list[str], multiprocessors: int) -> list[dict]:
@@ -99,7 +106,11 @@ def resource_usage(cubin: bytes) -> dict:
         file.flush()
         text = subprocess.run([str(tool), "-res-usage", file.name], capture_output=True, text=True).stdout
     found = re.search(r"REG:(\d+).*?LOCAL:(\d+)", text)
-    return {"registers": int(found[1]), "local_bytes": int(found[2])} if found else {"resource_usage": text[-300:]}
+    return (
+        {"registers": int(found[1]), "local_bytes": int(found[2])}
+        if found
+        else {"resource_usage": text[-300:]}
+    )
 
 
 def compile_launches(launches: list[dict], architectures: list[int]) -> list[dict]:
@@ -135,10 +146,16 @@ def compile_launches(launches: list[dict], architectures: list[int]) -> list[dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", default="all", help="'all', 'default' or a comma list of " + ", ".join(CONFIGS))
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--configs", default="all", help="'all', 'default' or a comma list of " + ", ".join(CONFIGS)
+    )
     parser.add_argument("--sm", default="90,80", help="GPU architectures (compute capability x 10)")
-    parser.add_argument("--multiprocessors", type=int, default=132, help="of the GPU whose tile plan is used (H100: 132)")
+    parser.add_argument(
+        "--multiprocessors", type=int, default=132, help="of the GPU whose tile plan is used (H100: 132)"
+    )
     parser.add_argument("--out", type=Path, help="write the JSON report here")
     parser.add_argument("--compile-from", type=Path, help=argparse.SUPPRESS)  # the second, compiling process
     args = parser.parse_args(argv)
@@ -147,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         results = compile_launches(json.loads(args.compile_from.read_text()), architectures)
         print(json.dumps(results))
         return 0
-    configs = {"all": list(CONFIGS), "default": list(DEFAULT_CONFIGS)}.get(args.configs) or args.configs.split(",")
+    configs = {"all": list(CONFIGS), "default": list(DEFAULT_CONFIGS)}.get(
+        args.configs
+    ) or args.configs.split(",")
     unknown = sorted(set(configs) - set(CONFIGS))
     if unknown:
         parser.error(f"unknown configuration {', '.join(unknown)}; known: {', '.join(CONFIGS)}")

@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
             report["per_step"].append(row)
             print(
                 f"ResNet{depth} {network}: {row['operations']} operations per step "
-                f"({row['triton_launches']} Triton launches), {row['vs_plain']:.2f}x plain"
+                f"({row['triton_launches']} Triton launches), {row['vs_plain']}x plain"
             )
     if args.out:
         args.out.write_text(json.dumps(report, indent=1))

@@ -77,7 +77,7 @@ def run_plain(args, arrays, depth: int, network: dict, device: torch.device) -> 
     net = build_resnet(depth, width=args.width, **network).to(device)
     if gpu:
         net = net.to(memory_format=torch.channels_last)
-    step_net = torch.compile(net) if args.compile else net
+    step_net = torch.compile(net, mode=args.compile_mode) if args.compile else net
     optimizer = torch.optim.SGD(
         net.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4, fused=gpu or None
     )
@@ -212,6 +212,7 @@ def run_lightning(args, arrays, depth: int, network: dict, device: torch.device)
         scheduler=scheduler,
         channels_last=gpu,
         compile=args.compile,
+        compile_mode=args.compile_mode,
         **network,
     )
     clock = _Clock()
@@ -256,6 +257,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--workers", type=int, default=min(8, os.cpu_count() or 1), help="conventional pipeline"
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile the network (lightning, plain)")
+    parser.add_argument(
+        "--compile-mode",
+        default="default",
+        help="torch.compile mode with --compile: default, reduce-overhead (CUDA graphs), max-autotune, ...",
+    )
     parser.add_argument(
         "--profile",
         type=int,
@@ -309,6 +315,7 @@ def main(argv=None) -> dict:
                 "width": args.width,
                 "precision": "bf16-mixed" if device.type == "cuda" and pipeline != "conventional" else "fp32",
                 "compile": args.compile and pipeline != "conventional",
+                "compile_mode": args.compile_mode if args.compile and pipeline != "conventional" else None,
                 "images_per_s": round(images_per_s, 1),
                 "step_ms": round(1000 * seconds / args.steps, 3),
                 "train_gflops_per_image": round(flops / 1e9, 4),

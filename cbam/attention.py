@@ -13,10 +13,11 @@ channel-wise max and mean maps. The switches answer the paper's design questions
   ``channel_pooling="avg", use_spatial_gate=False``: ``x * sigmoid(MLP(avgpool(x)))``.
 
 ``impl`` picks how the default CBAM runs: ``reference`` (plain PyTorch), ``fused`` (Triton kernels of
-``cbam.fused``, same parameters and state_dict keys) or ``auto``: fused on CUDA under ``torch.compile``,
-the reference code elsewhere. On an H100 (docs/benchmarks.md) the fused layer was as fast as the
-reference one compiled, and slower eager: host time around its kernel launches made a fused ResNet18 step
-slower than the reference one although its kernels took a third of the reference's GPU time.
+``cbam.fused``: the whole layer, gate math included, in four launches forward and three backward; same
+parameters and state_dict keys) or ``auto``: fused on CUDA under ``torch.compile``, the reference code
+elsewhere. (An earlier fused layer, which left the gate math to about 80 small PyTorch operations per
+block, made an eager CBAM-ResNet18 step slower on an H100; whether ``auto`` should pick the current one
+eager too waits for a GPU measurement, see docs/benchmarks.md.)
 """
 
 from __future__ import annotations
@@ -216,7 +217,9 @@ class CBAM(nn.Module):
         use_spatial_gate: include the spatial gate (at least one of the two).
         impl: ``reference``, ``fused`` or ``auto`` (fused on CUDA under torch.compile); the fused kernels
             cover the sequential channel-first layer with ``max_mean`` spatial pooling (any
-            ``channel_pooling``); other variants run the reference code, which is logged once.
+            ``channel_pooling``); other variants run the reference code, which is logged once. On the
+            meta device (shapes only: FLOP counting, config checks) every implementation runs the
+            reference code, which computes the same function.
     """
 
     def __init__(

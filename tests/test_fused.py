@@ -334,6 +334,20 @@ def test_gpu_check_script_quick_run_agrees_and_reports():
 # ------------------------------------------------------------------------------------------- train.py
 
 
+def test_flops_are_counted_on_the_meta_device_the_same_for_every_implementation():
+    """The FLOP counter and the config check build and run the network on the meta device, where the
+    fused kernels cannot run: every implementation then computes the reference layer's function."""
+    from cbam.attention import IMPLS
+    from cbam.callbacks.model_summary import count_flops
+
+    options = dict(width=4, reduction_ratio=4, use_cbam_block=True)
+    counts = {impl: count_flops(build_resnet(18, cbam_impl=impl, **options)) for impl in IMPLS}
+    assert len(set(counts.values())) == 1, counts
+    assert counts["fused"] > count_flops(build_resnet(18, width=4))  # the CBAM's MLP and convolution count
+    with torch.device("meta"):
+        assert build_resnet(18, cbam_impl="fused", **options)(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
 def test_train_py_fits_checkpoints_and_tests_with_the_fused_layer(tmp_path):
     """model.cbam_impl=fused through train.py (Triton's interpreter on the CPU): the FLOP count (meta
     device), fit, checkpoint, test; the checkpoint loads into the reference layer."""
