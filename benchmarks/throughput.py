@@ -60,7 +60,7 @@ def _time_steps(step, loader, args, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def pipeline(arrays) -> dict:
+def loader_options(arrays) -> dict:
     """The device loader's normalisation and crop padding for ``arrays``, as the data module sets them."""
     return {"mean": arrays.mean, "std": arrays.std, "padding": default_padding(arrays.image_size)}
 
@@ -83,7 +83,12 @@ def run_plain(args, arrays, depth: int, network: dict, device: torch.device) -> 
     )
     criterion = torch.nn.CrossEntropyLoss()
     loader = DeviceLoader(
-        arrays.train_images, arrays.train_labels, args.batch_size, train=True, device=device, **pipeline(arrays)
+        arrays.train_images,
+        arrays.train_labels,
+        args.batch_size,
+        train=True,
+        device=device,
+        **loader_options(arrays),
     )
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> None:
@@ -180,7 +185,7 @@ def run_lightning(args, arrays, depth: int, network: dict, device: torch.device)
                 args.batch_size,
                 train=True,
                 device=self.trainer.strategy.root_device,
-                **pipeline(arrays),
+                **loader_options(arrays),
             )
 
     class _Clock(pl.Callback):

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from hydra.utils import instantiate
 import torch
 from torch import nn
 
@@ -47,7 +48,9 @@ def cbam_block_net() -> nn.Module:
 
 
 def cbam_resnet18() -> nn.Module:
-    return build_resnet(18, use_cbam_block=True, use_cbam_class=True, width=4, reduction_ratio=2, kernel_size=3)
+    return build_resnet(
+        18, use_cbam_block=True, use_cbam_class=True, width=4, reduction_ratio=2, kernel_size=3
+    )
 
 
 NETWORKS = {"inductor": cbam_block_net, "aot_eager": cbam_resnet18}
@@ -113,11 +116,22 @@ def test_diagnosis_verdict_names_the_cause():
     from compile_diagnosis import verdict
 
     def results(*failing: str) -> dict:
-        names = ("default", "max_indices", "emulate_precision_casts", "no_mix_order_reduction", "both", "library")
+        names = (
+            "default",
+            "max_indices",
+            "emulate_precision_casts",
+            "no_mix_order_reduction",
+            "both",
+            "library",
+        )
         return {name: {"agrees": name not in failing, "learns": name not in failing} for name in names}
 
     amax = verdict(results("default", "no_mix_order_reduction"))  # the H100 run of 2026-11-26
-    assert "FAILS" in amax and "lead a" in amax and "fixed by: max_indices, emulate_precision_casts, both" in amax
+    assert (
+        "FAILS" in amax
+        and "lead a" in amax
+        and "fixed by: max_indices, emulate_precision_casts, both" in amax
+    )
     assert "lead b" in verdict(results("default", "max_indices", "emulate_precision_casts"))
     assert "neither lead" in verdict(results(*results()))
     assert "no failure reproduced" in verdict(results())
@@ -130,11 +144,17 @@ def test_compile_mode_reaches_torch_compile(compose_config):
     """model.compile_mode is the mode torch.compile builds the network with: CUDA graphs with
     reduce-overhead and max-autotune, autotuning with both max-autotune modes (read from the compiled
     call's Inductor settings, without compiling anything)."""
+
+    def model(*overrides: str):
+        cfg = compose_config(*TINY_MODEL, *overrides)
+        return build_model(cfg, instantiate(cfg.data))  # CIFAR-10's 10 classes (data/ need not exist)
+
     for mode in COMPILE_MODES:
-        cfg = compose_config(*TINY_MODEL, "model.compile=true", f"model.compile_mode={mode}")
-        settings = build_model(cfg).net._compiled_call_impl.get_compiler_config()
+        settings = model(
+            "model.compile=true", f"model.compile_mode={mode}"
+        ).net._compiled_call_impl.get_compiler_config()
         assert settings["triton.cudagraphs"] == (mode in ("reduce-overhead", "max-autotune")), mode
         assert settings["max_autotune"] == mode.startswith("max-autotune"), mode
     # the default config stays eager, and the mode alone does not compile
-    assert not is_compiled(build_model(compose_config(*TINY_MODEL)).net)
-    assert not is_compiled(build_model(compose_config(*TINY_MODEL, "model.compile_mode=max-autotune")).net)
+    assert not is_compiled(model().net)
+    assert not is_compiled(model("model.compile_mode=max-autotune").net)
