@@ -47,14 +47,14 @@ scale=1
 
 if [ $quick = 1 ]; then
   sizes=(--quick) tta_sizes=(--quick) diagnosis_sizes=(--quick) impls=reference,auto
-  host_ops_sizes=(--device cpu --depths 18 --width 2) profile_sizes=(--quick)
+  host_ops_sizes=(--device cpu --depths 18 --width 2) profile_sizes=(--quick) check_sizes=(--quick)
   study_overrides=(trainer=cpu model.compile=false model.width=4 model.reduction_ratio=4 data.batch_size=8
     data.val_size=16 data.loader=device trainer.max_epochs=1 +trainer.limit_train_batches=2
     +trainer.limit_val_batches=1 +trainer.limit_test_batches=1 hydra.launcher.n_jobs=2)
   export DATA_DESCRIPTION="the images given to gpu_speed.sh --quick (a check of the script, not a result)"
 else
   sizes=(--warmup 10 --steps 30) tta_sizes=() diagnosis_sizes=() impls=reference,fused
-  host_ops_sizes=(--device cuda) profile_sizes=()
+  host_ops_sizes=(--device cuda) profile_sizes=() check_sizes=()
   study_overrides=(hydra.launcher.n_jobs=9)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 fi
@@ -89,7 +89,7 @@ for stage in $stages; do
   case $stage in
     fused_check)
       if [ -f benchmarks/check_fused_gpu.py ]; then
-        run_stage 45 python3 benchmarks/check_fused_gpu.py --out "$out/fused_check.json"
+        run_stage 45 python3 benchmarks/check_fused_gpu.py "${check_sizes[@]}" --out "$out/fused_check.json"
       else
         echo "# stage fused_check: benchmarks/check_fused_gpu.py not present, skipped" | tee -a "$out/log.txt"
       fi ;;
