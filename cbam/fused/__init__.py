@@ -66,13 +66,15 @@ def cbam_fused(
     """
     if channel_pooling not in CHANNEL_POOLINGS:
         raise InvalidArgument("channel_pooling", channel_pooling, f"one of {', '.join(CHANNEL_POOLINGS)}")
+    parameters = (w1, b1, w2, b2, conv_w, bn_w, bn_b)  # in the order of cbam.fused.ops.PARAMETERS
     if not torch.compiler.is_compiling():
-        options = (channel_pooling, training, momentum, eps)
-        return _ops.EagerCBAM.apply(
-            x, w1, b1, w2, b2, conv_w, bn_w, bn_b, running_mean, running_var, batches_tracked, options
+        options, running = (
+            (channel_pooling, training, momentum, eps),
+            (running_mean, running_var, batches_tracked),
         )
+        return _ops.EagerCBAM.apply(x, options, running, *parameters)
     y, *_, stats = torch.ops.cbam.fused_cbam(
-        x, w1, b1, w2, b2, conv_w, bn_w, bn_b, running_mean, running_var, channel_pooling, training, eps
+        x, *parameters, running_mean, running_var, channel_pooling, training, eps
     )
     if training:  # the op is functional: the running statistics move here (Inductor fuses these)
         with torch.no_grad():

@@ -13,6 +13,7 @@ op returns the batch statistics and the layer moves the running statistics itsel
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -157,29 +158,33 @@ def _persistent(tiles: int, programs: int) -> tuple[int]:
     return (max(1, min(tiles, programs)),)
 
 
+#: the layer's parameters, in the order every function here takes them: the channel MLP's
+#: ``Linear(C, hidden)`` and ``Linear(hidden, C)``, the spatial convolution's (1, 2, k, k) weight, the
+#: one-channel BatchNorm's weight and bias
+PARAMETERS = ("w1", "b1", "w2", "b2", "conv_w", "bn_w", "bn_b")
+#: what the forward keeps for the backward, in order: the channel descriptors and the max's pixel, the
+#: MLP's hidden pre-activations, the gate, the spatial maps and the max's channel, the convolution's output
+#: z, the spatial gate s and the BatchNorm's statistics (mean, 1/std, biased variance)
+SAVED = ("avg", "maximum", "pixel_argmax", "hidden", "gate", "maps", "channel_argmax", "z", "s", "stats")
+
+
 def forward(
     x: Tensor,
-    w1: Tensor,
-    b1: Tensor,
-    w2: Tensor,
-    b2: Tensor,
-    conv_w: Tensor,
-    bn_w: Tensor,
-    bn_b: Tensor,
-    running_mean: Tensor,
-    running_var: Tensor,
-    batches_tracked: Tensor,
+    parameters: Sequence[Tensor],
+    running: tuple[Tensor, Tensor, Tensor],
     channel_pooling: str,
     training: bool,
     update_running: bool,
     momentum: float,
     eps: float,
     launch=lambda kernel: kernel,
-) -> tuple[Tensor, ...]:
-    """y = CBAM(x) and what the backward needs: (y, avg, max, pixel argmax, hidden pre-activations, gate,
-    maps, channel argmax, z, s, statistics (mean, 1/std, biased variance)). ``update_running`` moves the
-    running statistics (in place) as BatchNorm does; ``launch`` wraps each kernel (``wrap_triton`` when
-    traced by torch.compile)."""
+) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """y = CBAM(x) and what the backward needs (:data:`SAVED`). ``parameters`` as :data:`PARAMETERS`;
+    ``running``: the BatchNorm's running mean, variance and batch count, which ``update_running`` moves
+    (in place) as BatchNorm does; ``launch`` wraps each kernel (``wrap_triton`` when traced by
+    torch.compile)."""
+    w1, b1, w2, b2, conv_w, bn_w, bn_b = parameters
+    running_mean, running_var, batches_tracked = running
     n, c, height, width = x.shape
     pixels = height * width
     hidden_size = w1.shape[0]
@@ -224,34 +229,21 @@ def forward(
         TRAINING=training, UPDATE_RUNNING=training and update_running, BLOCK_P=block_p, BLOCK_C=block_c,
         BLOCK_R=min(_pow2(conv_grid[0]), 1024), ACC=accumulator,
     )  # fmt: skip
-    return y, avg, mx, pixel_argmax, hidden, gate, maps, channel_argmax, z, s, stats
+    return y, (avg, mx, pixel_argmax, hidden, gate, maps, channel_argmax, z, s, stats)
 
 
 def backward(
     grad_y: Tensor,
     x: Tensor,
-    w1: Tensor,
-    b1: Tensor,
-    w2: Tensor,
-    b2: Tensor,
-    conv_w: Tensor,
-    bn_w: Tensor,
-    bn_b: Tensor,
-    avg: Tensor,
-    mx: Tensor,
-    pixel_argmax: Tensor,
-    hidden: Tensor,
-    gate: Tensor,
-    maps: Tensor,
-    channel_argmax: Tensor,
-    z: Tensor,
-    s: Tensor,
-    stats: Tensor,
+    parameters: Sequence[Tensor],
+    saved: Sequence[Tensor],
     channel_pooling: str,
     training: bool,
     launch=lambda kernel: kernel,
 ) -> tuple[Tensor, ...]:
-    """(dx, dW1, db1, dW2, db2, d conv weight, d BatchNorm weight, d BatchNorm bias)."""
+    """(dx, and the gradient of each of :data:`PARAMETERS`) from the forward's ``saved`` tensors."""
+    w1, b1, w2, b2, conv_w, bn_w, bn_b = parameters
+    avg, mx, pixel_argmax, hidden, gate, maps, channel_argmax, z, s, stats = saved
     n, c, height, width = x.shape
     pixels = height * width
     hidden_size = w1.shape[0]
@@ -305,94 +297,70 @@ def backward(
     return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_conv_w, grad_bn_w, grad_bn_b
 
 
-#: forward outputs kept for the backward, after y
-_SAVED = ("avg", "max", "pixel_argmax", "hidden", "gate", "maps", "channel_argmax", "z", "s", "stats")
-
-
 class EagerCBAM(torch.autograd.Function):
     """The fused layer in eager mode: the forward's and backward's kernels with nothing around them (the
     torch.library dispatch costs more host time than the launches it wraps)."""
 
     @staticmethod
-    def forward(
-        ctx, x, w1, b1, w2, b2, conv_w, bn_w, bn_b, running_mean, running_var, batches_tracked, options
-    ):
+    def forward(ctx, x, options, running, *parameters):
         channel_pooling, training, momentum, eps = options
-        y, *saved = forward(
-            x, w1, b1, w2, b2, conv_w, bn_w, bn_b, running_mean, running_var, batches_tracked,
-            channel_pooling, training, True, momentum, eps,
-        )  # fmt: skip
-        ctx.save_for_backward(x, w1, b1, w2, b2, conv_w, bn_w, bn_b, *saved)
+        y, saved = forward(x, parameters, running, channel_pooling, training, True, momentum, eps)
+        ctx.save_for_backward(x, *parameters, *saved)
         ctx.options = channel_pooling, training
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        grads = backward(grad_y, *ctx.saved_tensors, *ctx.options)
-        return *grads, None, None, None, None
+        x, *rest = ctx.saved_tensors
+        grad_x, *grad_parameters = backward(
+            grad_y, x, rest[: len(PARAMETERS)], rest[len(PARAMETERS) :], *ctx.options
+        )
+        return grad_x, None, None, *grad_parameters
 
 
 # ------------------------------------------------------------------------------- torch.library (compile)
 
 
-@triton_op("cbam::fused_cbam", mutates_args=())
-def _library_forward(
-    x: Tensor,
-    w1: Tensor,
-    b1: Tensor,
-    w2: Tensor,
-    b2: Tensor,
-    conv_w: Tensor,
-    bn_w: Tensor,
-    bn_b: Tensor,
-    running_mean: Tensor,
-    running_var: Tensor,
-    channel_pooling: str,
-    training: bool,
-    eps: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    # the running statistics are read, never written: the layer moves them from the returned statistics
-    unused_counter = running_mean  # UPDATE_RUNNING is off: the kernel never touches it
-    return forward(
-        x, w1, b1, w2, b2, conv_w, bn_w, bn_b, running_mean, running_var, unused_counter,
-        channel_pooling, training, False, 0.0, eps, wrap_triton,
-    )  # fmt: skip
+def _schema(tensors: Sequence[str], options: Sequence[str], returns: int) -> str:
+    arguments = [f"Tensor {name}" for name in tensors] + list(options)
+    return f"({', '.join(arguments)}) -> ({', '.join(['Tensor'] * returns)})"
 
 
-@triton_op("cbam::fused_cbam_backward", mutates_args=())
-def _library_backward(
-    grad_y: Tensor,
-    x: Tensor,
-    w1: Tensor,
-    b1: Tensor,
-    w2: Tensor,
-    b2: Tensor,
-    conv_w: Tensor,
-    bn_w: Tensor,
-    bn_b: Tensor,
-    avg: Tensor,
-    mx: Tensor,
-    pixel_argmax: Tensor,
-    hidden: Tensor,
-    gate: Tensor,
-    maps: Tensor,
-    channel_argmax: Tensor,
-    z: Tensor,
-    s: Tensor,
-    stats: Tensor,
-    channel_pooling: str,
-    training: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return backward(
-        grad_y, x, w1, b1, w2, b2, conv_w, bn_w, bn_b, avg, mx, pixel_argmax, hidden, gate, maps,
-        channel_argmax, z, s, stats, channel_pooling, training, wrap_triton,
-    )  # fmt: skip
+_FORWARD_TENSORS = ("x", *PARAMETERS, "running_mean", "running_var")
+
+
+@triton_op(
+    "cbam::fused_cbam",
+    mutates_args=(),
+    schema=_schema(_FORWARD_TENSORS, ["str channel_pooling", "bool training", "float eps"], 1 + len(SAVED)),
+)
+def _library_forward(x: Tensor, *arguments) -> tuple[Tensor, ...]:
+    *tensors, channel_pooling, training, eps = arguments
+    parameters, (running_mean, running_var) = tensors[: len(PARAMETERS)], tensors[len(PARAMETERS) :]
+    # The running statistics are read, never written (the layer moves them from the returned statistics):
+    # the batch count is not needed, running_mean stands in for the kernel's unused pointer.
+    running = (running_mean, running_var, running_mean)
+    y, saved = forward(x, parameters, running, channel_pooling, training, False, 0.0, eps, wrap_triton)
+    return (y, *saved)
+
+
+@triton_op(
+    "cbam::fused_cbam_backward",
+    mutates_args=(),
+    schema=_schema(
+        ("grad_y", "x", *PARAMETERS, *SAVED), ["str channel_pooling", "bool training"], 1 + len(PARAMETERS)
+    ),
+)
+def _library_backward(grad_y: Tensor, x: Tensor, *arguments) -> tuple[Tensor, ...]:
+    *tensors, channel_pooling, training = arguments
+    parameters, saved = tensors[: len(PARAMETERS)], tensors[len(PARAMETERS) :]
+    return backward(grad_y, x, parameters, saved, channel_pooling, training, wrap_triton)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, w1, b1, w2, b2, conv_w, bn_w, bn_b, _, _, channel_pooling, training, _ = inputs
-    ctx.save_for_backward(x, w1, b1, w2, b2, conv_w, bn_w, bn_b, *output[1:])
-    ctx.options = channel_pooling, training
+    x, *rest = inputs
+    ctx.save_for_backward(x, *rest[: len(PARAMETERS)], *output[1:])
+    ctx.options = rest[-3], rest[-2]  # channel_pooling, training
 
 
 def _library_gradient(ctx, grad_y, *_unused_output_grads):
