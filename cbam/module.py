@@ -208,8 +208,13 @@ class CBAMResNetModule(pl.LightningModule):
                 "conf/optim/sgd.yaml and conf/scheduler/cosine.yaml (train.py passes cfg.optim, "
                 "cfg.scheduler)"
             )
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        if total_steps < 1:  # every epoch drops its only, partial batch (the data module checks one process;
+            # under DDP each process gets its share of the training images)
+            raise ConfigError(
+                "data.batch_size: no full training batch (each process's share of the training images, after "
+                "data.val_size, is smaller than one batch); lower data.batch_size or data.val_size"
+            )
         optimizer = instantiate(self.hparams.optimizer)(self.net.parameters())
-        scheduler = instantiate(self.hparams.scheduler)(
-            optimizer, total_steps=int(self.trainer.estimated_stepping_batches)
-        )
+        scheduler = instantiate(self.hparams.scheduler)(optimizer, total_steps=total_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

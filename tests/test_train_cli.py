@@ -274,6 +274,8 @@ BAD_INPUT = {
     "unknown_model_key": ({"+model.dropout": 0.5}, "model: "),
     "batch_size": ({"data.batch_size": 0}, "data.batch_size=0"),
     "batch_size_text": ({"data.batch_size": "abc"}, "data.batch_size=abc"),
+    # 160 training images: a batch of 1000 is never full, so no step would ever run
+    "batch_larger_than_the_training_set": ({"data.batch_size": 1000}, "data.batch_size=1000: larger than the 160"),
     "cbam_flag_text": ({"model.use_cbam_block": "maybe"}, "model.use_cbam_block=maybe"),
     "missing_root": ({"data.root": lambda folder, _: folder / "no" / "such" / "dir"}, "data.root="),
     "missing_ckpt": ({"ckpt_path": lambda folder, _: folder / "missing.ckpt"}, "ckpt_path="),

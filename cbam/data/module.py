@@ -127,8 +127,8 @@ class ImageDataModule(pl.LightningDataModule):
         folders or label names, or, before a download, the count of the data set it brings.
 
         Checks what ``root`` holds on the way, raising :class:`DataError` for what no run can use: an
-        image-folder tree with a test class that has no training folder or an empty class folder, or
-        ``val_size`` not below its training images.
+        image-folder tree with a test class that has no training folder or an empty class folder,
+        ``val_size`` not below its training images, or ``batch_size`` above the training images left.
         """
         if self._class_count is None:
             root = Path(self.root).expanduser()
@@ -138,6 +138,12 @@ class ImageDataModule(pl.LightningDataModule):
                 classes, train_images = self.source.classes(root), self.source.train_count(root)
                 if train_images is not None:
                     check_val_size(self.val_size, train_images, self.description)
+                    if self.batch_size > train_images - self.val_size:  # training drops a partial batch
+                        raise DataError(
+                            f"data.batch_size={self.batch_size}: larger than the {train_images - self.val_size} "
+                            f"training images of {self.description} (after data.val_size={self.val_size}): no "
+                            f"training batch would be full; lower data.batch_size or data.val_size"
+                        )
                 self._class_count = len(classes)
         return self._class_count
 
