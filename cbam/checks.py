@@ -185,6 +185,8 @@ def check_config(cfg: DictConfig) -> None:
     _require(cfg, "data.download", bool, "true or false", absent_ok=True)
     data = _constructed("data", lambda: instantiate(cfg.data))
     outputs = num_classes(cfg, data)  # the data on disk are surveyed here, before any work
+    if cfg.train:
+        data.check_training_batch()
     with torch.device("meta"):  # the constructors' checks, without allocating or initialising weights
         _constructed(
             "model", lambda: instantiate(cfg.model, num_classes=outputs, _recursive_=False, _convert_="all")

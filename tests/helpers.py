@@ -34,7 +34,11 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 def run_python(args: list[str], env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
     """``python <args>`` from the repository root, output captured."""
     return subprocess.run(
-        [sys.executable, *map(str, args)], cwd=REPO, env=env or subprocess_env(), capture_output=True, text=True,
+        [sys.executable, *map(str, args)],
+        cwd=REPO,
+        env=env or subprocess_env(),
+        capture_output=True,
+        text=True,
         timeout=timeout,
     )
 
@@ -44,7 +48,9 @@ def run_train(args: list[str], env: dict | None = None, timeout: float = 240) ->
     return run_python(["train.py", *args], env=env, timeout=timeout)
 
 
-def write_random_pngs(root: Path, train_per_class: int, test_per_class: int, classes: list[str], seed: int = 0) -> Path:
+def write_random_pngs(
+    root: Path, train_per_class: int, test_per_class: int, classes: list[str], seed: int = 0
+) -> Path:
     """``train/<class>/NNN.png`` and ``test/<class>/NNN.png``: random 32x32 RGB images."""
     rng = np.random.default_rng(seed)
     for split, count in (("train", train_per_class), ("test", test_per_class)):
@@ -52,7 +58,9 @@ def write_random_pngs(root: Path, train_per_class: int, test_per_class: int, cla
             folder = Path(root) / split / name
             folder.mkdir(parents=True, exist_ok=True)
             for index in range(count):
-                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{index:03d}.png")
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                    folder / f"{index:03d}.png"
+                )
     return Path(root)
 
 

@@ -21,7 +21,11 @@ class SignalAtSteps(Callback):
     ``record`` (when given)."""
 
     def __init__(
-        self, steps: list[int] = (), signals: list[str] = (), record: str | None = None, rank: int | None = None
+        self,
+        steps: list[int] = (),
+        signals: list[str] = (),
+        record: str | None = None,
+        rank: int | None = None,
     ) -> None:
         if len(steps) != len(signals):
             raise ValueError("steps and signals must have the same length")

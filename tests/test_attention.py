@@ -222,7 +222,9 @@ def channel_gate_formula(x: torch.Tensor, channel: ChannelAttention, pooling: st
     return torch.sigmoid(sum(mlp(d) for d in descriptors[pooling]))[:, :, None, None]
 
 
-def spatial_gate_formula(x: torch.Tensor, spatial: SpatialAttention, pooling: str, training: bool) -> torch.Tensor:
+def spatial_gate_formula(
+    x: torch.Tensor, spatial: SpatialAttention, pooling: str, training: bool
+) -> torch.Tensor:
     """sigmoid(BN(conv_k(maps))): maps = [max_c; mean_c] or a 1x1 convolution across channels (Table 2)."""
     conv, bn = spatial.conv, spatial.bn
     if pooling == "conv":
@@ -253,7 +255,9 @@ def variant_formula(x: torch.Tensor, cbam: CBAM, options: dict, training: bool) 
     spatial_pooling = options.get("spatial_pooling", "max_mean")
     order = options.get("gate_order", "channel_first")
     channel = (lambda v: channel_gate_formula(v, cbam.channel, pooling)) if cbam.channel else None
-    spatial = (lambda v: spatial_gate_formula(v, cbam.spatial, spatial_pooling, training)) if cbam.spatial else None
+    spatial = (
+        (lambda v: spatial_gate_formula(v, cbam.spatial, spatial_pooling, training)) if cbam.spatial else None
+    )
     if order == "parallel":
         return x * channel(x) * spatial(x)
     for gate in (channel, spatial) if order == "channel_first" else (spatial, channel):
@@ -337,8 +341,13 @@ def test_every_variant_trains_in_every_placement(name, placement):
 
     torch.manual_seed(0)
     net = build_resnet(
-        18, width=4, reduction_ratio=2, kernel_size=3, use_cbam_block=placement == "block",
-        use_cbam_class=placement == "classifier", **{("cbam_impl" if k == "impl" else k): v for k, v in VARIANTS[name].items()},
+        18,
+        width=4,
+        reduction_ratio=2,
+        kernel_size=3,
+        use_cbam_block=placement == "block",
+        use_cbam_class=placement == "classifier",
+        **{("cbam_impl" if k == "impl" else k): v for k, v in VARIANTS[name].items()},
     )
     cbams = [m for m in net.modules() if isinstance(m, CBAM)]
     assert len(cbams) == (8 if placement == "block" else 1)
@@ -419,7 +428,12 @@ def test_attention_maps_record_the_gates_each_variant_has(name):
         assert ("channel" in gate) == (cbam.channel is not None)
         assert ("spatial" in gate) == (cbam.spatial is not None)
     if "spatial" in gates["stage1"]:
-        assert gates["stage1"]["spatial"].shape == (3, 1, 8, 8) and gates["stage4"]["spatial"].shape == (3, 1, 1, 1)
+        assert gates["stage1"]["spatial"].shape == (3, 1, 8, 8) and gates["stage4"]["spatial"].shape == (
+            3,
+            1,
+            1,
+            1,
+        )
     assert net.training  # the mode is restored
 
 
@@ -449,7 +463,9 @@ def test_fused_impl_equals_the_reference_layer(channel_pooling, training):
         torch.testing.assert_close(fused.state_dict()[name], buffer, msg=name)
 
 
-def test_auto_runs_the_reference_code_on_the_cpu_and_variants_without_kernels_fall_back_once(caplog, monkeypatch):
+def test_auto_runs_the_reference_code_on_the_cpu_and_variants_without_kernels_fall_back_once(
+    caplog, monkeypatch
+):
     import cbam.fused
 
     calls = []

@@ -50,20 +50,46 @@ def test_throughput_quick_writes_one_row_per_pipeline(tmp_path):
 def test_throughput_impl_axis_applies_to_cbam_rows_only(tmp_path):
     out = tmp_path / "throughput.json"
     result = run_python(
-        ["benchmarks/throughput.py", "--quick", "--depths", "18", "--cbam", "none,block", "--impl", "reference,auto",
-         "--pipelines", "plain", "--out", out]
+        [
+            "benchmarks/throughput.py",
+            "--quick",
+            "--depths",
+            "18",
+            "--cbam",
+            "none,block",
+            "--impl",
+            "reference,auto",
+            "--pipelines",
+            "plain",
+            "--out",
+            out,
+        ]
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(out.read_text())["results"]
-    assert [(row["cbam"], row["impl"]) for row in rows] == [("none", None), ("block", "reference"), ("block", "auto")]
+    assert [(row["cbam"], row["impl"]) for row in rows] == [
+        ("none", None),
+        ("block", "reference"),
+        ("block", "auto"),
+    ]
     assert all(row["images_per_s"] > 0 for row in rows)
 
 
 def _run_time_to_accuracy(data_root, tmp_path, *overrides):
     out = tmp_path / "tta.json"
     result = run_python(
-        ["benchmarks/time_to_accuracy.py", "--quick", f"data.root={data_root}", "data.download=false",
-         f"data.cache_dir={tmp_path}", "model.width=8", "model.reduction_ratio=2", *overrides, "--out", out]
+        [
+            "benchmarks/time_to_accuracy.py",
+            "--quick",
+            f"data.root={data_root}",
+            "data.download=false",
+            f"data.cache_dir={tmp_path}",
+            "model.width=8",
+            "model.reduction_ratio=2",
+            *overrides,
+            "--out",
+            out,
+        ]
     )
     return result, (json.loads(out.read_text()) if out.exists() else None)
 
@@ -75,7 +101,9 @@ def test_time_to_accuracy_quick_learns_and_records_every_epoch(learnable_cifar_f
     assert result.returncode == 0, result.stderr[-3000:]
     assert [epoch["epoch"] for epoch in report["epochs"]] == [0, 1, 2]
     for epoch in report["epochs"]:
-        assert 0 <= epoch["test_acc"] <= 1 and math.isfinite(epoch["train_loss"]) and epoch["train_seconds"] > 0
+        assert (
+            0 <= epoch["test_acc"] <= 1 and math.isfinite(epoch["train_loss"]) and epoch["train_seconds"] > 0
+        )
     # Chance is 0.1 (observed: 0.8 after 3 epochs; 0.1 with optim.lr=0): a run that does not learn, like
     # the compiled H100 run of issue 9, fails here.
     assert report["epochs"][-1]["test_acc"] >= 0.5, report["epochs"]

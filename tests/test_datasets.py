@@ -344,12 +344,14 @@ def test_data_check_command_shows_what_was_found(tmp_path, capsys):
     from cbam.data.__main__ import main as check
 
     root = write_folder(tmp_path, ["b", "a"], train=3, test=1, size=(16, 12))
-    assert check(["data=folder", f"data.root={root}", "data.val_size=2"]) == 0
+    assert check(["data=folder", f"data.root={root}", "data.val_size=2", "data.batch_size=4"]) == 0
     out = capsys.readouterr().out
     assert "2 classes (a, b); 16x12 images, 4 train / 2 val / 2 test; crop padding 1; mean (" in out
     # the fixed split took the validation images of one class here
     assert "class    train     val    test\n" in out and sum(counts(out, "a")) + sum(counts(out, "b")) == 8
     assert "classifier outputs (model.num_classes): 2" in out
+    assert check(["data=folder", f"data.root={root}", "data.val_size=2"]) == 2  # batch 128 > 4 images
+    assert capsys.readouterr().err.startswith("error: data.batch_size=128: larger than the 4 training images")
     assert check(["data=folder", f"data.root={root}", "data.val_size=9"]) == 2
     assert capsys.readouterr().err.startswith(
         "error: data.val_size=9: must be less than the 6 training images"

@@ -26,7 +26,8 @@ from helpers import REPO, load_checkpoint, run_train, write_random_pngs
 
 from cbam.callbacks.curves import TrainingCurves
 from cbam.checks import unplaced_attention_warning
-from cbam.data.sources import CACHE_NAME, load_cifar10
+from cbam.data import CACHE_NAME
+from cbam.data.sources import load_cifar10
 from cbam.reliability import AtomicCheckpointIO
 from cbam.resnet import CBAM_DEFAULTS, PLACEMENT_KEYS
 from cbam.run_dir_lock import LOCK_FILE, RunDirInUse, RunDirLock, is_first_process

@@ -113,7 +113,9 @@ def test_bad_input_is_one_line_and_exit_status_2(runs, tmp_path, capsys):
     text = tmp_path / "notes.ckpt"
     text.write_text("not a checkpoint")
     foreign = tmp_path / "foreign.ckpt"
-    torch.save({"state_dict": {"weights": torch.zeros(2)}}, foreign)  # a Lightning checkpoint of another model
+    torch.save(
+        {"state_dict": {"weights": torch.zeros(2)}}, foreign
+    )  # a Lightning checkpoint of another model
     outside = tmp_path / "outside.ckpt"  # a valid checkpoint outside any run dir: no data config
     outside.write_bytes(checkpoints[0].read_bytes())
     cases = [

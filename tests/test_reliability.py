@@ -49,7 +49,9 @@ SIGNALS = "+callbacks.signals._target_=reliability_signals.SignalAtSteps"
 
 def write_images(root: Path, train_per_class: int = 10, test_per_class: int = 2, seed: int = 0) -> Path:
     """train/<class>/*.png and test/<class>/*.png: random 32x32 RGB images, 10 classes."""
-    return write_random_pngs(root, train_per_class, test_per_class, [f"class{label}" for label in range(10)], seed)
+    return write_random_pngs(
+        root, train_per_class, test_per_class, [f"class{label}" for label in range(10)], seed
+    )
 
 
 def train(*overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -291,7 +293,12 @@ def stop_runs(tmp_path_factory) -> dict:
     out: dict = {"ddp_a": base / "ddp_a", "ddp_b": base / "ddp_b", "sigint": base / "sigint"}
 
     def lane_1() -> None:
-        stop = [SIGNALS, "+callbacks.signals.steps=[3]", "+callbacks.signals.signals=[SIGTERM]", "+callbacks.signals.rank=1"]
+        stop = [
+            SIGNALS,
+            "+callbacks.signals.steps=[3]",
+            "+callbacks.signals.signals=[SIGTERM]",
+            "+callbacks.signals.rank=1",
+        ]
         out["ddp_stopped"] = train(*ddp, f"hydra.run.dir={out['ddp_b']}", *stop)
         out["ddp_stopped_step"] = load_checkpoint(out["ddp_b"] / "checkpoints" / "last.ckpt")["global_step"]
         out["ddp_stopped_files"] = sorted(path.name for path in (out["ddp_b"] / "checkpoints").iterdir())
@@ -309,7 +316,11 @@ def stop_runs(tmp_path_factory) -> dict:
 
 
 def test_sigterm_to_one_ddp_rank_stops_both_after_the_same_batch_and_resumes_exactly(stop_runs):
-    stopped, resumed, whole = stop_runs["ddp_stopped"], stop_runs["ddp_resumed"], stop_runs["ddp_uninterrupted"]
+    stopped, resumed, whole = (
+        stop_runs["ddp_stopped"],
+        stop_runs["ddp_resumed"],
+        stop_runs["ddp_uninterrupted"],
+    )
     for result in (stopped, resumed, whole):
         assert result.returncode == 0, show(result)
     last = stop_runs["ddp_b"] / "checkpoints" / "last.ckpt"
@@ -405,7 +416,9 @@ def test_unreadable_checkpoints_are_reported_naming_the_file(tmp_path):
         unsafe: "holds objects that need arbitrary code to unpickle (fractions.Fraction): refused for safety",
     }
     for bad, problem in problems.items():
-        with pytest.raises(ConfigError, match=re.escape(f"ckpt_path={bad} {problem}".replace(" no such", ": no such"))):
+        with pytest.raises(
+            ConfigError, match=re.escape(f"ckpt_path={bad} {problem}".replace(" no such", ": no such"))
+        ):
             check_checkpoint(bad)
         with pytest.raises(ConfigError, match=re.escape(f"{bad}")):
             AtomicCheckpointIO().load_checkpoint(bad)

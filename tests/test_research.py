@@ -45,7 +45,9 @@ def common(data_root: Path) -> list[str]:
 
 
 def run(args: list[str], timeout: int = RUN_TIMEOUT) -> subprocess.CompletedProcess:
-    return run_python(args, env=subprocess_env(PYTHONWARNINGS="ignore", HYDRA_FULL_ERROR="1"), timeout=timeout)
+    return run_python(
+        args, env=subprocess_env(PYTHONWARNINGS="ignore", HYDRA_FULL_ERROR="1"), timeout=timeout
+    )
 
 
 def train(args: list[str]) -> subprocess.CompletedProcess:
@@ -93,8 +95,16 @@ def sweep(data_root, tmp_path_factory):
     epoch of a width-4 ResNet18 with the TensorBoard logger."""
     folder = tmp_path_factory.mktemp("sweep")
     result = train(
-        ["-m", "experiment=ablation", "model.depth=18", "cbam=none,block", "seed=0,1",
-         "model.reduction_ratio=2", *common(data_root), f"hydra.sweep.dir={folder}"]
+        [
+            "-m",
+            "experiment=ablation",
+            "model.depth=18",
+            "cbam=none,block",
+            "seed=0,1",
+            "model.reduction_ratio=2",
+            *common(data_root),
+            f"hydra.sweep.dir={folder}",
+        ]
     )
     return folder, result.stdout
 
@@ -123,8 +133,15 @@ def optuna_sweep(data_root, tmp_path_factory):
     (use_cbam_class)."""
     folder = tmp_path_factory.mktemp("optuna")
     train(
-        ["-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2", "cbam=classifier", "test=false",
-         *common(data_root), f"hydra.sweep.dir={folder}"]
+        [
+            "-m",
+            "hparams_search=optuna",
+            "hydra.sweeper.n_trials=2",
+            "cbam=classifier",
+            "test=false",
+            *common(data_root),
+            f"hydra.sweep.dir={folder}",
+        ]
     )
     return folder
 
@@ -213,7 +230,9 @@ def test_curves_png_after_training(block_run):
         assert image.width > 400 and image.height > 200
     # The epoch-end checkpoint already holds that epoch's points, so a resumed run's curves have no gap.
     checkpoint = load_checkpoint(folder / "checkpoints" / "last.ckpt")
-    history = next(state for key, state in checkpoint["callbacks"].items() if "TrainingCurves" in key)["history"]
+    history = next(state for key, state in checkpoint["callbacks"].items() if "TrainingCurves" in key)[
+        "history"
+    ]
     assert set(history["train/loss"]) == set(history["val/loss"]) == {0}
 
 
@@ -347,12 +366,32 @@ def test_paper_tables_sweep_definition():
     """Every swept attention preset composes into a different network (none: no attention at all)."""
     definition = yaml.safe_load((REPO / "conf" / "experiment" / "paper_tables.yaml").read_text())
     params = {key: str(value).split(",") for key, value in definition["hydra"]["sweeper"]["params"].items()}
-    variants = ["none", "cbam", "se", "channel_max", "channel_only", "spatial_only", "conv_pooling",
-                "spatial_first", "parallel"]
-    assert params == {"model.depth": ["18"], "cbam": ["block"], "attention": variants, "seed": ["0", "1", "2"]}
+    variants = [
+        "none",
+        "cbam",
+        "se",
+        "channel_max",
+        "channel_only",
+        "spatial_only",
+        "conv_pooling",
+        "spatial_first",
+        "parallel",
+    ]
+    assert params == {
+        "model.depth": ["18"],
+        "cbam": ["block"],
+        "attention": variants,
+        "seed": ["0", "1", "2"],
+    }
     assert definition["hydra"]["sweep"]["dir"].startswith("multirun/paper_tables/")
-    keys = ("use_cbam_block", "channel_pooling", "spatial_pooling", "gate_order", "use_channel_gate",
-            "use_spatial_gate")
+    keys = (
+        "use_cbam_block",
+        "channel_pooling",
+        "spatial_pooling",
+        "gate_order",
+        "use_channel_gate",
+        "use_spatial_gate",
+    )
     models = {}
     for variant in variants:
         model = compose(["experiment=paper_tables", "cbam=block", f"attention={variant}"]).model
@@ -391,15 +430,26 @@ def test_curves_record_every_epoch_of_train_and_val(tiny_cifar_folder, tmp_path,
 
         def on_train_epoch_start(self, trainer, module):
             if trainer.current_epoch:
-                self.logged[("train/loss", trainer.current_epoch - 1)] = float(trainer.callback_metrics["train/loss"])
+                self.logged[("train/loss", trainer.current_epoch - 1)] = float(
+                    trainer.callback_metrics["train/loss"]
+                )
 
     pl.seed_everything(0)
     curves, remember = TrainingCurves(), Remember()
-    data = CIFAR10DataModule(str(tiny_cifar_folder), download=False, batch_size=32, num_workers=0, val_size=40,
-                             loader="device", cache_dir=str(tmp_path))
+    data = CIFAR10DataModule(
+        str(tiny_cifar_folder),
+        download=False,
+        batch_size=32,
+        num_workers=0,
+        val_size=40,
+        loader="device",
+        cache_dir=str(tmp_path),
+    )
     trainer = quiet_trainer(max_epochs=3, callbacks=[curves, remember])
     training = {"optimizer": conf_file("optim/sgd.yaml"), "scheduler": conf_file("scheduler/cosine.yaml")}
-    trainer.fit(CBAMResNetModule(width=4, use_cbam_block=True, reduction_ratio=2, **training), datamodule=data)
+    trainer.fit(
+        CBAMResNetModule(width=4, use_cbam_block=True, reduction_ratio=2, **training), datamodule=data
+    )
 
     assert sorted(curves.history["train/loss"]) == [0, 1, 2]
     assert sorted(curves.history["val/loss"]) == [0, 1, 2]
@@ -422,10 +472,19 @@ def fake_job(job: Path, overrides: list[str], model: dict, seed: int, metrics: d
     hydra = {"hydra": {"overrides": {"hydra": ["hydra.mode=RUN"], "task": [*overrides, f"seed={seed}"]}}}
     (job / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(hydra))
     if metrics is not None:
-        record = {"device": "NVIDIA H100 80GB HBM3", "torch_version": "2.14.1", "git_revision": "abc123",
-                  "precision": "bf16-mixed", "data": "CIFAR-10 image folder (train/, test/) at /data/c10",
-                  "date": f"2026-01-0{seed + 1}T10:00:00+00:00", "params": 1000, "flops_per_image": 2_000_000,
-                  "train_time_s": 100.0, "global_step": 1000, "step_time_s": 0.1}
+        record = {
+            "device": "NVIDIA H100 80GB HBM3",
+            "torch_version": "2.14.1",
+            "git_revision": "abc123",
+            "precision": "bf16-mixed",
+            "data": "CIFAR-10 image folder (train/, test/) at /data/c10",
+            "date": f"2026-01-0{seed + 1}T10:00:00+00:00",
+            "params": 1000,
+            "flops_per_image": 2_000_000,
+            "train_time_s": 100.0,
+            "global_step": 1000,
+            "step_time_s": 0.1,
+        }
         (job / "metrics.json").write_text(json.dumps({**record, **metrics}))
 
 
@@ -437,8 +496,11 @@ def fake_sweep(folder: Path, configurations: list[tuple[list[str], dict, list[fl
             metrics = {"test_acc": accuracy, "best_val_acc": accuracy + 0.01}
             fake_job(folder / str(number), overrides, model, seed, metrics)
             number += 1
-    multirun = {"hydra": {"overrides": {"hydra": ["hydra.mode=MULTIRUN", f"hydra.sweep.dir={folder}"],
-                                        "task": command}}}
+    multirun = {
+        "hydra": {
+            "overrides": {"hydra": ["hydra.mode=MULTIRUN", f"hydra.sweep.dir={folder}"], "task": command}
+        }
+    }
     (folder / "multirun.yaml").write_text(yaml.safe_dump(multirun))
     return folder
 

@@ -74,7 +74,9 @@ def first_run(run, tmp_path_factory) -> Path:
     """Two epochs of fit + test, keeping checkpoints/epoch000.ckpt; its run dir (used by several tests,
     which copy what they change)."""
     run_dir = tmp_path_factory.mktemp("first_run")
-    result = run(hydra__run__dir=run_dir, trainer__max_epochs=2, callbacks__periodic_checkpoint__every_n_epochs=1)
+    result = run(
+        hydra__run__dir=run_dir, trainer__max_epochs=2, callbacks__periodic_checkpoint__every_n_epochs=1
+    )
     assert succeeded(result)
     assert "test/acc" in result.stdout  # Lightning's table of test metrics
     return run_dir
@@ -146,7 +148,10 @@ def test_resume_from_last_in_the_same_run_dir(run, first_run, tmp_path):
     result = run(hydra__run__dir=run_dir, ckpt_path="last", trainer__max_epochs=2, test="false")
     assert succeeded(result)
     # A run from scratch would also end at step 20: the resumed one must have started from the checkpoint.
-    assert f"Restoring states from the checkpoint path at {run_dir / 'checkpoints' / 'last.ckpt'}" in result.stdout + result.stderr
+    assert (
+        f"Restoring states from the checkpoint path at {run_dir / 'checkpoints' / 'last.ckpt'}"
+        in result.stdout + result.stderr
+    )
     final = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     assert final["global_step"] == 2 * first["global_step"] == 2 * STEPS_PER_EPOCH
     assert final["epoch"] == 1
@@ -170,7 +175,9 @@ def test_resuming_with_a_longer_schedule_is_refused_before_training(run, first_r
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     line = result.stderr.strip().splitlines()[-1]
-    expected = f"error: ckpt_path={source}: its learning-rate schedule spans 20 steps, this run's would span 30"
+    expected = (
+        f"error: ckpt_path={source}: its learning-rate schedule spans 20 steps, this run's would span 30"
+    )
     assert line.startswith(expected), line
     assert "weights_from=" in line  # the way to train longer
     assert not (tmp_path / "checkpoints" / "last.ckpt").exists()  # not one step trained
@@ -260,12 +267,19 @@ BAD_INPUT = {
     # checked even without CBAM (build_resnet checks every CBAM option), so a sweep cannot carry it unnoticed
     "even_kernel_without_cbam": ({"model.kernel_size": 6}, "model.kernel_size=6"),
     "both_gates_off": (
-        {"model.use_channel_gate": "false", "model.use_spatial_gate": "false", "model.use_cbam_block": "true"},
+        {
+            "model.use_channel_gate": "false",
+            "model.use_spatial_gate": "false",
+            "model.use_cbam_block": "true",
+        },
         "model.use_spatial_gate=False: use_channel_gate and use_spatial_gate cannot both be false",
     ),
     "gate_order": ({"model.gate_order": "sideways"}, "model.gate_order=sideways: accepted values are"),
     "channel_pooling": ({"model.channel_pooling": "mean"}, "model.channel_pooling=mean"),
-    "cbam_impl": ({"model.cbam_impl": "cuda"}, "model.cbam_impl=cuda: accepted values are reference, fused, auto"),
+    "cbam_impl": (
+        {"model.cbam_impl": "cuda"},
+        "model.cbam_impl=cuda: accepted values are reference, fused, auto",
+    ),
     "compile_mode": (
         {"model.compile": "true", "model.compile_mode": "fastest"},
         "model.compile_mode=fastest: accepted values are default, reduce-overhead, max-autotune-no-cudagraphs",
@@ -275,7 +289,10 @@ BAD_INPUT = {
     "batch_size": ({"data.batch_size": 0}, "data.batch_size=0"),
     "batch_size_text": ({"data.batch_size": "abc"}, "data.batch_size=abc"),
     # 160 training images: a batch of 1000 is never full, so no step would ever run
-    "batch_larger_than_the_training_set": ({"data.batch_size": 1000}, "data.batch_size=1000: larger than the 160"),
+    "batch_larger_than_the_training_set": (
+        {"data.batch_size": 1000},
+        "data.batch_size=1000: larger than the 160",
+    ),
     "cbam_flag_text": ({"model.use_cbam_block": "maybe"}, "model.use_cbam_block=maybe"),
     "missing_root": ({"data.root": lambda folder, _: folder / "no" / "such" / "dir"}, "data.root="),
     "missing_ckpt": ({"ckpt_path": lambda folder, _: folder / "missing.ckpt"}, "ckpt_path="),
@@ -297,8 +314,13 @@ CHECKPOINT_PROBLEMS = {
 
 def build_case(name: str, folder: Path, first_run: Path) -> tuple[dict, dict[Path, bytes]]:
     """The overrides of case ``name`` with its files built in ``folder``, and {given file: its bytes}."""
-    overrides = {key: value(folder, first_run) if callable(value) else value for key, value in BAD_INPUT[name][0].items()}
-    return overrides, {path: path.read_bytes() for path in overrides.values() if isinstance(path, Path) and path.is_file()}
+    overrides = {
+        key: value(folder, first_run) if callable(value) else value
+        for key, value in BAD_INPUT[name][0].items()
+    }
+    return overrides, {
+        path: path.read_bytes() for path in overrides.values() if isinstance(path, Path) and path.is_file()
+    }
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUT))
@@ -321,9 +343,15 @@ def test_bad_input_is_one_clear_line(case, compose_config, tiny_cifar_folder, fi
 #: what only a real train.py process shows: the exit status and stderr through Hydra, no run started
 SUBPROCESS_CASES = {
     "unsafe_ckpt_test_only": BAD_INPUT["unsafe_ckpt_test_only"][:1] + ("error: ckpt_path=",),
-    "gpu_without_gpu": ({"trainer": "gpu"}, "error: trainer.accelerator=gpu: this machine has no usable CUDA GPU"),
+    "gpu_without_gpu": (
+        {"trainer": "gpu"},
+        "error: trainer.accelerator=gpu: this machine has no usable CUDA GPU",
+    ),
     # Lightning's own check of its arguments, passed on as one line
-    "trainer_devices": ({"trainer.devices": 0}, "error: trainer: `Trainer(devices=0)` value is not a valid input"),
+    "trainer_devices": (
+        {"trainer.devices": 0},
+        "error: trainer: `Trainer(devices=0)` value is not a valid input",
+    ),
 }
 
 
@@ -334,7 +362,9 @@ def bad_runs(tiny_cifar_folder, first_run, tmp_path_factory):
     cases = {}
     for name, (overrides, _) in SUBPROCESS_CASES.items():
         folder = tmp_path_factory.mktemp(f"bad_{name}")
-        built = {key: value(folder, first_run) if callable(value) else value for key, value in overrides.items()}
+        built = {
+            key: value(folder, first_run) if callable(value) else value for key, value in overrides.items()
+        }
         cases[name] = (folder / "run", {key.replace(".", "__"): value for key, value in built.items()})
     # and a key the model config does not have, which Hydra itself rejects
     cases["unknown_key"] = (tmp_path_factory.mktemp("bad_unknown_key") / "run", {"model__nonsense": 1})

@@ -114,6 +114,7 @@ class ImageDataModule(pl.LightningDataModule):
         self._train_state: dict | None = None  # the train loader's position, from a checkpoint
         self._prepared: ImageArrays | None = None
         self._class_count: int | None = None
+        self._train_images: int | None = None  # known without decoding for an image-folder tree
 
     # ---------------------------------------------------------------------------------- the data set
 
@@ -127,25 +128,32 @@ class ImageDataModule(pl.LightningDataModule):
         folders or label names, or, before a download, the count of the data set it brings.
 
         Checks what ``root`` holds on the way, raising :class:`DataError` for what no run can use: an
-        image-folder tree with a test class that has no training folder or an empty class folder,
-        ``val_size`` not below its training images, or ``batch_size`` above the training images left.
+        image-folder tree with a test class that has no training folder or an empty class folder, or
+        ``val_size`` not below its training images.
         """
         if self._class_count is None:
             root = Path(self.root).expanduser()
             if self.source.layout(root) is None:  # to be downloaded (the constructor checked it may be)
                 self._class_count = self.source.downloaded_classes
             else:
-                classes, train_images = self.source.classes(root), self.source.train_count(root)
-                if train_images is not None:
-                    check_val_size(self.val_size, train_images, self.description)
-                    if self.batch_size > train_images - self.val_size:  # training drops a partial batch
-                        raise DataError(
-                            f"data.batch_size={self.batch_size}: larger than the {train_images - self.val_size} "
-                            f"training images of {self.description} (after data.val_size={self.val_size}): no "
-                            f"training batch would be full; lower data.batch_size or data.val_size"
-                        )
+                classes, self._train_images = self.source.classes(root), self.source.train_count(root)
+                if self._train_images is not None:
+                    check_val_size(self.val_size, self._train_images, self.description)
                 self._class_count = len(classes)
         return self._class_count
+
+    def check_training_batch(self) -> None:
+        """For a training run: raise :class:`DataError` when the training images left after ``val_size``
+        are fewer than one batch (training drops a partial batch, so no step would run). Checked where
+        :meth:`class_count` found the count without decoding (an image-folder tree)."""
+        self.class_count()
+        left = None if self._train_images is None else self._train_images - self.val_size
+        if left is not None and self.batch_size > left:
+            raise DataError(
+                f"data.batch_size={self.batch_size}: larger than the {left} training images of "
+                f"{self.description} (after data.val_size={self.val_size}): no training batch would be full; "
+                f"lower data.batch_size or data.val_size"
+            )
 
     def load(self, download: bool | None = None) -> ImageArrays:
         """The decoded arrays (from the cache, built on first use); ``download`` overrides the module's."""
