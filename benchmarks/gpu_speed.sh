@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements of docs/benchmarks.md, in one call of under 8 minutes on an H100:
 #   bash benchmarks/gpu_speed.sh [--quick] <CIFAR-10 folder (image tree or batches)> <output folder> [stage ...]
-# Stages, in priority order (default: all), each under a hard time limit, each writing its JSON (and
+# Stages, in priority order (default: all but compiled50), each under a hard time limit, each writing its JSON (and
 # log) into the output folder as soon as it has a result, so a run cut short keeps what came first.
 # With the study stage, the others share the first ~4 minutes: compiled and tta then get little or no
 # time; run them in a second call (`... <out2> compiled tta`: without study there is no reserve).
@@ -10,8 +10,6 @@
 #                 plain / reference / fused at ResNet18 and ResNet50 (the count the CPU gives, checked)
 #   profile       benchmarks/step_profile.py: where the host time of one fused ResNet18 step goes
 #                 (operators, Triton launches, the rest), and the kernels' device time
-#   diagnosis     compile_diagnosis.py, variant library: does the library's CBAM compile right (the
-#                 full diagnosis, all variants, is a separate ~3 min call: see docs/benchmarks.md)
 #   throughput    ResNet18 lightning/plain/conventional x CBAM none/block x impl reference/fused, eager
 #   resnet50      ResNet50 plain loop, CBAM none/block x impl reference/fused, eager: throughput and peak
 #                 memory at batch 512
@@ -19,7 +17,9 @@
 #   graphs        ResNet18 plain loop x CBAM none/block x impl reference/fused, torch.compile
 #                 mode=reduce-overhead (CUDA graphs)
 #   compiled50    ResNet50 plain loop x CBAM none/block x impl reference/fused, torch.compile default and
-#                 reduce-overhead (the slowest to build: last of the speed stages)
+#                 reduce-overhead (the slowest to build: not in the default list, name it)
+#   diagnosis     compile_diagnosis.py, variant library: does the library's CBAM compile right (the
+#                 full diagnosis, all variants, is a separate ~3 min call: see docs/benchmarks.md)
 #   tta           experiment=fast until 94%/95% test accuracy: compiled if the diagnosis found the
 #                 library's compiled CBAM right, else eager
 #   study         the last ~4 minutes: benchmarks/gpu_ablation.sh, ResNet18 x cbam none/block/classifier x
@@ -31,7 +31,7 @@ quick=0
 if [ "${1:-}" = "--quick" ]; then quick=1; shift; fi
 data=$1 out=$2
 shift 2
-stages=${*:-fused_check host_ops profile diagnosis throughput resnet50 compiled graphs tta study}
+stages=${*:-fused_check host_ops profile throughput resnet50 compiled graphs diagnosis tta study}
 mkdir -p "$out"
 cache=$(mktemp -d)
 trap 'rm -rf "$cache"' EXIT
