@@ -254,7 +254,7 @@ def main() -> None:
     if not fused_available(device):
         sys.exit(f"check_fused_gpu: the fused kernels cannot run on {device} (needs CUDA, or --quick)")
     if args.quick:
-        shapes, batch, repeats, width = [(16, 4)], 2, 1, 4
+        shapes, batch, repeats, width = [(16, 4)], 2, 1, 2
     else:  # the first and last ResNet18 stages; torch.compile (slow to build) on the first only
         shapes, batch, repeats, width = [(64, 32), (512, 4)], args.batch, args.repeats, 64
     report = {
