@@ -13,6 +13,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from cbam.checks import ConfigError, check_config, read_checkpoint
 from cbam.data import DataError
+from cbam.distributed import PROCESS_DIED_EXIT_STATUS, ProcessDied, leave_on_error
 from cbam.module import CBAMResNetModule
 from cbam.reliability import TrainingDiverged, check_last_checkpoint
 from cbam.schedules import ScheduleLengthChanged
@@ -63,11 +64,25 @@ def best_checkpoint(trainer: pl.Trainer) -> str | None:
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
-    """Train and/or test as ``cfg`` says; returns the final metrics."""
+    """Train and/or test as ``cfg`` says; returns the final metrics. The death of another process of the
+    run (a DDP rank, a DataLoader worker) raises :class:`ProcessDied`, whatever error it caused here."""
     check_config(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     trainer = build_trainer(cfg)
+    try:
+        return fit_and_test(cfg, trainer, datamodule)
+    except Exception as error:
+        death = leave_on_error(error, trainer)
+        if death is None:
+            raise
+        raise death from None
+
+
+def fit_and_test(
+    cfg: DictConfig, trainer: pl.Trainer, datamodule: pl.LightningDataModule
+) -> dict[str, float]:
+    """The fitting and testing of :func:`run`."""
     if cfg.train and cfg.ckpt_path == "last":
         check_last_checkpoint(trainer)  # a corrupt last.ckpt: one error line naming it
     metrics = {}  # trainer.test resets callback_metrics: keep fit's (val/acc, which the sweepers maximise)
@@ -98,19 +113,22 @@ def run(cfg: DictConfig) -> dict[str, float]:
     return {key: float(value) for key, value in metrics.items()}
 
 
-def _fail(error: Exception, status: int) -> None:
+def _fail(error: Exception, status: int, every_rank: bool = False) -> None:
     # Under DDP every rank stops on the same error: one line, from rank 0, is enough.
-    if rank_zero_only.rank == 0:
+    if every_rank or rank_zero_only.rank == 0:
         print(f"error: {error}", file=sys.stderr)
     sys.exit(status)
 
 
 def main(cfg: DictConfig) -> dict[str, float]:
     """:func:`run`, with bad input reported as one line on stderr and exit status 2, divergence with
-    exit status 3 (no traceback)."""
+    exit status 3, the death of another process of the run with :data:`PROCESS_DIED_EXIT_STATUS` (no
+    traceback)."""
     try:
         return run(cfg)
     except (ConfigError, DataError) as error:
         _fail(error, 2)
     except TrainingDiverged as error:  # a NaN/inf loss: names the step and the last good checkpoint
         _fail(error, 3)
+    except ProcessDied as error:  # each surviving process says which one died (it may be rank 0)
+        _fail(error, PROCESS_DIED_EXIT_STATUS, every_rank=True)
