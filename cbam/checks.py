@@ -160,6 +160,9 @@ def check_config(cfg: DictConfig) -> None:
     with torch.device("meta"):  # the constructors' checks, without allocating or initialising weights
         _constructed("model", lambda: instantiate(cfg.model, _recursive_=False, _convert_="all"))
     _constructed("data", lambda: instantiate(cfg.data))
+    strategy = OmegaConf.select(cfg, "trainer.strategy")
+    if isinstance(strategy, DictConfig):  # this project's DDP strategy (trainer=ddp, ddp_sim) checks its keys
+        _constructed("trainer.strategy", lambda: instantiate(strategy))
     _check_gpu(cfg)
     _check_fused(cfg)
     if not cfg.train and not cfg.test:

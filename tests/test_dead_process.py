@@ -12,13 +12,23 @@ uninterrupted run ends.
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from pathlib import Path
 
 import pytest
-from helpers import load_checkpoint, run_python, run_train, write_random_pngs
+import pytorch_lightning as pl
+from helpers import conf_file, load_checkpoint, run_python, run_train, write_random_pngs
+from hydra.utils import instantiate
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+from reliability_signals import SignalAtSteps
 from test_reliability import max_weight_difference, show
 
-from cbam.distributed import PROCESS_DIED_EXIT_STATUS
+from cbam.checks import ConfigError, check_config
+from cbam.data import CIFAR10DataModule
+from cbam.distributed import LAUNCHER_PID, PROCESS_DIED_EXIT_STATUS, WatchedDDPStrategy
+from cbam.module import CBAMResNetModule
+from cbam.reliability import AtomicCheckpointIO, LastCheckpoint
 
 #: 10 classes x 10 images - 36 for validation = 64 training images: 4 steps of 8 per epoch on each of the
 #: 2 ranks; every other step is saved, so an epoch's last step is a step to save
@@ -58,42 +68,34 @@ def torchrun(overrides: list[str]):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
-    """Lane 1: one run dir, killed four times and resumed with ckpt_path=last each time (Lightning's
-    launcher unless said):
+    """One run dir, killed four times and resumed with ckpt_path=last each time (Lightning's launcher
+    unless said), one run after the other:
 
     - a DataLoader worker of rank 1 dies in the validation after epoch 0's last step (last.ckpt: step 2);
     - rank 0 dies as soon as it has started rank 1, which is starting up;
-    - under torchrun, rank 0 dies inside the save of step 10 (last.ckpt: the end of epoch 1, step 8);
-    - rank 0 kills rank 1 as soon as it has started it: rank 0 waits for it in the rendezvous;
-    - the run finishes.
-
-    Lane 2: the same run uninterrupted.
+    - under torchrun, rank 0 dies inside the save of step 6 (last.ckpt: the end of epoch 0, step 4);
+    - rank 0 kills rank 1 as soon as it has started it, and waits for it in the rendezvous.
     """
     base = tmp_path_factory.mktemp("dead_process")
     classes = [f"class{label}" for label in range(10)]
-    common = [f"data.root={write_random_pngs(base / 'data', 10, 1, classes)}", *RUN]
-    out: dict = {"chain": base / "chain", "a": base / "a"}
-    chain = [*common, f"hydra.run.dir={out['chain']}"]
+    out: dict = {"chain": base / "chain"}
+    chain = [
+        f"data.root={write_random_pngs(base / 'data', 10, 1, classes)}",
+        *RUN,
+        f"hydra.run.dir={out['chain']}",
+    ]
     deaths = {
         "worker": (run_train, [*kill("validation_start:0", 1, target="child")]),
         "launcher": (run_train, ["ckpt_path=last", *kill("launched", 0)]),
-        "torchrun": (torchrun, ["ckpt_path=last", *kill("save_checkpoint:10", 0)]),
+        "torchrun": (torchrun, ["ckpt_path=last", *kill("save_checkpoint:6", 0)]),
         "rendezvous": (run_train, ["ckpt_path=last", *kill("launched", 0, target="child")]),
     }
-
-    def lane_1() -> None:
-        for name, (launch, overrides) in deaths.items():
-            record = base / f"{name}.kill"
-            out[name] = launch([*chain, *overrides, f"+callbacks.kill.record={record}"])
-            out[f"{name}_ended"] = time.time()  # every process holding its output has ended
-            out[f"{name}_killed"] = float(record.read_text()) if record.is_file() else None
-            out[f"{name}_last"] = load_checkpoint(out["chain"] / "checkpoints" / "last.ckpt")["global_step"]
-        out["resumed"] = run_train([*chain, "ckpt_path=last"])
-
-    with ThreadPoolExecutor(2) as pool:
-        uninterrupted = pool.submit(run_train, [*common, f"hydra.run.dir={out['a']}"])
-        lane_1()
-        out["uninterrupted"] = uninterrupted.result()
+    for name, (launch, overrides) in deaths.items():
+        record = base / f"{name}.kill"
+        out[name] = launch([*chain, *overrides, f"+callbacks.kill.record={record}"])
+        out[f"{name}_ended"] = time.time()  # every process holding its output has ended
+        out[f"{name}_killed"] = float(record.read_text()) if record.is_file() else None
+        out[f"{name}_last"] = load_checkpoint(out["chain"] / "checkpoints" / "last.ckpt")["global_step"]
     return out
 
 
@@ -110,9 +112,9 @@ def error_lines(stderr: str) -> list[str]:
         # rank 1 says it, before the rendezvous; rank 0 itself was killed
         ("launcher", -9, ["rank 0 of the run died (during start-up)"], 2),
         # rank 1 says it; torchrun fails too, naming the rank in its own summary
-        ("torchrun", 1, ["rank 0 of the run died"], 8),
+        ("torchrun", 1, ["rank 0 of the run died"], 4),
         # rank 0 says it, from the rendezvous
-        ("rendezvous", PROCESS_DIED_EXIT_STATUS, ["rank 1 of the run died (during start-up, exit status -9)"], 8),
+        ("rendezvous", PROCESS_DIED_EXIT_STATUS, ["rank 1 of the run died (during start-up, exit status -9)"], 4),
     ],
 )  # fmt: skip
 def test_a_dead_process_ends_every_other_process_of_the_run_with_one_line(runs, name, status, said, step):
@@ -128,15 +130,115 @@ def test_a_dead_process_ends_every_other_process_of_the_run_with_one_line(runs, 
         assert "Traceback" not in result.stderr, show(result)
 
 
-def test_resumption_after_deaths_is_exact(runs):
-    # The worker died in the validation after epoch 0's last step (4): last.ckpt is step 2, not a
-    # checkpoint of that last step, which Lightning resumes into a state that skips epoch 2 once the
-    # resumed run's end of epoch 1 is resumed in turn (see LastCheckpoint).
-    assert runs["worker_last"] == 2
-    resumed, uninterrupted = runs["resumed"], runs["uninterrupted"]
-    assert uninterrupted.returncode == 0, show(uninterrupted)
-    assert resumed.returncode == 0, show(resumed)
-    whole = load_checkpoint(runs["a"] / "checkpoints" / "last.ckpt")
-    final = load_checkpoint(runs["chain"] / "checkpoints" / "last.ckpt")
-    assert whole["global_step"] == final["global_step"] == EPOCHS * STEPS_PER_EPOCH
-    assert max_weight_difference(whole, final) <= 1e-6
+class Interrupted(Exception):
+    """Stands in for a SIGKILL in-process: the files on disk are what a kill leaves."""
+
+
+class InterruptAt(Callback):
+    """Raise :class:`Interrupted` when ``hook`` runs in ``epoch`` (outside the sanity check)."""
+
+    def __init__(self, hook: str, epoch: int) -> None:
+        self.hook, self.epoch = hook, epoch
+
+    def _at(self, trainer: pl.Trainer, hook: str) -> None:
+        if hook == self.hook and trainer.current_epoch == self.epoch and not trainer.sanity_checking:
+            raise Interrupted
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._at(trainer, "on_validation_start")
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._at(trainer, "on_train_epoch_start")
+
+
+@pytest.fixture(scope="module")
+def fit(tiny_cifar_folder, tmp_path_factory):
+    """``fit(run_dir, *callbacks, ckpt_path=None)``: train.py's fit in this process, with the run above's
+    shape (3 epochs of 4 steps, last.ckpt every 2 steps and at each epoch's end); its Trainer, or None when
+    a callback raised :class:`Interrupted`."""
+    cache = tmp_path_factory.mktemp("cache")
+
+    def fit(run_dir: Path, *callbacks: Callback, ckpt_path: str | None = None) -> pl.Trainer | None:
+        pl.seed_everything(0)
+        data = CIFAR10DataModule(
+            str(tiny_cifar_folder), download=False, batch_size=40, num_workers=0, val_size=40, loader="workers",
+            cache_dir=str(cache),
+        )  # fmt: skip
+        training = {"optimizer": conf_file("optim/sgd.yaml"), "scheduler": conf_file("scheduler/cosine.yaml")}
+        trainer = pl.Trainer(
+            accelerator="cpu", max_epochs=EPOCHS, deterministic=True, logger=False, enable_progress_bar=False,
+            enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=run_dir,
+            callbacks=[LastCheckpoint(run_dir / "checkpoints", every_n_train_steps=2), *callbacks],
+            plugins=[AtomicCheckpointIO()],
+        )  # fmt: skip
+        try:
+            trainer.fit(CBAMResNetModule(width=4, **training), datamodule=data, ckpt_path=ckpt_path)
+        except Interrupted:
+            return None
+        return trainer
+
+    return fit
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(fit, tmp_path_factory) -> dict:
+    return load_checkpoint(fit(tmp_path_factory.mktemp("whole")).checkpoint_callback.last_model_path)
+
+
+def test_resuming_twice_after_a_kill_in_the_validation_of_an_epochs_last_step_is_exact(
+    fit, uninterrupted, tmp_path
+):
+    """The moment of the issue's non-exact resumption: with a checkpoint every 2 steps and 4 steps per
+    epoch, a kill in the validation after epoch 0's last step, a resumption killed after the end of epoch
+    1, and a second resumption, must end where an uninterrupted run ends. Lightning 2.6 resumes a
+    checkpoint of an epoch's last step into a loop state whose next epoch-end checkpoint resumes past
+    epoch 2: the chain ended at step 8 of 12 while last.ckpt was written at an epoch's last step."""
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    fit(tmp_path, InterruptAt("on_validation_start", 0))
+    steps = [load_checkpoint(last)["global_step"]]
+    fit(tmp_path, InterruptAt("on_train_epoch_start", 2), ckpt_path="last")
+    steps.append(load_checkpoint(last)["global_step"])
+    fit(tmp_path, ckpt_path="last")
+    resumed = load_checkpoint(last)
+    assert resumed["global_step"] == uninterrupted["global_step"] == EPOCHS * STEPS_PER_EPOCH
+    assert max_weight_difference(uninterrupted, resumed) <= 1e-6
+    # the resumptions started from step 2 (not from a checkpoint of epoch 0's last step, 4) and from the
+    # end of epoch 1
+    assert steps == [2, 8]
+
+
+class Validations(Callback):
+    """Counts the validation runs (the sanity check aside)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self.count += not trainer.sanity_checking
+
+
+def test_sigterm_in_an_epochs_last_step_stops_after_its_validation_and_epoch_end_checkpoint(
+    fit, uninterrupted, tmp_path, capsys
+):
+    last, validations = tmp_path / "checkpoints" / "last.ckpt", Validations()
+    with pytest.raises(SIGTERMException):
+        fit(tmp_path, SignalAtSteps(steps=[STEPS_PER_EPOCH], signals=["SIGTERM"]), validations)
+    assert f"SIGTERM: saved {last} at step {STEPS_PER_EPOCH}" in capsys.readouterr().err
+    assert load_checkpoint(last)["global_step"] == STEPS_PER_EPOCH and validations.count == 1
+    fit(tmp_path, ckpt_path="last")
+    resumed = load_checkpoint(last)
+    assert resumed["global_step"] == uninterrupted["global_step"]
+    assert max_weight_difference(uninterrupted, resumed) <= 1e-6
+
+
+def test_the_process_group_timeout_is_a_key(compose_config, monkeypatch):
+    monkeypatch.delenv(LAUNCHER_PID, raising=False)  # set by the strategy in a process that may launch others
+    for trainer in ("ddp", "ddp_sim"):
+        assert compose_config(f"trainer={trainer}").trainer.strategy.timeout_s == 600
+    strategy = instantiate(
+        compose_config("trainer=ddp_sim", "trainer.strategy.timeout_s=30").trainer.strategy
+    )
+    assert isinstance(strategy, WatchedDDPStrategy) and strategy._timeout == timedelta(seconds=30)
+    refused = "trainer.strategy.timeout_s=0: must be a number of seconds > 0"
+    with pytest.raises(ConfigError, match=f"^{refused}$"):
+        check_config(compose_config("trainer=ddp_sim", "trainer.strategy.timeout_s=0"))
