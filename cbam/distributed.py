@@ -29,6 +29,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -309,12 +310,22 @@ class WatchedDDPStrategy(DDPStrategy):
             raise departure
 
 
+#: the module of torch's DataLoader, whose frames a lost connection to a worker is raised from
+DATALOADER_MODULE = os.path.join("torch", "utils", "data", "dataloader.py")
+
+
 def _worker_death(error: BaseException | None) -> bool:
-    """True if ``error``, or an error it was raised from or during, is PyTorch's report of a dead
-    DataLoader worker ("DataLoader worker (pid ...) is killed by signal" / "exited unexpectedly")."""
+    """True if ``error``, or an error it was raised from or during, says that a DataLoader worker of this
+    process died: PyTorch's report ("DataLoader worker (pid ...) is killed by signal: ..." / "... exited
+    unexpectedly"), or a connection to a worker lost while the DataLoader took a batch from it (a worker
+    killed while it hands a batch over)."""
     seen: list[BaseException] = []
     while error is not None and all(error is not other for other in seen):
         if isinstance(error, RuntimeError) and str(error).startswith("DataLoader worker (pid"):
+            return True
+        if isinstance(error, (ConnectionError, EOFError)) and any(
+            frame.filename.endswith(DATALOADER_MODULE) for frame in traceback.extract_tb(error.__traceback__)
+        ):
             return True
         seen.append(error)
         error = error.__cause__ or error.__context__

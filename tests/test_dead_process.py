@@ -26,7 +26,7 @@ from test_reliability import max_weight_difference, show
 
 from cbam.checks import ConfigError, check_config
 from cbam.data import CIFAR10DataModule
-from cbam.distributed import LAUNCHER_PID, PROCESS_DIED_EXIT_STATUS, WatchedDDPStrategy
+from cbam.distributed import LAUNCHER_PID, PROCESS_DIED_EXIT_STATUS, WatchedDDPStrategy, leave_on_error
 from cbam.module import CBAMResNetModule
 from cbam.reliability import AtomicCheckpointIO, LastCheckpoint
 
@@ -242,3 +242,25 @@ def test_the_process_group_timeout_is_a_key(compose_config, monkeypatch):
     refused = "trainer.strategy.timeout_s=0: must be a number of seconds > 0"
     with pytest.raises(ConfigError, match=f"^{refused}$"):
         check_config(compose_config("trainer=ddp_sim", "trainer.strategy.timeout_s=0"))
+
+
+def test_a_dead_dataloader_worker_is_recognised_in_either_of_its_reports(quiet_trainer):
+    """PyTorch reports a dead worker as such, unless the worker died while handing a batch over: then the
+    DataLoader's connection to it breaks first."""
+
+    def fetch() -> None:  # as if in torch's DataLoader
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+    fetch.__code__ = fetch.__code__.replace(
+        co_filename=str(Path("torch/utils/data/dataloader.py").absolute())
+    )
+    try:
+        fetch()
+    except ConnectionResetError as error:
+        lost = error
+    reported = RuntimeError("DataLoader worker (pid 123) is killed by signal: Killed. ")
+    trainer = quiet_trainer()
+    for error in (reported, lost):
+        death = leave_on_error(error, trainer)
+        assert str(death) == "a DataLoader worker of rank 0 died; last good checkpoint: none"
+    assert leave_on_error(ConnectionResetError(104, "Connection reset by peer"), trainer) is None  # elsewhere
