@@ -1,10 +1,11 @@
 """SIGKILL one process of a 2-process DDP run at a random moment, again and again, and check what survives.
 
 The reproduction of issue 16, randomised: ``trainer=ddp_sim``, the ``workers`` loader with one worker,
-``last.ckpt`` every 2 steps, 4 steps per epoch, 3 epochs. Each killed segment SIGKILLs, after a random
+``last.ckpt`` every 2 steps, 4 steps per epoch, 6 epochs. Each killed segment SIGKILLs, after a random
 delay from its start (within its start-up plus the share of the uninterrupted run's time it has left to
 train: start-up, rendezvous, training, validation and checkpoint saves all fall in that window), one
-process chosen at random among those alive: rank 0, rank 1 or a DataLoader worker of either.
+process chosen at random among those alive (rank 0, another rank or a DataLoader worker of either, each
+kind equally likely).
 Then it checks that every other process of the run ended within ``--deadline`` seconds, that the run
 failed (non-zero status) unless the kill came after training had finished, and that each surviving
 rank printed one line naming what died and the last good checkpoint; it restarts with ``ckpt_path=last``
@@ -36,7 +37,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 RUN = [
     "trainer=ddp_sim", "data.download=false", "data.loader=workers", "data.num_workers=1",
-    "data.batch_size=8", "data.val_size=36", "model.width=4", "trainer.max_epochs=3",
+    "data.batch_size=8", "data.val_size=36", "model.width=4", "trainer.max_epochs=6",
     "trainer.deterministic=true", "callbacks.last_checkpoint.every_n_train_steps=2", "test=false",
 ]  # fmt: skip
 #: a line a surviving process prints (the only error lines a run killed this way may print)
@@ -121,6 +122,11 @@ def victims(tree: dict[int, tuple[int, str]], root: int, launcher: str) -> dict[
     return ranks | workers
 
 
+def kind_of(role: str) -> str:
+    """rank 0, another rank or a worker: the kinds of process a kill is drawn among first."""
+    return "worker" if role.startswith("worker") else "rank 0" if role == "rank 0" else "another rank"
+
+
 def segment(launcher: str, overrides: list[str], kill_after: float | None, deadline: float) -> dict:
     """One run of train.py, killing one random process after ``kill_after`` seconds (None: no kill), then
     waiting for every other process of the run (those alive at the kill) to end."""
@@ -134,7 +140,10 @@ def segment(launcher: str, overrides: list[str], kill_after: float | None, deadl
                 tree = process_tree(proc.pid)
                 roles = victims(tree, proc.pid, launcher)
                 if roles:
-                    pid = random.choice(sorted(roles))
+                    # rank 0 lives longest: draw the kind of process first (rank 0, another rank, a worker)
+                    kinds = {pid: kind_of(role) for pid, role in roles.items()}
+                    kind = random.choice(sorted(set(kinds.values())))
+                    pid = random.choice(sorted(pid for pid in roles if kinds[pid] == kind))
                     record.update(killed=roles[pid], at=round(time.time() - started, 2))
                     os.kill(pid, signal.SIGKILL)
                     killed_at, others = time.time(), set(tree) - {pid}
@@ -171,7 +180,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         base = Path(folder)
         common = [f"data.root={write_data(base / 'data')}", *RUN]
-        duration = segment("lightning", [*common, f"hydra.run.dir={base / 'whole'}"], None, args.deadline)[
+        duration = segment(args.launcher, [*common, f"hydra.run.dir={base / 'whole'}"], None, args.deadline)[
             "wall_s"
         ]
         whole = torch.load(base / "whole" / "checkpoints" / "last.ckpt", weights_only=True)

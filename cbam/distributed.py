@@ -246,16 +246,17 @@ class StartupWatch(threading.Thread):
         while not self.done.wait(0.2):
             for rank, child in self.children.items():
                 if child.poll() is not None:
-                    for other in self.children.values():
-                        if other.poll() is None:
-                            other.send_signal(signal.SIGKILL)
                     self._report(rank, f"during start-up, exit status {child.returncode}")
             if self.launcher is not None and os.getppid() != self.launcher[1]:
                 self._report(self.launcher[0], "during start-up")
 
     def _report(self, rank: int, detail: str) -> None:
-        if not self.done.is_set():
-            _end_process(str(ProcessDied(rank, DIED, last_good(self.trainer()), detail)))
+        if self.done.is_set():
+            return  # the process group has just been formed: its watch takes over
+        for child in self.children.values():
+            if child.poll() is None:
+                child.send_signal(signal.SIGKILL)  # a second line from them would name this process
+        _end_process(str(ProcessDied(rank, DIED, last_good(self.trainer()), detail)))
 
 
 class WatchedDDPStrategy(DDPStrategy):
@@ -270,7 +271,8 @@ class WatchedDDPStrategy(DDPStrategy):
     def __init__(self, timeout_s: float = 600.0, **kwargs: Any) -> None:
         if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
             raise InvalidArgument("timeout_s", timeout_s, "must be a number of seconds > 0")
-        super().__init__(timeout=timedelta(seconds=timeout_s), **kwargs)
+        self.timeout = timedelta(seconds=timeout_s)
+        super().__init__(timeout=self.timeout, **kwargs)
         if "LOCAL_RANK" not in os.environ:  # the process Lightning's launcher may start the others from
             os.environ[LAUNCHER_PID] = str(os.getpid())
         self.peers: PeerWatch | None = None
@@ -301,7 +303,7 @@ class WatchedDDPStrategy(DDPStrategy):
         try:
             super().setup_environment()  # the rendezvous: forms the process group
             if self.peers is None and self.world_size > 1:
-                self.peers = PeerWatch(self._timeout, self.trainer)
+                self.peers = PeerWatch(self.timeout, self.trainer)
         finally:
             if startup is not None:
                 startup.done.set()
