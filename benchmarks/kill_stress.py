@@ -2,8 +2,9 @@
 
 The reproduction of issue 16, randomised: ``trainer=ddp_sim``, the ``workers`` loader with one worker,
 ``last.ckpt`` every 2 steps, 4 steps per epoch, 6 epochs. Each killed segment SIGKILLs, after a random
-delay from its start (within its start-up plus the share of the uninterrupted run's time it has left to
-train: start-up, rendezvous, training, validation and checkpoint saves all fall in that window), one
+delay from its start (from half-way through the uninterrupted run's start-up, before all its ranks exist, to
+the share of that run's time the segment has left to train: start-up, rendezvous, training, validation and
+checkpoint saves all fall in that window), one
 process chosen at random among those alive (rank 0, another rank or a DataLoader worker of either, each
 kind equally likely).
 Then it checks that every other process of the run ended within ``--deadline`` seconds, that the run
@@ -135,6 +136,16 @@ def segment(launcher: str, overrides: list[str], kill_after: float | None, deadl
         started = time.time()
         proc = subprocess.Popen(command(launcher, overrides), cwd=ROOT, env=env, stdout=out, stderr=err)
         record: dict = {"killed": None}
+        while kill_after is None and proc.poll() is None and "all_started_s" not in record:
+            if (
+                sum(
+                    role.startswith("rank")
+                    for role in victims(process_tree(proc.pid), proc.pid, launcher).values()
+                )
+                > 1
+            ):
+                record["all_started_s"] = round(time.time() - started, 2)  # every rank's process exists
+            time.sleep(0.1)
         while kill_after is not None and proc.poll() is None:
             if time.time() - started >= kill_after:
                 tree = process_tree(proc.pid)
@@ -169,9 +180,6 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--kills", type=int, default=4, help="killed segments per run, then one to the end")
     parser.add_argument("--launcher", choices=("lightning", "torchrun"), default="lightning")
-    parser.add_argument(
-        "--startup", type=float, default=8.0, help="seconds a segment takes to start training"
-    )
     parser.add_argument("--deadline", type=float, default=60.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path)
@@ -180,11 +188,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         base = Path(folder)
         common = [f"data.root={write_data(base / 'data')}", *RUN]
-        duration = segment(args.launcher, [*common, f"hydra.run.dir={base / 'whole'}"], None, args.deadline)[
-            "wall_s"
-        ]
+        whole_run = segment(args.launcher, [*common, f"hydra.run.dir={base / 'whole'}"], None, args.deadline)
+        timing = whole_run["all_started_s"], whole_run["wall_s"]
         whole = torch.load(base / "whole" / "checkpoints" / "last.ckpt", weights_only=True)
-        report = [run(args, base, common, whole, duration, index) for index in range(args.runs)]
+        report = [run(args, base, common, whole, timing, index) for index in range(args.runs)]
     summary = {
         "launcher": args.launcher, "runs": len(report), "kills": sum(len(r["segments"]) for r in report),
         "runs_ok": sum(r["ok"] for r in report), "uninterrupted_step": whole["global_step"],
@@ -197,16 +204,23 @@ def main() -> None:
 
 
 def run(
-    args: argparse.Namespace, base: Path, common: list[str], whole: dict, duration: float, index: int
+    args: argparse.Namespace,
+    base: Path,
+    common: list[str],
+    whole: dict,
+    timing: tuple[float, float],
+    index: int,
 ) -> dict:
-    """``args.kills`` killed segments of one run dir, then one to the end, checked."""
+    """``args.kills`` killed segments of one run dir, then one to the end, checked. ``timing``: when the
+    uninterrupted run had all its ranks started, and its length (s)."""
     overrides = [*common, f"hydra.run.dir={base / f'run{index}'}", "ckpt_path=last"]
     last_path = base / f"run{index}" / "checkpoints" / "last.ckpt"
     segments, step = [], 0
     for _ in range(args.kills):
-        # within the segment's start-up and the share of the uninterrupted run's time it has left to train
+        # from half-way through the start-up of the uninterrupted run to the share of its time left to train
         left = max(1 - step / whole["global_step"], 0.1)
-        kill_after = random.uniform(0, args.startup + max(duration - args.startup, 0) * left)
+        started, duration = timing
+        kill_after = random.uniform(started / 2, started + (duration - started) * left)
         record = segment(args.launcher, overrides, kill_after, args.deadline)
         step = torch.load(last_path, weights_only=True)["global_step"] if last_path.is_file() else 0
         record["last_step"] = step
