@@ -88,6 +88,17 @@ def check_checkpoint(path: str | Path, key: str = "ckpt_path") -> None:
     read_checkpoint(path, key, mmap=True)
 
 
+def describe_checkpoint(path: str | Path | None) -> str:
+    """``"<path> (step N)"`` for a checkpoint file (its step read from the file), ``"none"`` for None."""
+    if path is None:
+        return "none"
+    try:
+        step = read_checkpoint(path, mmap=True).get("global_step")
+    except ConfigError:
+        return str(path)
+    return f"{path} (step {step})"
+
+
 # ------------------------------------------------------------------------------------------------ config
 
 
@@ -191,6 +202,9 @@ def check_config(cfg: DictConfig) -> None:
         _constructed(
             "model", lambda: instantiate(cfg.model, num_classes=outputs, _recursive_=False, _convert_="all")
         )
+    strategy = OmegaConf.select(cfg, "trainer.strategy")
+    if isinstance(strategy, DictConfig):  # this project's DDP strategy (trainer=ddp, ddp_sim) checks its keys
+        _constructed("trainer.strategy", lambda: instantiate(strategy))
     _check_gpu(cfg)
     _check_fused(cfg)
     if not cfg.train and not cfg.test:

@@ -1,13 +1,16 @@
 """Every use of private (underscore) Lightning and torch API in this project, behind named functions.
 
 Checked against pytorch-lightning 2.6.6 and torch 2.14.1 (and the versions pyproject.toml allows, on a
-best-effort basis): after upgrading either, re-run tests/test_reliability.py, which exercises all of them.
+best-effort basis): after upgrading either, re-run tests/test_reliability.py and tests/test_dead_process.py,
+which exercise all of them.
 Nothing else in ``cbam/`` may reach into an underscore attribute of Lightning or torch.
 """
 
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import threading
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -51,6 +54,29 @@ def last_checkpoint_candidates(callback: ModelCheckpoint, trainer: pl.Trainer) -
     with contextlib.suppress(Exception):  # no dirpath yet, an unreadable folder: nothing to resume from
         return {Path(path) for path in callback._find_last_checkpoints(trainer)}
     return set()
+
+
+def launched_processes(strategy: pl.strategies.Strategy) -> list[subprocess.Popen]:
+    """The processes Lightning's launcher started in this process for the node's other ranks (none under
+    torchrun or SLURM, in those processes themselves, or with one process per node)."""
+    from pytorch_lightning.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+    launcher = strategy.launcher
+    return list(launcher.procs) if isinstance(launcher, _SubprocessScriptLauncher) else []
+
+
+def stop_child_process_observer() -> None:
+    """End the thread with which Lightning's launcher checks the processes it started every 5 s: when one
+    exits with an error it SIGKILLs them all, itself included, before anyone can say which rank died or
+    what to resume from (cbam.distributed does that job). It ends at its next check, finding nothing
+    left to watch."""
+    try:
+        from lightning_fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
+    except ImportError:  # a Lightning without it
+        return
+    for thread in threading.enumerate():
+        if isinstance(thread, _ChildProcessObserver):
+            thread._child_processes = []
 
 
 def avoid_inductor_gradient_bugs() -> None:

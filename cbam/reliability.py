@@ -82,6 +82,12 @@ class StoppedBySigint(SystemExit):
         super().__init__(SIGINT_EXIT_STATUS)
 
 
+def ends_epoch(trainer: pl.Trainer) -> bool:
+    """True in the hooks of an epoch's last training batch (its validation and epoch end still to come)."""
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    return progress.is_last_batch or progress.current.ready >= trainer.num_training_batches
+
+
 class LastCheckpoint(ModelCheckpoint):
     """Keeps ``<dirpath>/last.ckpt`` current, the file ``ckpt_path=last`` resumes from.
 
@@ -91,6 +97,11 @@ class LastCheckpoint(ModelCheckpoint):
     sets a flag, read after every training batch; the checkpoint of that batch is written and the run
     exits, with status 0 after SIGTERM (a scheduler's preemption) and :data:`SIGINT_EXIT_STATUS` after
     Ctrl-C. A second Ctrl-C interrupts at once (Lightning's handling: no checkpoint, status 1).
+
+    Nothing is written after an epoch's last training batch: its epoch-end checkpoint follows the
+    validation, and a stop signal read there stops the run after it. (Lightning 2.6 resumes a checkpoint
+    of an epoch's last batch into a loop state that never counts the next epoch's start; a checkpoint
+    of that next epoch's end then resumes past the epoch after it, which is never trained.)
 
     (Lightning 2.6's ``ModelCheckpoint(save_last=True)`` only rewrites last.ckpt when it also saves a
     top-k checkpoint, so with a monitored metric that stops improving last.ckpt goes stale: this
@@ -180,6 +191,8 @@ class LastCheckpoint(ModelCheckpoint):
         self._install_handlers(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if ends_epoch(trainer):
+            return  # the epoch-end save and stop come after the validation (see the class docstring)
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)  # every N steps
         signum = self._stop_signal(trainer)
         if signum:
@@ -190,6 +203,9 @@ class LastCheckpoint(ModelCheckpoint):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._saving_allowed(trainer):
             save_last_checkpoint(self, trainer)
+        signum = self._stop_signal(trainer, every_step=True)  # every rank ends the epoch here
+        if signum:
+            self._exit(trainer, signum, f"saved {self.last_model_path} at step {trainer.global_step}")
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pass  # last.ckpt is the state at a batch's or an epoch's end, not after a mid-epoch validation

@@ -35,7 +35,8 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from cbam.write_failures import WRITE_FAILED_EXIT_STATUS, WriteFailed, describe_checkpoint, writing
+from cbam.checks import describe_checkpoint
+from cbam.write_failures import WRITE_FAILED_EXIT_STATUS, WriteFailed, writing
 
 LOCK_FILE = ".run.lock"
 #: exit status of a run refused because another process uses its run dir (as for other bad input)

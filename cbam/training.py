@@ -11,15 +11,22 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-from cbam.checks import ConfigError, check_config, num_classes, read_checkpoint, unplaced_attention_warning
+from cbam.checks import (
+    ConfigError,
+    check_config,
+    describe_checkpoint,
+    num_classes,
+    read_checkpoint,
+    unplaced_attention_warning,
+)
 from cbam.data import DataError, ImageDataModule
+from cbam.distributed import PROCESS_DIED_EXIT_STATUS, ProcessDied, leave_on_error
 from cbam.module import CBAMResNetModule
 from cbam.reliability import TrainingDiverged, check_last_checkpoint, newest_checkpoint
 from cbam.schedules import ScheduleLengthChanged
 from cbam.write_failures import (
     WRITE_FAILED_EXIT_STATUS,
     WriteFailed,
-    describe_checkpoint,
     silence_failed_writes_in_threads,
     write_failure,
 )
@@ -76,8 +83,10 @@ def best_checkpoint(trainer: pl.Trainer) -> str | None:
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
-    """Train and/or test as ``cfg`` says; returns the final metrics. A write that fails (disk full,
-    read-only, no permission) raises :class:`WriteFailed` naming the file and the newest intact checkpoint."""
+    """Train and/or test as ``cfg`` says; returns the final metrics. The death of another process of the
+    run (a DDP rank, a DataLoader worker) raises :class:`ProcessDied`, whatever error it caused here; a
+    write that fails (disk full, read-only, no permission) raises :class:`WriteFailed` naming the file and
+    the newest intact checkpoint."""
     check_config(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
@@ -86,8 +95,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if warning and rank_zero_only.rank == 0:
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     try:
-        return _fit_and_test(cfg, trainer, datamodule)
+        return fit_and_test(cfg, trainer, datamodule)
     except Exception as error:
+        death = leave_on_error(error, trainer)  # also tells the other processes of the run why this one stops
+        if death is not None:
+            raise death from None
         failure = write_failure(error, where=trainer.default_root_dir)
         if failure is None:
             raise
@@ -95,9 +107,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
         raise failure from None
 
 
-def _fit_and_test(
+def fit_and_test(
     cfg: DictConfig, trainer: pl.Trainer, datamodule: pl.LightningDataModule
 ) -> dict[str, float]:
+    """The fitting and testing of :func:`run`."""
     if cfg.train and cfg.ckpt_path == "last":
         check_last_checkpoint(trainer)  # a corrupt last.ckpt: one error line naming it
     metrics = {}  # trainer.test resets callback_metrics: keep fit's (val/acc, which the sweepers maximise)
@@ -143,7 +156,8 @@ def _fail(error: Exception, status: int, every_rank: bool = False) -> None:
 
 def main(cfg: DictConfig) -> dict[str, float]:
     """:func:`run`, with bad input reported as one line on stderr and exit status 2, divergence with
-    exit status 3, a failed write with :data:`WRITE_FAILED_EXIT_STATUS` (no traceback)."""
+    exit status 3, a failed write with :data:`WRITE_FAILED_EXIT_STATUS`, the death of another process of the
+    run with :data:`PROCESS_DIED_EXIT_STATUS` (no traceback)."""
     silence_failed_writes_in_threads()  # TensorBoard's writer thread: its error comes back as the line
     try:
         return run(cfg)
@@ -153,3 +167,5 @@ def main(cfg: DictConfig) -> dict[str, float]:
         _fail(error, 3)
     except WriteFailed as error:  # most files are written by rank 0 alone: the rank that failed says it
         _fail(error, WRITE_FAILED_EXIT_STATUS, every_rank=True)
+    except ProcessDied as error:  # each surviving process says which one died (it may be rank 0)
+        _fail(error, PROCESS_DIED_EXIT_STATUS, every_rank=True)

@@ -21,7 +21,6 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from cbam.checks import ConfigError, read_checkpoint
 
 #: exit status of a run stopped by a write that failed (disk full, read-only, no permission)
 WRITE_FAILED_EXIT_STATUS = 4
@@ -40,7 +39,7 @@ WRITE_ONLY_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 
 class WriteFailed(Exception):
     """Writing ``path`` failed for one of the :data:`REASONS`; ``last_good`` describes the newest intact
-    checkpoint (set by whoever knows it, :func:`describe_checkpoint`)."""
+    checkpoint (set by whoever knows it, :func:`cbam.checks.describe_checkpoint`)."""
 
     def __init__(self, path: str | Path, code: int) -> None:
         self.path, self.errno, self.last_good = str(path), code, "none"
@@ -105,14 +104,3 @@ def silence_failed_writes_in_threads() -> None:
 
     hook.silences_failed_writes = True
     threading.excepthook = hook
-
-
-def describe_checkpoint(path: str | Path | None) -> str:
-    """``"<path> (step N)"`` for a checkpoint file (its step read from the file), ``"none"`` for None."""
-    if path is None:
-        return "none"
-    try:
-        step = read_checkpoint(path, mmap=True).get("global_step")
-    except ConfigError:
-        return str(path)
-    return f"{path} (step {step})"
