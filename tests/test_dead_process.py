@@ -13,6 +13,7 @@ SIGTERM in that step. ``benchmarks/kill_stress.py`` kills at random moments inst
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 
@@ -69,34 +70,44 @@ def torchrun(overrides: list[str]):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
-    """One run dir, killed four times and resumed with ckpt_path=last each time (Lightning's launcher
-    unless said), one run after the other:
+    """Two run dirs, each killed twice and resumed with ckpt_path=last each time (Lightning's launcher
+    unless said), the two chains side by side (most of a run is start-up and waiting for news):
 
-    - a DataLoader worker of rank 1 dies in the validation after epoch 0's last step (last.ckpt: step 2);
-    - rank 0 dies as soon as it has started rank 1, which is starting up;
-    - under torchrun, rank 0 dies inside the save of step 6 (last.ckpt: the end of epoch 0, step 4);
-    - rank 0 kills rank 1 as soon as it has started it, and waits for it in the rendezvous.
+    - chain 1: a DataLoader worker of rank 1 dies in the validation after epoch 0's last step (last.ckpt:
+      step 2); then rank 0 dies as soon as it has started rank 1, which is starting up;
+    - chain 2: under torchrun, rank 0 dies inside the save of step 6 (last.ckpt: the end of epoch 0, step
+      4); then rank 0 kills rank 1 as soon as it has started it, and waits for it in the rendezvous.
     """
     base = tmp_path_factory.mktemp("dead_process")
     classes = [f"class{label}" for label in range(10)]
-    out: dict = {"chain": base / "chain"}
-    chain = [
-        f"data.root={write_random_pngs(base / 'data', 10, 1, classes)}",
-        *RUN,
-        f"hydra.run.dir={out['chain']}",
-    ]
-    deaths = {
-        "worker": (run_train, [*kill("validation_start:0", 1, target="child")]),
-        "launcher": (run_train, ["ckpt_path=last", *kill("launched", 0)]),
-        "torchrun": (torchrun, ["ckpt_path=last", *kill("save_checkpoint:6", 0)]),
-        "rendezvous": (run_train, ["ckpt_path=last", *kill("launched", 0, target="child")]),
+    data = f"data.root={write_random_pngs(base / 'data', 10, 1, classes)}"
+    out: dict = {}
+    chains = {
+        "chain1": {
+            "worker": (run_train, [*kill("validation_start:0", 1, target="child")]),
+            "launcher": (run_train, ["ckpt_path=last", *kill("launched", 0)]),
+        },
+        "chain2": {
+            "torchrun": (torchrun, [*kill("save_checkpoint:6", 0)]),
+            "rendezvous": (run_train, ["ckpt_path=last", *kill("launched", 0, target="child")]),
+        },
     }
-    for name, (launch, overrides) in deaths.items():
-        record = base / f"{name}.kill"
-        out[name] = launch([*chain, *overrides, f"+callbacks.kill.record={record}"])
-        out[f"{name}_ended"] = time.time()  # every process holding its output has ended
-        out[f"{name}_killed"] = float(record.read_text()) if record.is_file() else None
-        out[f"{name}_last"] = load_checkpoint(out["chain"] / "checkpoints" / "last.ckpt")["global_step"]
+
+    def run_chain(chain: str) -> None:
+        run_dir = base / chain
+        for name, (launch, overrides) in chains[chain].items():
+            record = base / f"{name}.kill"
+            out[name] = launch(
+                [data, *RUN, f"hydra.run.dir={run_dir}", *overrides, f"+callbacks.kill.record={record}"]
+            )
+            out[f"{name}_ended"] = time.time()  # every process holding its output has ended
+            out[f"{name}_killed"] = float(record.read_text()) if record.is_file() else None
+            out[f"{name}_last"] = run_dir / "checkpoints" / "last.ckpt"
+            out[f"{name}_step"] = load_checkpoint(out[f"{name}_last"])["global_step"]
+
+    with ThreadPoolExecutor(2) as pool:
+        for chain in [pool.submit(run_chain, name) for name in chains]:
+            chain.result()
     return out
 
 
@@ -123,9 +134,8 @@ def test_a_dead_process_ends_every_other_process_of_the_run_with_one_line(runs, 
     assert killed is not None, show(result)
     assert result.returncode == status, show(result)
     assert runs[f"{name}_ended"] - killed < DEADLINE_S, show(result)
-    assert runs[f"{name}_last"] == step
-    last = runs["chain"] / "checkpoints" / "last.ckpt"
-    expected = [f"error: {what}; last good checkpoint: {last} (step {step})" for what in said]
+    assert runs[f"{name}_step"] == step
+    expected = [f"error: {what}; last good checkpoint: {runs[f'{name}_last']} (step {step})" for what in said]
     assert error_lines(result.stderr) == expected, show(result)
     if name != "torchrun":  # torchrun's own summary of the failure is a traceback
         assert "Traceback" not in result.stderr, show(result)
