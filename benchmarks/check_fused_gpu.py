@@ -235,7 +235,7 @@ def opcheck_all(device: torch.device) -> dict:
     return results
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -249,7 +249,7 @@ def main() -> None:
         "--profile", action="store_true", help="also print each block's CUDA kernels (on stderr)"
     )
     parser.add_argument("--out", help="also write the JSON report here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = torch.device("cpu" if args.quick else "cuda")
     if not fused_available(device):
         sys.exit(f"check_fused_gpu: the fused kernels cannot run on {device} (needs CUDA, or --quick)")
@@ -274,6 +274,7 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     if args.profile and not args.quick:
         profile(*shapes[0], batch, device)
+    return report
 
 
 if __name__ == "__main__":

@@ -167,4 +167,6 @@ SLOW_FILES = (
 
 def pytest_collection_modifyitems(items) -> None:
     first = {name: index for index, name in enumerate(SLOW_FILES)}
-    items.sort(key=lambda item: first.get(item.path.name, len(SLOW_FILES)))  # stable: each file keeps its order
+    items.sort(
+        key=lambda item: first.get(item.path.name, len(SLOW_FILES))
+    )  # stable: each file keeps its order

@@ -1,14 +1,22 @@
-"""The benchmark scripts run and write the JSON they promise (tiny CPU runs: a smoke test, not a timing)."""
+"""The benchmark scripts run and write the JSON they promise (tiny CPU runs: a smoke test, not a timing).
+
+Each script's ``main(argv)`` runs in this process, as ``python benchmarks/<script>.py <argv>`` would run it:
+a subprocess would spend most of its time importing torch and Lightning again."""
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
-from helpers import run_python
+from helpers import REPO
 from PIL import Image
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import throughput  # noqa: E402
+import time_to_accuracy  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +39,7 @@ def learnable_cifar_folder(tmp_path_factory):
 
 def test_throughput_quick_writes_one_row_per_pipeline(tmp_path):
     out = tmp_path / "throughput.json"
-    result = run_python(
-        ["benchmarks/throughput.py", "--quick", "--depths", "18", "--cbam", "block", "--out", out]
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    throughput.main(["--quick", "--depths", "18", "--cbam", "block", "--out", str(out)])
     report = json.loads(out.read_text())
     assert report["device"].startswith("CPU") and report["software"]["torch"]
     rows = report["results"]
@@ -49,23 +54,8 @@ def test_throughput_quick_writes_one_row_per_pipeline(tmp_path):
 
 def test_throughput_impl_axis_applies_to_cbam_rows_only(tmp_path):
     out = tmp_path / "throughput.json"
-    result = run_python(
-        [
-            "benchmarks/throughput.py",
-            "--quick",
-            "--depths",
-            "18",
-            "--cbam",
-            "none,block",
-            "--impl",
-            "reference,auto",
-            "--pipelines",
-            "plain",
-            "--out",
-            out,
-        ]
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    arguments = ["--quick", "--depths", "18", "--cbam", "none,block", "--impl", "reference,auto"]
+    throughput.main([*arguments, "--pipelines", "plain", "--out", str(out)])
     rows = json.loads(out.read_text())["results"]
     assert [(row["cbam"], row["impl"]) for row in rows] == [
         ("none", None),
@@ -75,30 +65,33 @@ def test_throughput_impl_axis_applies_to_cbam_rows_only(tmp_path):
     assert all(row["images_per_s"] > 0 for row in rows)
 
 
-def _run_time_to_accuracy(data_root, tmp_path, *overrides):
+def _run_time_to_accuracy(data_root, tmp_path, capsys, *overrides) -> tuple[int, str, dict | None]:
+    """(exit status, stderr, the JSON report) of ``time_to_accuracy.py --quick`` on ``data_root``."""
     out = tmp_path / "tta.json"
-    result = run_python(
-        [
-            "benchmarks/time_to_accuracy.py",
-            "--quick",
-            f"data.root={data_root}",
-            "data.download=false",
-            f"data.cache_dir={tmp_path}",
-            "model.width=8",
-            "model.reduction_ratio=2",
-            *overrides,
-            "--out",
-            out,
-        ]
-    )
-    return result, (json.loads(out.read_text()) if out.exists() else None)
+    arguments = [
+        "--quick",
+        f"data.root={data_root}",
+        "data.download=false",
+        f"data.cache_dir={tmp_path}",
+        "model.width=8",
+        "model.reduction_ratio=2",
+        *overrides,
+        "--out",
+        str(out),
+    ]
+    try:
+        time_to_accuracy.main(arguments)
+        status = 0
+    except SystemExit as stop:
+        status = stop.code
+    return status, capsys.readouterr().err, (json.loads(out.read_text()) if out.exists() else None)
 
 
-def test_time_to_accuracy_quick_learns_and_records_every_epoch(learnable_cifar_folder, tmp_path):
-    result, report = _run_time_to_accuracy(
-        learnable_cifar_folder, tmp_path, "trainer.max_epochs=3", "data.batch_size=24"
+def test_time_to_accuracy_quick_learns_and_records_every_epoch(learnable_cifar_folder, tmp_path, capsys):
+    status, stderr, report = _run_time_to_accuracy(
+        learnable_cifar_folder, tmp_path, capsys, "trainer.max_epochs=3", "data.batch_size=24"
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert status == 0, stderr[-3000:]
     assert [epoch["epoch"] for epoch in report["epochs"]] == [0, 1, 2]
     for epoch in report["epochs"]:
         assert (
@@ -112,9 +105,9 @@ def test_time_to_accuracy_quick_learns_and_records_every_epoch(learnable_cifar_f
     assert report["train_seconds"] == report["epochs"][-1]["train_seconds"]
 
 
-def test_time_to_accuracy_stops_and_reports_a_diverged_run(learnable_cifar_folder, tmp_path):
-    result, report = _run_time_to_accuracy(learnable_cifar_folder, tmp_path, "optim.lr=1e38")
-    assert result.returncode == 3, result.stderr[-3000:]
+def test_time_to_accuracy_stops_and_reports_a_diverged_run(learnable_cifar_folder, tmp_path, capsys):
+    status, stderr, report = _run_time_to_accuracy(learnable_cifar_folder, tmp_path, capsys, "optim.lr=1e38")
+    assert status == 3, stderr[-3000:]
     assert "non-finite loss at step" in report["diverged"]
-    assert "training diverged" in result.stderr and "Traceback" not in result.stderr
+    assert "error: training diverged" in stderr and "Traceback" not in stderr
     assert len(report["epochs"]) < 2  # stopped in the first epoch, not run to the end
