@@ -151,6 +151,43 @@ def compose_config():
     return compose_train
 
 
+@pytest.fixture
+def train_in_process(compose_config, capsys):
+    """``train_in_process(run_dir, *overrides)``: what ``python train.py hydra.run.dir=<run_dir> <overrides>``
+    runs (``cbam.training.main``), in this process, with Hydra's runtime config set as a run sets it (no
+    Hydra job: no .hydra/ files, no logging set-up, no Hydra callbacks). Returns (exit status, stderr,
+    Lightning's log messages). For what needs no process of its own: a subprocess spends most of its time
+    importing torch and Lightning."""
+    import logging
+
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from cbam.training import main
+
+    def train(run_dir: Path, *overrides: str) -> tuple[int, str, list[str]]:
+        cfg = compose_config(*overrides, f"hydra.run.dir={run_dir}", hydra=True)
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(run_dir)
+            HydraConfig.instance().set_config(cfg)
+            del cfg["hydra"]  # as train.py receives it
+        messages: list[str] = []
+        recorder = logging.Handler()
+        recorder.emit = lambda record: messages.append(record.getMessage())
+        lightning = logging.getLogger("pytorch_lightning")
+        lightning.addHandler(recorder)
+        try:
+            main(cfg)
+            status = 0
+        except SystemExit as stop:
+            status = stop.code
+        finally:
+            lightning.removeHandler(recorder)
+        return status, capsys.readouterr().err, messages
+
+    return train
+
+
 #: the test files that take longest, in that order (about 120, 90, 70, 45, 45, 45 and 40 s of a full run on
 #: the 2-core machine): collected first, so that with one file per xdist worker (``--dist loadfile``) no long
 #: file starts last while the other worker runs out of work

@@ -139,42 +139,68 @@ def test_multirun_sweeps_two_by_two(run, tmp_path):
 # ------------------------------------------------------------------------------------------------ resume
 
 
-def test_resume_from_last_in_the_same_run_dir(run, first_run, tmp_path):
+def in_process(train_in_process, run_dir: Path, **overrides) -> tuple[int, str, list[str]]:
+    """:func:`train_py`'s run (on the tiny folder, ``TINY`` settings), in this process."""
+    settings = {**TINY, **{key.replace("__", "."): value for key, value in overrides.items()}}
+    return train_in_process(run_dir, *(f"{key}={value}" for key, value in settings.items()))
+
+
+def test_resume_from_last_in_the_same_run_dir(train_in_process, tiny_cifar_folder, first_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(first_run, run_dir)
     # as if the run had been stopped after its first epoch
     shutil.copy(run_dir / "checkpoints" / "epoch000.ckpt", run_dir / "checkpoints" / "last.ckpt")
     first = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
-    result = run(hydra__run__dir=run_dir, ckpt_path="last", trainer__max_epochs=2, test="false")
-    assert succeeded(result)
-    # A run from scratch would also end at step 20: the resumed one must have started from the checkpoint.
-    assert (
-        f"Restoring states from the checkpoint path at {run_dir / 'checkpoints' / 'last.ckpt'}"
-        in result.stdout + result.stderr
+    status, stderr, messages = in_process(
+        train_in_process,
+        run_dir,
+        data__root=tiny_cifar_folder,
+        ckpt_path="last",
+        trainer__max_epochs=2,
+        test="false",
     )
+    assert status == 0, stderr
+    # A run from scratch would also end at step 20: the resumed one must have started from the checkpoint.
+    assert f"Restoring states from the checkpoint path at {run_dir / 'checkpoints' / 'last.ckpt'}" in messages
     final = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     assert final["global_step"] == 2 * first["global_step"] == 2 * STEPS_PER_EPOCH
     assert final["epoch"] == 1
 
 
-def test_resume_from_a_checkpoint_file(run, first_run, tmp_path):
+def test_resume_from_a_checkpoint_file(train_in_process, tiny_cifar_folder, first_run, tmp_path):
     source = first_run / "checkpoints" / "epoch000.ckpt"
     before = source.read_bytes()
     run_dir = tmp_path / "resumed"
-    result = run(hydra__run__dir=run_dir, ckpt_path=source, trainer__max_epochs=2, test="false")
-    assert succeeded(result)
-    assert f"Restoring states from the checkpoint path at {source}" in result.stdout + result.stderr
+    status, stderr, messages = in_process(
+        train_in_process,
+        run_dir,
+        data__root=tiny_cifar_folder,
+        ckpt_path=source,
+        trainer__max_epochs=2,
+        test="false",
+    )
+    assert status == 0, stderr
+    assert f"Restoring states from the checkpoint path at {source}" in messages
     final = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     assert final["global_step"] == 2 * STEPS_PER_EPOCH and final["epoch"] == 1
     assert source.read_bytes() == before
 
 
-def test_resuming_with_a_longer_schedule_is_refused_before_training(run, first_run, tmp_path):
+def test_resuming_with_a_longer_schedule_is_refused_before_training(
+    train_in_process, tiny_cifar_folder, first_run, tmp_path
+):
     source = first_run / "checkpoints" / "epoch000.ckpt"
-    result = run(hydra__run__dir=tmp_path, ckpt_path=source, trainer__max_epochs=3, test="false")
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr
-    line = result.stderr.strip().splitlines()[-1]
+    status, stderr, _ = in_process(
+        train_in_process,
+        tmp_path,
+        data__root=tiny_cifar_folder,
+        ckpt_path=source,
+        trainer__max_epochs=3,
+        test="false",
+    )
+    assert status == 2, stderr[-3000:]
+    assert "Traceback" not in stderr
+    line = stderr.strip().splitlines()[-1]
     expected = (
         f"error: ckpt_path={source}: its learning-rate schedule spans 20 steps, this run's would span 30"
     )
@@ -183,11 +209,20 @@ def test_resuming_with_a_longer_schedule_is_refused_before_training(run, first_r
     assert not (tmp_path / "checkpoints" / "last.ckpt").exists()  # not one step trained
 
 
-def test_train_py_with_weights_from_trains_from_those_weights(run, first_run, tmp_path):
+def test_train_py_with_weights_from_trains_from_those_weights(
+    train_in_process, tiny_cifar_folder, first_run, tmp_path
+):
     source = first_run / "checkpoints" / "last.ckpt"
     # learning rate 0: the trained weights stay those it started from (BatchNorm statistics still move)
-    result = run(hydra__run__dir=tmp_path, weights_from=source, optim__lr=0.0, test="false")
-    assert succeeded(result)
+    status, stderr, _ = in_process(
+        train_in_process,
+        tmp_path,
+        data__root=tiny_cifar_folder,
+        weights_from=source,
+        optim__lr=0.0,
+        test="false",
+    )
+    assert status == 0, stderr
     started, final = load_checkpoint(source), load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
     assert final["global_step"] == STEPS_PER_EPOCH and final["epoch"] == 0  # its own count and schedule
     weights = [key for key in final["state_dict"] if key.endswith(".weight")]
