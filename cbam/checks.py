@@ -99,6 +99,31 @@ def describe_checkpoint(path: str | Path | None) -> str:
     return f"{path} (step {step})"
 
 
+def weights_mismatch(error: RuntimeError) -> str | None:
+    """The first mismatch that ``load_state_dict`` reports in ``error`` (one line: a size mismatch, or the
+    first three missing or unexpected keys), or None for another error."""
+    lines = str(error).strip().splitlines()
+    if len(lines) < 2 or not lines[0].startswith("Error(s) in loading state_dict"):
+        return None
+    first = lines[1].strip().rstrip(". ")
+    what, _, keys = first.partition(": ")
+    names = keys.split(", ")
+    if what.endswith("key(s) in state_dict") and len(names) > 3:
+        first = f"{what}: {', '.join(names[:3])} and {len(names) - 3} more"
+    return first
+
+
+def changed_model_settings(hparams: dict[str, Any], path: str | Path) -> list[str]:
+    """``"model.<key>=<value> (the checkpoint's: <saved>)"`` for each of ``hparams`` (a model's) that differs
+    from the hyperparameters saved in checkpoint ``path`` (the optimizer and schedule aside: other groups)."""
+    saved = read_checkpoint(path, mmap=True).get("hyper_parameters", {})
+    return [
+        f"model.{key}={value} (the checkpoint's: {saved[key]})"
+        for key, value in hparams.items()
+        if key not in ("optimizer", "scheduler") and key in saved and saved[key] != value
+    ]
+
+
 # ------------------------------------------------------------------------------------------------ config
 
 

@@ -13,11 +13,13 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from cbam.checks import (
     ConfigError,
+    changed_model_settings,
     check_config,
     describe_checkpoint,
     num_classes,
     read_checkpoint,
     unplaced_attention_warning,
+    weights_mismatch,
 )
 from cbam.data import DataError, ImageDataModule
 from cbam.distributed import PROCESS_DIED_EXIT_STATUS, ProcessDied, leave_on_error
@@ -51,8 +53,10 @@ def load_weights(model: CBAMResNetModule, path: str) -> None:
     or step count, so the run trains ``trainer.max_epochs`` more epochs with a schedule of its own."""
     try:
         model.load_state_dict(read_checkpoint(path, key="weights_from")["state_dict"])
-    except RuntimeError as error:  # other layers or shapes: torch lists every mismatch, one per line
-        reason = str(error).strip().splitlines()[0]
+    except RuntimeError as error:
+        reason = weights_mismatch(error)
+        if reason is None:
+            raise
         raise ConfigError(
             f"weights_from={path}: its weights do not fit this model.* config ({reason})"
         ) from None
@@ -127,6 +131,16 @@ def fit_and_test(
                 f"ckpt_path={cfg.ckpt_path}: {error}. Resume with the settings the run had; to train longer, "
                 f"start a new run from its weights: weights_from=<checkpoint> (new schedule over "
                 f"trainer.max_epochs), or use scheduler=constant, which resumes with any length"
+            ) from None
+        except RuntimeError as error:  # the weights restored before any step do not fit the model
+            reason = weights_mismatch(error)
+            if reason is None:
+                raise
+            changed = changed_model_settings(model.hparams, trainer.ckpt_path)
+            raise ConfigError(
+                f"ckpt_path={cfg.ckpt_path}: its weights do not fit this model.* config ({reason}); resume "
+                f"with the settings the run had"
+                + (f", not {', '.join(changed)}" if changed else "")
             ) from None
         metrics.update(trainer.callback_metrics)
     else:

@@ -209,6 +209,38 @@ def test_resuming_with_a_longer_schedule_is_refused_before_training(
     assert not (tmp_path / "checkpoints" / "last.ckpt").exists()  # not one step trained
 
 
+@pytest.mark.parametrize(
+    ("changed", "named"),
+    [
+        ({"model__width": 8}, "model.width=8 (the checkpoint's: 4)"),
+        ({"model__use_cbam_block": "true"}, "model.use_cbam_block=True (the checkpoint's: False)"),
+    ],
+    ids=["wider", "with_cbam"],
+)
+def test_resuming_into_a_model_of_other_shape_is_one_line_naming_the_changed_setting(
+    train_in_process, tiny_cifar_folder, first_run, tmp_path, changed, named
+):
+    source = first_run / "checkpoints" / "epoch000.ckpt"
+    before = source.read_bytes()
+    status, stderr, _ = in_process(
+        train_in_process,
+        tmp_path,
+        data__root=tiny_cifar_folder,
+        ckpt_path=source,
+        trainer__max_epochs=2,
+        test="false",
+        **changed,
+    )
+    assert status == 2, stderr[-3000:]
+    assert "Traceback" not in stderr
+    line = stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: ckpt_path={source}: its weights do not fit this model.* config ("), line
+    assert "loading state_dict" not in line  # the first mismatch itself, not torch's header
+    assert line.endswith(f"resume with the settings the run had, not {named}"), line
+    assert source.read_bytes() == before
+    assert not (tmp_path / "checkpoints" / "last.ckpt").exists()
+
+
 def test_train_py_with_weights_from_trains_from_those_weights(
     train_in_process, tiny_cifar_folder, first_run, tmp_path
 ):
