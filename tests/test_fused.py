@@ -298,27 +298,27 @@ def test_unknown_channel_pooling_is_an_invalid_argument():
 # ------------------------------------------------------------------------------------------- host work
 
 
-def test_a_fused_block_is_its_seven_kernel_launches_and_nothing_else():
-    """Forward and backward of one CBAM layer: 4 + 3 Triton launches, no PyTorch operator around them
+def test_a_fused_block_is_its_six_kernel_launches_and_nothing_else():
+    """Forward and backward of one CBAM layer: 3 + 3 Triton launches, no PyTorch operator around them
     (counted as benchmarks/host_ops.py counts: views, metadata and allocations aside)."""
     forward = host_ops.block_counts("fused", channels=8, size=4, batch=2, device=torch.device("cpu"))
     launches = [name.removeprefix(host_ops.LAUNCH_PREFIX) for name in forward["operations"]]
-    assert forward["forward"] == 4 and forward["backward"] == 3, forward["operations"]
+    assert forward["forward"] == 3 and forward["backward"] == 3, forward["operations"]
     assert sorted(launches) == sorted(
-        ["channel_pool_kernel", "gate_pool_kernel", "spatial_conv_kernel", "gated_output_kernel",
+        ["channel_pool_kernel", "gate_conv_kernel", "gated_output_kernel",
          "output_backward_kernel", "spatial_backward_kernel", "input_backward_kernel"]
     )  # fmt: skip
     reference = host_ops.block_counts("reference", channels=8, size=4, batch=2, device=torch.device("cpu"))
     assert reference["total"] > 4 * forward["total"]  # the counter sees the reference's many operators
 
 
-def test_a_fused_resnet18_training_step_costs_under_1_5x_the_plain_steps_host_operations():
+def test_a_fused_resnet18_training_step_costs_under_1_3x_the_plain_steps_host_operations():
     cpu = torch.device("cpu")
     plain = host_ops.step_counts(18, "plain", width=2, batch=2, device=cpu)
     fused = host_ops.step_counts(18, "fused", width=2, batch=2, device=cpu)
-    assert fused["triton_launches"] == 8 * 7  # 8 blocks, 7 launches each
+    assert fused["triton_launches"] == 8 * 6  # 8 blocks, 6 launches each
     assert fused["operations"] - fused["triton_launches"] == plain["operations"]  # nothing else added
-    assert fused["operations"] <= 1.5 * plain["operations"]
+    assert fused["operations"] <= 1.3 * plain["operations"]
 
 
 def test_gpu_check_script_quick_run_agrees_and_reports(capsys):

@@ -1,4 +1,4 @@
-"""Triton kernels of the fused CBAM layer: the whole layer, gate math included, in four forward and three
+"""Triton kernels of the fused CBAM layer: the whole layer, gate math included, in three forward and three
 backward launches.
 
 Notation: x is (N, C, P) with P = H*W flattened and one stride per axis (contiguous NCHW and channels_last
@@ -8,8 +8,8 @@ descriptors d and summed; g = sigmoid of that sum, (N, C). The spatial gate is s
 (N, P), with maps = the channel-wise max and mean of x * g, (N, 2, P), and a k x k convolution without bias
 (weights (2, k*k)); BN is a one-channel BatchNorm. y = x * g * s.
 
-Forward: ``channel_pool`` (descriptors), ``gate_pool`` (MLP, g, maps), ``spatial_conv`` (z = conv(maps) and
-the BatchNorm partial statistics), ``gated_output`` (BatchNorm statistics, running statistics, s, y).
+Forward: ``channel_pool`` (descriptors), ``gate_conv`` (per sample: MLP, g, maps, z = conv(maps) and the
+BatchNorm partial statistics), ``gated_output`` (BatchNorm statistics, running statistics, s, y).
 Backward: ``output_backward`` (d s -> d z through the sigmoid, d g from y, BatchNorm partial sums),
 ``spatial_backward`` (BatchNorm and convolution backward, d maps, d g from the maps, the MLP's output
 gradient), ``input_backward`` (the input gradient's three terms in one write, and the MLP's and the
@@ -78,98 +78,6 @@ def channel_pool_kernel(
 
 
 @triton.jit
-def gate_pool_kernel(
-    x,
-    avg,
-    mx,
-    w1,
-    b1,
-    w2,
-    b2,
-    gate_out,
-    hidden_out,
-    maps_out,
-    argmax_out,
-    C,
-    P,
-    HID,
-    sxn,
-    sxc,
-    sxp,
-    USE_AVG: tl.constexpr,
-    USE_MAX: tl.constexpr,
-    BRANCHES: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    BLOCK_CM: tl.constexpr,
-    ACC: tl.constexpr,
-):
-    """The channel MLP and gate g of sample n, then the channel-wise max and mean of x * g over a block of
-    pixels (without storing x * g): maps_out (N, 2, P), max first, and the max's first channel.
-
-    Every program recomputes its sample's MLP (2 * C * HID multiply-adds, small next to its share of x);
-    the first pixel block of each sample stores g (N, C) and the hidden pre-activations (N, 2, HID) for the
-    backward. Grid: (N, cdiv(P, BLOCK_P)).
-    """
-    n = tl.program_id(0)
-    pixel_block = tl.program_id(1)
-    j = tl.arange(0, BLOCK_H)
-    j_ok = j < HID
-    hidden_avg = tl.zeros([BLOCK_H], ACC)
-    hidden_max = tl.zeros([BLOCK_H], ACC)
-    for start in range(0, C, BLOCK_CM):
-        c = start + tl.arange(0, BLOCK_CM)
-        c_ok = c < C
-        weights = tl.load(w1 + j[:, None] * C + c[None, :], mask=j_ok[:, None] & c_ok[None, :], other=0.0)
-        weights = weights.to(ACC)
-        if USE_AVG:
-            hidden_avg += tl.sum(weights * tl.load(avg + n * C + c, mask=c_ok, other=0.0)[None, :], axis=1)
-        if USE_MAX:
-            hidden_max += tl.sum(weights * tl.load(mx + n * C + c, mask=c_ok, other=0.0)[None, :], axis=1)
-    bias = tl.load(b1 + j, mask=j_ok, other=0.0).to(ACC)
-    first = pixel_block == 0
-    hidden_sum = tl.zeros([BLOCK_H], ACC)
-    if USE_AVG:
-        hidden_avg += bias
-        hidden_sum += tl.maximum(hidden_avg, 0.0)
-        tl.store(hidden_out + (n * 2) * HID + j, hidden_avg, mask=j_ok & first)
-    if USE_MAX:
-        hidden_max += bias
-        hidden_sum += tl.maximum(hidden_max, 0.0)
-        tl.store(hidden_out + (n * 2 + 1) * HID + j, hidden_max, mask=j_ok & first)
-
-    p = pixel_block * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_ok = p < P
-    base = x + n.to(tl.int64) * sxn + p[:, None].to(tl.int64) * sxp
-    total = tl.zeros([BLOCK_P], ACC)
-    best = tl.full([BLOCK_P], float("-inf"), ACC)
-    best_channel = tl.zeros([BLOCK_P], tl.int32)
-    for start in range(0, C, BLOCK_C):
-        c = start + tl.arange(0, BLOCK_C)
-        c_ok = c < C
-        ok = p_ok[:, None] & c_ok[None, :]
-        out_weights = tl.load(
-            w2 + c[:, None] * HID + j[None, :], mask=c_ok[:, None] & j_ok[None, :], other=0.0
-        )
-        logits = tl.sum(out_weights.to(ACC) * hidden_sum[None, :], axis=1)
-        logits += BRANCHES * tl.load(b2 + c, mask=c_ok, other=0.0).to(ACC)
-        gate = 1.0 / (1.0 + tl.exp(-logits))  # sigmoid
-        tl.store(gate_out + n * C + c, gate, mask=c_ok & first)
-        values = tl.load(base + c[None, :].to(tl.int64) * sxc, mask=ok, other=0.0).to(ACC)
-        values = values * gate[None, :]
-        total += tl.sum(values, axis=1)
-        block_max, block_channel = tl.max(tl.where(ok, values, float("-inf")), axis=1, return_indices=True)
-        better = block_max > best  # strict: the first channel holding the max, as max pooling
-        best = tl.where(better, block_max, best)
-        best_channel = tl.where(better, block_channel + start, best_channel)
-    maps = maps_out + n.to(tl.int64) * 2 * P + p
-    tl.store(maps, best, mask=p_ok)
-    tl.store(maps + P, total / C, mask=p_ok)
-    tl.store(argmax_out + n * P + p, best_channel, mask=p_ok)
-
-
-@triton.jit
 def _taps(conv_w, swc, swy, swx, KS: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
     """The convolution's taps (ky * KS + kx) for the max map and for the mean map, (BLOCK_K,) each, from a
     (1, 2, KS, KS) weight with strides (., swc, swy, swx) (NCHW or channels_last)."""
@@ -196,45 +104,124 @@ def _neighbours(p, P, H, W, KS: tl.constexpr, BLOCK_K: tl.constexpr, SIGN: tl.co
 
 
 @triton.jit
-def spatial_conv_kernel(
-    maps,
+def gate_conv_kernel(
+    x,
+    avg,
+    mx,
+    w1,
+    b1,
+    w2,
+    b2,
     conv_w,
+    gate_out,
+    hidden_out,
+    maps_out,
+    argmax_out,
     z_out,
     partials,
-    N,
+    C,
     P,
     H,
     W,
-    PIXEL_BLOCKS,
+    HID,
+    sxn,
+    sxc,
+    sxp,
     swc,
     swy,
     swx,
+    USE_AVG: tl.constexpr,
+    USE_MAX: tl.constexpr,
+    BRANCHES: tl.constexpr,
     KS: tl.constexpr,
     TRAINING: tl.constexpr,
     BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_CM: tl.constexpr,
+    BLOCK_CP: tl.constexpr,
     BLOCK_K: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """z = conv_k(maps), (N, P), and, when training, this program's (count, mean, M2) of z: the BatchNorm's
-    partial statistics, combined with Chan's formula over the tiles it visits.
+    """Sample n's channel MLP and gate g (N, C), with the hidden pre-activations (N, 2, HID) kept for the
+    backward; then the channel-wise max and mean of x * g (without storing x * g): maps_out (N, 2, P), max
+    first, and the max's first channel; then z = conv_k(maps), (N, P), and, when training, the sample's
+    (count, mean, M2) of z in partials (N, 3): the BatchNorm's partial statistics, combined with Chan's
+    formula over the pixel blocks.
 
-    Grid: persistent, G programs over the N * PIXEL_BLOCKS tiles; partials (G, 3).
+    One program per sample (grid (N,)): the convolution reads the maps of neighbouring pixels, which this
+    program itself stored, so a barrier between the two loops is enough (no second launch).
     """
-    program = tl.program_id(0)
-    programs = tl.num_programs(0)
+    n = tl.program_id(0)
+    j = tl.arange(0, BLOCK_H)
+    j_ok = j < HID
+    hidden_avg = tl.zeros([BLOCK_H], ACC)
+    hidden_max = tl.zeros([BLOCK_H], ACC)
+    for start in range(0, C, BLOCK_CM):
+        c = start + tl.arange(0, BLOCK_CM)
+        c_ok = c < C
+        weights = tl.load(w1 + j[:, None] * C + c[None, :], mask=j_ok[:, None] & c_ok[None, :], other=0.0)
+        weights = weights.to(ACC)
+        if USE_AVG:
+            hidden_avg += tl.sum(weights * tl.load(avg + n * C + c, mask=c_ok, other=0.0)[None, :], axis=1)
+        if USE_MAX:
+            hidden_max += tl.sum(weights * tl.load(mx + n * C + c, mask=c_ok, other=0.0)[None, :], axis=1)
+    bias = tl.load(b1 + j, mask=j_ok, other=0.0).to(ACC)
+    hidden_sum = tl.zeros([BLOCK_H], ACC)
+    if USE_AVG:
+        hidden_avg += bias
+        hidden_sum += tl.maximum(hidden_avg, 0.0)
+        tl.store(hidden_out + (n * 2) * HID + j, hidden_avg, mask=j_ok)
+    if USE_MAX:
+        hidden_max += bias
+        hidden_sum += tl.maximum(hidden_max, 0.0)
+        tl.store(hidden_out + (n * 2 + 1) * HID + j, hidden_max, mask=j_ok)
+    for start in range(0, C, BLOCK_CM):
+        c = start + tl.arange(0, BLOCK_CM)
+        c_ok = c < C
+        out_weights = tl.load(
+            w2 + c[:, None] * HID + j[None, :], mask=c_ok[:, None] & j_ok[None, :], other=0.0
+        )
+        logits = tl.sum(out_weights.to(ACC) * hidden_sum[None, :], axis=1)
+        logits += BRANCHES * tl.load(b2 + c, mask=c_ok, other=0.0).to(ACC)
+        tl.store(gate_out + n * C + c, 1.0 / (1.0 + tl.exp(-logits)), mask=c_ok)  # sigmoid
+    tl.debug_barrier()  # g, stored by all of this program's threads, is read back by others below
+
+    sample = x + n.to(tl.int64) * sxn
+    maps = maps_out + n.to(tl.int64) * 2 * P
+    for pixel_start in range(0, P, BLOCK_P):
+        p = pixel_start + tl.arange(0, BLOCK_P)
+        p_ok = p < P
+        total = tl.zeros([BLOCK_P], ACC)
+        best = tl.full([BLOCK_P], float("-inf"), ACC)
+        best_channel = tl.zeros([BLOCK_P], tl.int32)
+        for start in range(0, C, BLOCK_C):
+            c = start + tl.arange(0, BLOCK_C)
+            c_ok = c < C
+            ok = p_ok[:, None] & c_ok[None, :]
+            gate = tl.load(gate_out + n * C + c, mask=c_ok, other=0.0)
+            offsets = c[None, :].to(tl.int64) * sxc + p[:, None].to(tl.int64) * sxp
+            values = tl.load(sample + offsets, mask=ok, other=0.0).to(ACC) * gate[None, :]
+            total += tl.sum(values, axis=1)
+            block_max, block_channel = tl.max(tl.where(ok, values, float("-inf")), axis=1, return_indices=True)
+            better = block_max > best  # strict: the first channel holding the max, as max pooling
+            best = tl.where(better, block_max, best)
+            best_channel = tl.where(better, block_channel + start, best_channel)
+        tl.store(maps + p, best, mask=p_ok)
+        tl.store(maps + P + p, total / C, mask=p_ok)
+        tl.store(argmax_out + n * P + p, best_channel, mask=p_ok)
+    tl.debug_barrier()  # the convolution reads maps that other threads of this program stored
+
     tap_max, tap_mean = _taps(conv_w, swc, swy, swx, KS, BLOCK_K, ACC)
     count = _zero(ACC)
     mean = _zero(ACC)
     m2 = _zero(ACC)
-    for step in range(tl.cdiv(N * PIXEL_BLOCKS - program, programs)):
-        tile = program + step * programs  # a tensor, also under the interpreter
-        n = tile // PIXEL_BLOCKS
-        p = (tile % PIXEL_BLOCKS) * BLOCK_P + tl.arange(0, BLOCK_P)
+    for pixel_start in range(0, P, BLOCK_CP):
+        p = pixel_start + tl.arange(0, BLOCK_CP)
         p_ok = p < P
         q, inside = _neighbours(p, P, H, W, KS, BLOCK_K, 1)
-        sample = maps + n.to(tl.int64) * 2 * P
-        z = tl.sum(tl.load(sample + q, mask=inside, other=0.0).to(ACC) * tap_max[:, None], axis=0)
-        z += tl.sum(tl.load(sample + P + q, mask=inside, other=0.0).to(ACC) * tap_mean[:, None], axis=0)
+        z = tl.sum(tl.load(maps + q, mask=inside, other=0.0).to(ACC) * tap_max[:, None], axis=0)
+        z += tl.sum(tl.load(maps + P + q, mask=inside, other=0.0).to(ACC) * tap_mean[:, None], axis=0)
         tl.store(z_out + n * P + p, z, mask=p_ok)
         if TRAINING:
             tile_count = tl.sum(p_ok.to(tl.int32), axis=0).to(z.dtype)
@@ -246,9 +233,9 @@ def spatial_conv_kernel(
             m2 += tile_m2 + delta * delta * count * tile_count / combined
             count = combined
     if TRAINING:
-        tl.store(partials + program * 3, count)
-        tl.store(partials + program * 3 + 1, mean)
-        tl.store(partials + program * 3 + 2, m2)
+        tl.store(partials + n * 3, count)
+        tl.store(partials + n * 3 + 1, mean)
+        tl.store(partials + n * 3 + 2, m2)
 
 
 @triton.jit

@@ -1,5 +1,5 @@
 """Launching the fused CBAM kernels (:mod:`cbam.fused.kernels`): tile sizes and grids, worked out once per
-input shape; the forward (four launches) and the backward (three launches); an ``autograd.Function`` for
+input shape; the forward (three launches) and the backward (three launches); an ``autograd.Function`` for
 eager mode and ``torch.library`` ops (``triton_op`` + ``register_autograd``) for torch.compile, both
 running the same code.
 
@@ -94,12 +94,11 @@ class Plan:
     """Tile sizes, tile counts and grids of every kernel for one input shape and layout."""
 
     pool: tuple[int, int]  # channel_pool (BLOCK_P, BLOCK_C)
-    gate: tuple[int, int]  # gate_pool (BLOCK_P, BLOCK_C)
+    gate: tuple[int, int]  # gate_conv's x tiles (BLOCK_P, BLOCK_C)
     block_h: int
     block_cm: int
     block_k: int
-    conv_p: int  # spatial_conv BLOCK_P and its tiles per sample
-    conv_blocks: int
+    conv_p: int  # gate_conv's convolution tiles (BLOCK_CP)
     out: tuple[int, int]  # gated_output and output_backward (BLOCK_P, BLOCK_C)
     out_blocks: tuple[int, int]  # (pixel blocks, channel blocks)
     spatial: tuple[int, int]  # spatial_backward (BLOCK_P, BLOCK_C)
@@ -137,7 +136,6 @@ def plan(
         block_cm=max(1, min(_pow2(c), mlp_channels)),
         block_k=block_k,
         conv_p=conv_p,
-        conv_blocks=_cdiv(p, conv_p),
         out=out,
         out_blocks=(_cdiv(p, out[0]), _cdiv(c, out[1])),
         spatial=(max(1, min(spatial_p, _GATHER_TILE * scale // block_k)), spatial_c),
@@ -205,19 +203,14 @@ def forward(
     gate, hidden = torch.empty((n, c), **small), torch.empty((n, 2, hidden_size), **small)
     maps = torch.empty((n, 2, pixels), **small)
     channel_argmax = torch.empty((n, pixels), dtype=torch.int32, device=x.device)
+    z, partials = torch.empty((n, pixels), **small), torch.empty((n, 3), **small)
     block_p, block_c = layout.gate
-    launch(kernels.gate_pool_kernel)[(n, _cdiv(pixels, block_p))](
-        x, avg, mx, w1, b1, w2, b2, gate, hidden, maps, channel_argmax, c, pixels, hidden_size, *strides,
-        USE_AVG=use_avg, USE_MAX=use_max, BRANCHES=use_avg + use_max, BLOCK_P=block_p, BLOCK_C=block_c,
-        BLOCK_H=layout.block_h, BLOCK_CM=layout.block_cm, ACC=accumulator,
-    )  # fmt: skip
-
-    z = torch.empty((n, pixels), **small)
-    conv_grid = _persistent(n * layout.conv_blocks, layout.programs)
-    partials = torch.empty((conv_grid[0], 3), **small)
-    launch(kernels.spatial_conv_kernel)[conv_grid](
-        maps, conv_w, z, partials, n, pixels, height, width, layout.conv_blocks, *conv_w.stride()[1:],
-        KS=kernel_size, TRAINING=training, BLOCK_P=layout.conv_p, BLOCK_K=layout.block_k, ACC=accumulator,
+    launch(kernels.gate_conv_kernel)[(n,)](
+        x, avg, mx, w1, b1, w2, b2, conv_w, gate, hidden, maps, channel_argmax, z, partials,
+        c, pixels, height, width, hidden_size, *strides, *conv_w.stride()[1:],
+        USE_AVG=use_avg, USE_MAX=use_max, BRANCHES=use_avg + use_max, KS=kernel_size, TRAINING=training,
+        BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_H=layout.block_h, BLOCK_CM=layout.block_cm,
+        BLOCK_CP=layout.conv_p, BLOCK_K=layout.block_k, ACC=accumulator,
     )  # fmt: skip
 
     y, y_strides = _ncp(torch.empty_like(x))
@@ -225,9 +218,9 @@ def forward(
     (block_p, block_c), (pixel_blocks, channel_blocks) = layout.out, layout.out_blocks
     launch(kernels.gated_output_kernel)[_persistent(n * pixel_blocks * channel_blocks, layout.programs)](
         x, gate, z, bn_w, bn_b, running_mean, running_var, batches_tracked, partials, y, s, stats,
-        n, c, pixels, conv_grid[0], eps, momentum, *strides, *y_strides, pixel_blocks, channel_blocks,
+        n, c, pixels, n, eps, momentum, *strides, *y_strides, pixel_blocks, channel_blocks,
         TRAINING=training, UPDATE_RUNNING=training and update_running, BLOCK_P=block_p, BLOCK_C=block_c,
-        BLOCK_R=min(_pow2(conv_grid[0]), 1024), ACC=accumulator,
+        BLOCK_R=min(_pow2(n), 1024), ACC=accumulator,
     )  # fmt: skip
     return y, (avg, mx, pixel_argmax, hidden, gate, maps, channel_argmax, z, s, stats)
 
