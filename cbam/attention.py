@@ -13,7 +13,7 @@ channel-wise max and mean maps. The switches answer the paper's design questions
   ``channel_pooling="avg", use_spatial_gate=False``: ``x * sigmoid(MLP(avgpool(x)))``.
 
 ``impl`` picks how the default CBAM runs: ``reference`` (plain PyTorch), ``fused`` (Triton kernels of
-``cbam.fused``: the whole layer, gate math included, in four launches forward and three backward; same
+``cbam.fused``: the whole layer, gate math included, in three launches forward and three backward; same
 parameters and state_dict keys) or ``auto``: fused on CUDA under ``torch.compile``, the reference code
 elsewhere. (An earlier fused layer, which left the gate math to about 80 small PyTorch operations per
 block, made an eager CBAM-ResNet18 step slower on an H100; whether ``auto`` should pick the current one

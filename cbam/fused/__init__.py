@@ -1,5 +1,5 @@
 """The fused CBAM layer: the whole default layer, its gate math included (channel MLP, spatial convolution,
-BatchNorm, sigmoids), in Triton kernels: four launches forward, three backward (see
+BatchNorm, sigmoids), in Triton kernels: three launches forward, three backward (see
 :mod:`cbam.fused.kernels`), with the parameters, buffers and numbers of :class:`cbam.CBAM`.
 """
 
