@@ -139,8 +139,7 @@ def fit_and_test(
             changed = changed_model_settings(model.hparams, trainer.ckpt_path)
             raise ConfigError(
                 f"ckpt_path={cfg.ckpt_path}: its weights do not fit this model.* config ({reason}); resume "
-                f"with the settings the run had"
-                + (f", not {', '.join(changed)}" if changed else "")
+                f"with the settings the run had" + (f", not {', '.join(changed)}" if changed else "")
             ) from None
         metrics.update(trainer.callback_metrics)
     else:

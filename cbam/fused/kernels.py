@@ -203,7 +203,9 @@ def gate_conv_kernel(
             offsets = c[None, :].to(tl.int64) * sxc + p[:, None].to(tl.int64) * sxp
             values = tl.load(sample + offsets, mask=ok, other=0.0).to(ACC) * gate[None, :]
             total += tl.sum(values, axis=1)
-            block_max, block_channel = tl.max(tl.where(ok, values, float("-inf")), axis=1, return_indices=True)
+            block_max, block_channel = tl.max(
+                tl.where(ok, values, float("-inf")), axis=1, return_indices=True
+            )
             better = block_max > best  # strict: the first channel holding the max, as max pooling
             best = tl.where(better, block_max, best)
             best_channel = tl.where(better, block_channel + start, best_channel)
