@@ -31,9 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
+from step_overhead import write_images  # this folder: python benchmarks/kill_stress.py
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = [
@@ -43,19 +42,6 @@ RUN = [
 ]  # fmt: skip
 #: a line a surviving process prints (the only error lines a run killed this way may print)
 DEATH_LINE = "; last good checkpoint: "
-
-
-def write_data(root: Path) -> Path:
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 10), ("test", 1)):
-        for label in range(10):
-            folder = root / split / f"class{label}"
-            folder.mkdir(parents=True)
-            for index in range(count):
-                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
-                    folder / f"{index}.png"
-                )
-    return root
 
 
 def command(launcher: str, overrides: list[str]) -> list[str]:
@@ -187,7 +173,8 @@ def main() -> None:
     random.seed(args.seed)
     with tempfile.TemporaryDirectory() as folder:
         base = Path(folder)
-        common = [f"data.root={write_data(base / 'data')}", *RUN]
+        write_images(base / "data", per_class=10)
+        common = [f"data.root={base / 'data'}", *RUN]
         whole_run = segment(args.launcher, [*common, f"hydra.run.dir={base / 'whole'}"], None, args.deadline)
         timing = whole_run["all_started_s"], whole_run["wall_s"]
         whole = torch.load(base / "whole" / "checkpoints" / "last.ckpt", weights_only=True)

@@ -186,27 +186,31 @@ def test_resume_from_a_checkpoint_file(train_in_process, tiny_cifar_folder, firs
     assert source.read_bytes() == before
 
 
+def refused_resume(train_in_process, run_dir: Path, source: Path, **overrides) -> str:
+    """Resume from checkpoint ``source`` into ``run_dir`` with ``overrides``, a run that must be refused
+    before any step: returns its one error line, once checked that it exits with status 2 without a
+    traceback, leaves ``source`` as it was and trains nothing."""
+    before = source.read_bytes()
+    status, stderr, _ = in_process(train_in_process, run_dir, ckpt_path=source, test="false", **overrides)
+    assert status == 2, stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert source.read_bytes() == before
+    assert not (run_dir / "checkpoints" / "last.ckpt").exists()  # not one step trained
+    return stderr.strip().splitlines()[-1]
+
+
 def test_resuming_with_a_longer_schedule_is_refused_before_training(
     train_in_process, tiny_cifar_folder, first_run, tmp_path
 ):
     source = first_run / "checkpoints" / "epoch000.ckpt"
-    status, stderr, _ = in_process(
-        train_in_process,
-        tmp_path,
-        data__root=tiny_cifar_folder,
-        ckpt_path=source,
-        trainer__max_epochs=3,
-        test="false",
+    line = refused_resume(
+        train_in_process, tmp_path, source, data__root=tiny_cifar_folder, trainer__max_epochs=3
     )
-    assert status == 2, stderr[-3000:]
-    assert "Traceback" not in stderr
-    line = stderr.strip().splitlines()[-1]
     expected = (
         f"error: ckpt_path={source}: its learning-rate schedule spans 20 steps, this run's would span 30"
     )
     assert line.startswith(expected), line
     assert "weights_from=" in line  # the way to train longer
-    assert not (tmp_path / "checkpoints" / "last.ckpt").exists()  # not one step trained
 
 
 @pytest.mark.parametrize(
@@ -221,24 +225,12 @@ def test_resuming_into_a_model_of_other_shape_is_one_line_naming_the_changed_set
     train_in_process, tiny_cifar_folder, first_run, tmp_path, changed, named
 ):
     source = first_run / "checkpoints" / "epoch000.ckpt"
-    before = source.read_bytes()
-    status, stderr, _ = in_process(
-        train_in_process,
-        tmp_path,
-        data__root=tiny_cifar_folder,
-        ckpt_path=source,
-        trainer__max_epochs=2,
-        test="false",
-        **changed,
+    line = refused_resume(
+        train_in_process, tmp_path, source, data__root=tiny_cifar_folder, trainer__max_epochs=2, **changed
     )
-    assert status == 2, stderr[-3000:]
-    assert "Traceback" not in stderr
-    line = stderr.strip().splitlines()[-1]
     assert line.startswith(f"error: ckpt_path={source}: its weights do not fit this model.* config ("), line
     assert "loading state_dict" not in line  # the first mismatch itself, not torch's header
     assert line.endswith(f"resume with the settings the run had, not {named}"), line
-    assert source.read_bytes() == before
-    assert not (tmp_path / "checkpoints" / "last.ckpt").exists()
 
 
 def test_train_py_with_weights_from_trains_from_those_weights(
