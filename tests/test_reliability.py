@@ -109,9 +109,8 @@ def runs(tmp_path_factory) -> dict:
     the step-4 checkpoint, mid-epoch); B2 resumes with ckpt_path=last and is SIGKILLed at step 11 (last.ckpt:
     the end of epoch 0, step 10); B3 resumes under a fake SLURM environment, gets SIGUSR1 (Lightning's
     requeue signal) at step 12 and SIGTERM at step 13; B4 resumes from the SIGTERM checkpoint and finishes.
-    Then ckpt_path=last on a run dir whose last.ckpt is truncated.
-    Lane 2: run A, the same 2 epochs uninterrupted; a run with optim.lr=1e12; a run on a folder with an
-    undecodable image; a two-job sweep with hydra/launcher=submitit_local (cluster=local).
+    Lane 2: run A, the same 2 epochs uninterrupted; a two-job sweep with hydra/launcher=submitit_local
+    (cluster=local). (Runs that need no process of their own run in the test's process: train_in_process.)
     """
     base = tmp_path_factory.mktemp("reliability")
     data_root = write_images(base / "data")
@@ -141,18 +140,9 @@ def runs(tmp_path_factory) -> dict:
         out["b_steps"].append(last_step())
         out["b"].append(b_run({}, "ckpt_path=last"))
         out["b_started"] = [int(line) for line in record.read_text().split()] if record.is_file() else []
-        out["bad_last"] = bad_last_checkpoint_dir(base / "bad_last") / "checkpoints" / "last.ckpt"
-        out["bad_last_run"] = train(*common, f"hydra.run.dir={base / 'bad_last'}", "ckpt_path=last")
 
     def lane_2() -> None:
         out["a"] = train(*common, f"hydra.run.dir={out['a_dir']}")
-        out["diverged_dir"] = base / "diverged"
-        out["diverged"] = train(
-            *common, f"hydra.run.dir={out['diverged_dir']}", "optim.lr=1e12",
-            "callbacks.last_checkpoint.every_n_train_steps=1",
-        )  # fmt: skip
-        bad_root, out["bad_image"] = bad_image_data(base / "bad_image_data")
-        out["bad_image_run"] = train(f"data.root={bad_root}", *TINY, f"hydra.run.dir={base / 'bad_image'}")
         sweep = [*common, "trainer.max_epochs=1", f"hydra.sweep.dir={out['sweep']}"]
         out["sweep_run"] = train("-m", "cluster=local", "seed=0,1", *sweep)
 
@@ -235,22 +225,36 @@ def test_slurm_requeue_signal_saves_hpc_checkpoint(runs):
     assert hpc.is_file() and load_checkpoint(hpc)["global_step"] == 12
 
 
-def test_corrupt_last_checkpoint_with_ckpt_path_last_is_one_error_line(runs):
-    result, last = runs["bad_last_run"], runs["bad_last"]
-    assert result.returncode == 2, show(result)
-    line = error_line(result)
+def failed_in_process(train_in_process, run_dir: Path, data_root: Path, *overrides: str) -> tuple[int, str]:
+    """train.py's run on ``data_root`` with ``TINY`` settings and ``overrides``, in this process (the
+    ``train_in_process`` fixture), expected to fail without a traceback: (exit status, its last stderr line)."""
+    status, stderr, _ = train_in_process(run_dir, f"data.root={data_root}", *TINY, *overrides)
+    assert status not in (0, None) and "Traceback" not in stderr, (status, stderr[-3000:])
+    return status, stderr.strip().splitlines()[-1]
+
+
+def test_corrupt_last_checkpoint_with_ckpt_path_last_is_one_error_line(runs, train_in_process, tmp_path):
+    run_dir = bad_last_checkpoint_dir(tmp_path / "bad_last")
+    last = run_dir / "checkpoints" / "last.ckpt"
+    status, line = failed_in_process(train_in_process, run_dir, runs["base"] / "data", "ckpt_path=last")
+    assert status == 2, line
     assert line.startswith("error: ckpt_path=") and str(last) in line and "ckpt_path=last" in line, line
 
 
-def test_divergence_stops_with_one_line_naming_step_and_last_good_checkpoint(runs):
-    result = runs["diverged"]
-    assert result.returncode == 3, show(result)
-    line = error_line(result)
+def test_divergence_stops_with_one_line_naming_step_and_last_good_checkpoint(
+    runs, train_in_process, tmp_path
+):
+    run_dir = tmp_path / "diverged"
+    status, line = failed_in_process(
+        train_in_process, run_dir, runs["base"] / "data", "optim.lr=1e12",
+        "callbacks.last_checkpoint.every_n_train_steps=1",
+    )  # fmt: skip
+    assert status == 3, line
     pattern = r"error: training diverged: non-finite (loss|weights) at step (\d+); last good checkpoint: (.+)"
     match = re.fullmatch(pattern, line)
     assert match, line
     step, named = int(match[2]), match[3]
-    last = runs["diverged_dir"] / "checkpoints" / "last.ckpt"
+    last = run_dir / "checkpoints" / "last.ckpt"
     assert named == str(last)
     # last.ckpt is the last good state: saved before the divergence, every tensor finite
     good = load_checkpoint(last)
@@ -258,10 +262,10 @@ def test_divergence_stops_with_one_line_naming_step_and_last_good_checkpoint(run
     assert all(torch.isfinite(t).all() for t in good["state_dict"].values() if t.is_floating_point())
 
 
-def test_undecodable_image_is_one_error_line_naming_it(runs):
-    result, bad = runs["bad_image_run"], runs["bad_image"]
-    assert result.returncode == 2, show(result)
-    line = error_line(result)
+def test_undecodable_image_is_one_error_line_naming_it(train_in_process, tmp_path):
+    data_root, bad = bad_image_data(tmp_path / "bad_image_data")
+    status, line = failed_in_process(train_in_process, tmp_path / "bad_image", data_root)
+    assert status == 2, line
     assert line.startswith("error: cannot decode image") and str(bad) in line, line
 
 
