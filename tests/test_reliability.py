@@ -227,7 +227,7 @@ def test_slurm_requeue_signal_saves_hpc_checkpoint(runs):
 
 def failed_in_process(train_in_process, run_dir: Path, data_root: Path, *overrides: str) -> tuple[int, str]:
     """train.py's run on ``data_root`` with ``TINY`` settings and ``overrides``, in this process (the
-    ``train_in_process`` fixture), expected to fail without a traceback: (exit status, its last stderr line)."""
+    ``train_in_process`` fixture), expected to fail without a traceback: (exit status, last stderr line)."""
     status, stderr, _ = train_in_process(run_dir, f"data.root={data_root}", *TINY, *overrides)
     assert status not in (0, None) and "Traceback" not in stderr, (status, stderr[-3000:])
     return status, stderr.strip().splitlines()[-1]
