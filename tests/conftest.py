@@ -188,17 +188,21 @@ def train_in_process(compose_config, capsys):
     return train
 
 
-#: the test files that take longest, in that order (about 120, 90, 70, 45, 45, 45 and 40 s of a full run on
-#: the 2-core machine): collected first, so that with one file per xdist worker (``--dist loadfile``) no long
-#: file starts last while the other worker runs out of work
+#: the test files that take longest, longest first (about 110, 60, 60, 60, 50, 40, 25, 25, 20, 14 and 11 s of
+#: a full run with the real-data tests on the 2-core machine): collected first, so that with one file per
+#: xdist worker (``--dist loadfile``) no long file starts last while the other worker runs out of work
 SLOW_FILES = (
     "test_reliability.py",
     "test_train_cli.py",
-    "test_real_data.py",
-    "test_research.py",
     "test_dead_process.py",
-    "test_benchmarks.py",
+    "test_research.py",
+    "test_real_data.py",
     "test_fused.py",
+    "test_faults.py",
+    "test_ddp_eval.py",
+    "test_compile.py",
+    "test_gradcam.py",
+    "test_benchmarks.py",
 )
 
 
