@@ -41,6 +41,7 @@ from cbam.comparison import Difference, in_words, welch_difference
 from cbam.provenance import sweep_provenance
 from cbam.report_output import ACCURACIES, METRICS_FILE, Table, short_value, write_all
 from cbam.resnet import CBAM_DEFAULTS, PLACEMENT_KEYS
+from cbam.write_failures import WRITE_FAILED_EXIT_STATUS, WriteFailed
 
 #: overrides that choose the attention only: a configuration and its baseline may differ in these
 ATTENTION_KEYS = frozenset(
@@ -307,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     except ReportError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except WriteFailed as error:  # disk full, read-only or not ours: the files already there are intact
+        print(f"error: {error.failure}", file=sys.stderr)
+        return WRITE_FAILED_EXIT_STATUS
     print(paths["md"].read_text())
     print("wrote " + ", ".join(str(path) for path in paths.values()))
     return 0

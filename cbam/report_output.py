@@ -5,10 +5,12 @@ no statistics)."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from cbam.atomic import write_atomically
 from cbam.comparison import CONFIDENCE
 
 #: (key in metrics.json and column of results.csv, heading in results.md)
@@ -84,12 +86,25 @@ def short_value(value: object) -> str:
 # ---------------------------------------------------------------------------------------------- writing
 
 
+def _write(path: Path, content: str | bytes) -> None:
+    """``path`` replaced whole or not at all (a report run again on a full disk keeps the previous files)."""
+    data = content.encode() if isinstance(content, str) else content
+    write_atomically(path, lambda file: file.write(data), prefix=f".{path.name}.")
+
+
+def _save_figure(figure, path: Path) -> None:
+    image = io.BytesIO()
+    figure.savefig(image, dpi=120, format="png")
+    _write(path, image.getvalue())
+
+
 def write_csv(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: "" if v is None else v for k, v in row.items()})
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if v is None else v for k, v in row.items()})
+    _write(path, text.getvalue())
 
 
 def markdown(table: Table) -> str:
@@ -172,7 +187,7 @@ def plot(path: Path, rows: list[dict], labels: list[str]) -> None:
     if series:
         axis.legend(fontsize=8)
     axis.set_title(f"{path.parent.name}: {len(rows)} configurations")
-    figure.savefig(path, dpi=120)
+    _save_figure(figure, path)
 
 
 def plot_differences(path: Path, table: Table, column: str = "test_acc"):
@@ -198,7 +213,7 @@ def plot_differences(path: Path, table: Table, column: str = "test_acc"):
     if not compared:
         axis.set_axis_off()
         axis.text(0.5, 0.5, "no configuration has a baseline in this sweep", ha="center", va="center")
-        figure.savefig(path, dpi=120)
+        _save_figure(figure, path)
         return figure
     axis.axvline(0, color="black", linewidth=1)
     has_interval = [row[f"{column}_diff_ci_low"] is not None for _, row in compared]
@@ -241,7 +256,7 @@ def plot_differences(path: Path, table: Table, column: str = "test_acc"):
         f"Δ {heading}{baseline} (points): difference of means over seeds, {CONFIDENCE:.0%} Welch t interval"
     )
     axis.grid(axis="x", alpha=0.3)
-    figure.savefig(path, dpi=120)
+    _save_figure(figure, path)
     return figure
 
 
@@ -257,8 +272,8 @@ def write_all(folder: Path, table: Table) -> dict[str, Path]:
     paths["differences"] = folder / "differences.png"
     paths["provenance"] = folder / "provenance.json"
     write_csv(paths["csv"], table.rows)
-    paths["md"].write_text(markdown(table))
+    _write(paths["md"], markdown(table))
     plot(paths["png"], table.rows, table.labels)
     plot_differences(paths["differences"], table)
-    paths["provenance"].write_text(json.dumps(table.provenance, indent=2) + "\n")
+    _write(paths["provenance"], json.dumps(table.provenance, indent=2) + "\n")
     return paths

@@ -21,7 +21,6 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-
 #: exit status of a run stopped by a write that failed (disk full, read-only, no permission)
 WRITE_FAILED_EXIT_STATUS = 4
 
@@ -45,8 +44,13 @@ class WriteFailed(Exception):
         self.path, self.errno, self.last_good = str(path), code, "none"
         super().__init__(path, code)
 
+    @property
+    def failure(self) -> str:
+        """What failed, without the checkpoint (for the tools that write no checkpoint)."""
+        return f"{REASONS[self.errno]} while writing {self.path}"
+
     def __str__(self) -> str:
-        return f"{REASONS[self.errno]} while writing {self.path}; last good checkpoint: {self.last_good}"
+        return f"{self.failure}; last good checkpoint: {self.last_good}"
 
 
 def _chain(error: BaseException | None) -> list[BaseException]:

@@ -3,6 +3,7 @@ ImageNet stem, and every output at the data's size with its class names (all in-
 
 from __future__ import annotations
 
+import os
 import csv
 import json
 import logging
@@ -356,6 +357,21 @@ def test_data_check_command_shows_what_was_found(tmp_path, capsys):
     assert capsys.readouterr().err.startswith(
         "error: data.val_size=9: must be less than the 6 training images"
     )
+
+
+def test_data_check_command_on_a_full_disk_is_one_line(tmp_path, monkeypatch, capsys):
+    from fault_callbacks import FillsUp
+
+    from cbam.data.__main__ import main as check
+
+    root = write_folder(tmp_path, ["b", "a"], train=3, test=1, size=(16, 12))
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(os, "fdopen", lambda *args, **kwargs: FillsUp(real_fdopen(*args, **kwargs), 100))
+    assert check(["data=folder", f"data.root={root}", "data.val_size=2", "data.batch_size=4"]) == 4
+    monkeypatch.undo()
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: no space left on device while writing "), lines
+    assert "checkpoint" not in lines[0]  # the tool writes none: nothing to point at
 
 
 # ----------------------------------------------------------------------- figures and tables at any size

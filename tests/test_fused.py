@@ -282,6 +282,43 @@ def test_opcheck(training):
     )
 
 
+def test_the_launches_are_worked_out_for_symbolic_sizes():
+    """torch.compile with dynamic shapes (as after a second batch size) runs the ops' host code on fake
+    tensors with symbolic sizes: the launch plan, cached per shape, must not take a symbolic size as its key
+    (it raised "unhashable type: SymInt"), and the grids follow the symbolic batch size. Traced with the
+    launches recorded, not run (the interpreter would run the kernels on the fake tensors)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from cbam.fused import ops
+
+    launched = []
+
+    class Recorded:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *arguments, **constants: launched.append((self.kernel.__name__, grid))
+
+    def step(x, *tensors):
+        parameters, (running_mean, running_var) = tensors[:7], tensors[7:]
+        running = (running_mean, running_var, running_mean)
+        y, saved = ops.forward(x, parameters, running, "avg_max", True, False, 0.0, 1e-5, Recorded)
+        return y, ops.backward(torch.ones_like(y), x, parameters, saved, "avg_max", True, Recorded)[0]
+
+    gates = make_gates(Case((4, 8, 6, 6)))
+    first, _, second = gates.mlp
+    bn = gates.bn
+    weights = (first.weight, first.bias, second.weight, second.bias, gates.conv.weight, bn.weight, bn.bias)
+    tensors = [t.detach() for t in weights] + [bn.running_mean, bn.running_var]
+    make_fx(step, tracing_mode="symbolic")(torch.randn(4, 8, 6, 6, dtype=torch.float64), *tensors)
+    assert [name.removesuffix("_kernel") for name, _ in launched] == [
+        "channel_pool", "gate_conv", "gated_output", "output_backward", "spatial_backward", "input_backward"
+    ]  # fmt: skip
+    batch_grids = [grid for name, grid in launched if name in ("channel_pool_kernel", "gate_conv_kernel")]
+    assert all(isinstance(grid[0], torch.SymInt) for grid in batch_grids), batch_grids
+
+
 def test_fused_available(monkeypatch):
     assert fused_available("cpu")  # the interpreter is on in the tests
     assert not fused_available("meta")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -599,6 +600,24 @@ def test_report_writes_results_and_provenance_into_out(tmp_path):
     assert provenance["dates"] == ["2026-01-01T10:00:00+00:00", "2026-01-03T10:00:00+00:00"]
     assert provenance["runs"] == provenance["runs_finished"] == 6
     assert "- command: python train.py -m" in (out / "results.md").read_text()
+
+
+def test_report_on_a_full_disk_is_one_line_and_keeps_the_previous_files(tmp_path, monkeypatch, capsys):
+    from fault_callbacks import FillsUp
+
+    from cbam.report import main
+
+    sweep = fake_sweep(tmp_path / "sweep", PLACEMENT_BY_DEPTH[:2], ["experiment=ablation", "seed=0,1,2"])
+    out = tmp_path / "results"
+    assert main([str(sweep), "--out", str(out)]) == 0
+    before = {path: path.read_bytes() for path in out.iterdir()}
+    capsys.readouterr()
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(os, "fdopen", lambda *args, **kwargs: FillsUp(real_fdopen(*args, **kwargs), 100))
+    assert main([str(sweep), "--out", str(out), "--data", "another description"]) == 4
+    monkeypatch.undo()
+    assert capsys.readouterr().err == f"error: no space left on device while writing {out / 'results.csv'}\n"
+    assert {path: path.read_bytes() for path in out.iterdir()} == before  # no file cut short, none left over
 
 
 def test_differences_figure_draws_each_comparison_with_the_interval_of_results_csv(tmp_path):

@@ -4,8 +4,9 @@
 
 composes ``conf/train.yaml`` with the overrides as train.py does, runs train.py's checks, builds (or reads)
 the decoded cache and prints what the run will use: the data set, its class names with their training,
-validation and test images, the image size, the train/val/test split, the crop padding, the channel mean and std, and the
-classifier's outputs. Bad input is one line ``error: ...`` and exit status 2.
+validation and test images, the image size, the train/val/test split, the crop padding, the channel mean
+and std, and the classifier's outputs. Bad input is one line ``error: ...`` and exit status 2; a cache
+that cannot be written (disk full, read-only, no permission), one line and exit status 4.
 """
 
 from __future__ import annotations
@@ -46,12 +47,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from cbam.checks import ConfigError
     from cbam.data.sources import DataError
+    from cbam.write_failures import WRITE_FAILED_EXIT_STATUS, WriteFailed
 
     try:
         print(describe(sys.argv[1:] if argv is None else argv))
     except (ConfigError, DataError, HydraException, OmegaConfBaseException) as error:
         print(f"error: {str(error).strip().splitlines()[0]}", file=sys.stderr)
         return 2
+    except WriteFailed as error:  # the decoded cache could not be written (disk full, read-only, not ours)
+        print(f"error: {error.failure}", file=sys.stderr)
+        return WRITE_FAILED_EXIT_STATUS
     return 0
 
 

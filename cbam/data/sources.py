@@ -469,7 +469,8 @@ def load_arrays(
         if not download or source.downloaded_classes is None:
             offline = " and data.download=false: offline" if source.downloaded_classes is not None else ":"
             raise DataError(f"data.root={root} holds no {source.title}{offline} it must hold {source.holds}")
-        root.mkdir(parents=True, exist_ok=True)
+        with writing(root):
+            root.mkdir(parents=True, exist_ok=True)
         # One download for all the jobs and ranks that start on an empty root at once.
         with _locked(root / ".download.lock"):
             if source.layout(root) is None:

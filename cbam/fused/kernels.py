@@ -279,7 +279,6 @@ def gated_output_kernel(
     N,
     C,
     P,
-    NPART,
     eps,
     momentum,
     sxn,
@@ -308,7 +307,7 @@ def gated_output_kernel(
     program = tl.program_id(0)
     programs = tl.num_programs(0)
     if TRAINING:
-        count, mean, var = _batch_statistics(partials, NPART, BLOCK_R, ACC)
+        count, mean, var = _batch_statistics(partials, N, BLOCK_R, ACC)  # gate_conv's, one per sample
     else:
         mean = tl.load(running_mean).to(ACC)
         var = tl.load(running_var).to(ACC)

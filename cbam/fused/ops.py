@@ -36,6 +36,8 @@ _WEIGHT_TILE = 8192
 _WEIGHT_GRAD_TILE = 8192
 #: samples per step of the weight gradients' walk over the batch
 _BLOCK_N = 8
+#: partial results summed per step (the BatchNorm's: one per sample, or one per program of a grid)
+_BLOCK_R = 256
 #: programs of a persistent grid per GPU multiprocessor; on the CPU (Triton's interpreter) a small odd
 #: count, so that the tests run programs that loop over several tiles
 _PROGRAMS_PER_SM = 4
@@ -72,11 +74,11 @@ def _ncp(t: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
 
 
 def _tile(
-    strides: tuple[int, int, int], channels: int, pixels: int, scale: int, max_channels: int = _TILE
+    channels_last: bool, channels: int, pixels: int, scale: int, max_channels: int = _TILE
 ) -> tuple[int, int]:
     """(BLOCK_P, BLOCK_C) of an x tile: the wide side along the tensor's contiguous axis, at most
     ``max_channels`` (a power of 2) channels."""
-    if strides[1] == 1 and channels > 1:  # channels_last: channels are contiguous
+    if channels_last:  # channels are contiguous
         block_c = min(_pow2(channels), _MAX_CONTIGUOUS * scale, max_channels)
         return min(_pow2(pixels), _TILE * scale // block_c), block_c
     block_p = min(_pow2(pixels), _MAX_PIXELS * scale)
@@ -91,19 +93,18 @@ def multiprocessors(device: torch.device) -> int | None:
 
 @dataclass(frozen=True)
 class Plan:
-    """Tile sizes, tile counts and grids of every kernel for one input shape and layout."""
+    """Tile sizes and tile counts of every kernel for one sample shape and layout (the batch size is not
+    part of it: under torch.compile it may be symbolic, and the grids follow it at each call)."""
 
-    pool: tuple[int, int]  # channel_pool (BLOCK_P, BLOCK_C)
-    gate: tuple[int, int]  # gate_conv's x tiles (BLOCK_P, BLOCK_C)
+    out: tuple[int, int]  # channel_pool, gated_output and output_backward (BLOCK_P, BLOCK_C)
+    out_blocks: tuple[int, int]  # (pixel blocks, channel blocks)
+    gate: tuple[int, int]  # gate_conv's and input_backward's x tiles, whose channels also meet the MLP
+    gate_blocks: tuple[int, int]
     block_h: int
     block_cm: int
     block_k: int
     conv_p: int  # gate_conv's convolution tiles (BLOCK_CP)
-    out: tuple[int, int]  # gated_output and output_backward (BLOCK_P, BLOCK_C)
-    out_blocks: tuple[int, int]  # (pixel blocks, channel blocks)
     spatial: tuple[int, int]  # spatial_backward (BLOCK_P, BLOCK_C)
-    grad: tuple[int, int]  # input_backward's x tiles (BLOCK_P, BLOCK_C)
-    grad_blocks: tuple[int, int]
     weight: tuple[int, int]  # input_backward's weight tiles (BLOCK_WC, BLOCK_WH)
     weight_blocks: tuple[int, int]
     block_t: int
@@ -111,11 +112,9 @@ class Plan:
 
 
 @functools.lru_cache(maxsize=512)
-def plan(
-    n: int, c: int, p: int, strides: tuple[int, int, int], hidden: int, kernel_size: int, gpu: int | None
-) -> Plan:
-    """Worked out once per (shape, layout, hidden size, kernel size, GPU multiprocessors or None for
-    Triton's interpreter): eager mode then pays one dictionary lookup per layer call for all its launch
+def plan(c: int, p: int, channels_last: bool, hidden: int, kernel_size: int, gpu: int | None) -> Plan:
+    """Worked out once per (channels, pixels, layout, hidden size, kernel size, GPU multiprocessors or None
+    for Triton's interpreter): eager mode then pays one dictionary lookup per layer call for all its launch
     arguments."""
     on_gpu = gpu is not None
     scale = 1 if on_gpu else _INTERPRETER_TILE_SCALE
@@ -123,24 +122,21 @@ def plan(
     mlp_channels = max(1, _WEIGHT_TILE * scale // block_h)
     block_k = _pow2(kernel_size * kernel_size)
     conv_p = max(1, min(_pow2(p), _GATHER_TILE * scale // block_k))
-    out = _tile(strides, c, p, scale)
-    spatial_p, spatial_c = _tile(strides, c, p, scale, mlp_channels)
-    grad = _tile(strides, c, p, scale, mlp_channels)
+    out = _tile(channels_last, c, p, scale)
+    gate = _tile(channels_last, c, p, scale, mlp_channels)
     weight_h = min(32, block_h)
     weight_budget = _WEIGHT_GRAD_TILE * (1 if on_gpu else _INTERPRETER_WEIGHT_TILE_SCALE)
     weight_c = max(1, min(_pow2(c), weight_budget // (_BLOCK_N * weight_h)))
     return Plan(
-        pool=_tile(strides, c, p, scale),
-        gate=_tile(strides, c, p, scale, mlp_channels),
+        out=out,
+        out_blocks=(_cdiv(p, out[0]), _cdiv(c, out[1])),
+        gate=gate,
+        gate_blocks=(_cdiv(p, gate[0]), _cdiv(c, gate[1])),
         block_h=block_h,
         block_cm=max(1, min(_pow2(c), mlp_channels)),
         block_k=block_k,
         conv_p=conv_p,
-        out=out,
-        out_blocks=(_cdiv(p, out[0]), _cdiv(c, out[1])),
-        spatial=(max(1, min(spatial_p, _GATHER_TILE * scale // block_k)), spatial_c),
-        grad=grad,
-        grad_blocks=(_cdiv(p, grad[0]), _cdiv(c, grad[1])),
+        spatial=(max(1, min(gate[0], _GATHER_TILE * scale // block_k)), gate[1]),
         weight=(weight_c, weight_h),
         weight_blocks=(_cdiv(c, weight_c), _cdiv(hidden, weight_h)),
         block_t=_pow2(2 * kernel_size * kernel_size),
@@ -154,6 +150,16 @@ def _accumulator(x: Tensor) -> torch.dtype:
 
 def _persistent(tiles: int, programs: int) -> tuple[int]:
     return (max(1, min(tiles, programs)),)
+
+
+def _layout(x: Tensor, strides: tuple[int, int, int], hidden: int, kernel_size: int) -> Plan:
+    """The :func:`plan` of ``x``. Under torch.compile with dynamic shapes the sizes may be symbolic: the
+    ones the tile sizes depend on are made concrete (a new image size compiles anew), the batch size stays
+    symbolic."""
+    _, c, height, width = x.shape
+    channels_last = bool(strides[1] == 1) and int(c) > 1
+    sizes = (int(c), int(height * width), channels_last, int(hidden), int(kernel_size))
+    return plan(*sizes, multiprocessors(x.device))
 
 
 #: the layer's parameters, in the order every function here takes them: the channel MLP's
@@ -190,12 +196,12 @@ def forward(
     x, strides = _ncp(x)
     use_avg, use_max = DESCRIPTORS[channel_pooling]
     accumulator = tl.float64 if x.dtype == torch.float64 else tl.float32
-    layout = plan(n, c, pixels, strides, hidden_size, kernel_size, multiprocessors(x.device))
+    layout = _layout(x, strides, hidden_size, kernel_size)
     small = {"dtype": _accumulator(x), "device": x.device}
 
     avg, mx = torch.empty((n, c), **small), torch.empty((n, c), **small)
     pixel_argmax = torch.empty((n, c), dtype=torch.int32, device=x.device)
-    block_p, block_c = layout.pool
+    block_p, block_c = layout.out
     launch(kernels.channel_pool_kernel)[(n, _cdiv(c, block_c))](
         x, avg, mx, pixel_argmax, c, pixels, *strides, BLOCK_P=block_p, BLOCK_C=block_c, ACC=accumulator
     )
@@ -218,9 +224,9 @@ def forward(
     (block_p, block_c), (pixel_blocks, channel_blocks) = layout.out, layout.out_blocks
     launch(kernels.gated_output_kernel)[_persistent(n * pixel_blocks * channel_blocks, layout.programs)](
         x, gate, z, bn_w, bn_b, running_mean, running_var, batches_tracked, partials, y, s, stats,
-        n, c, pixels, n, eps, momentum, *strides, *y_strides, pixel_blocks, channel_blocks,
+        n, c, pixels, eps, momentum, *strides, *y_strides, pixel_blocks, channel_blocks,
         TRAINING=training, UPDATE_RUNNING=training and update_running, BLOCK_P=block_p, BLOCK_C=block_c,
-        BLOCK_R=min(_pow2(n), 1024), ACC=accumulator,
+        BLOCK_R=_BLOCK_R, ACC=accumulator,
     )  # fmt: skip
     return y, (avg, mx, pixel_argmax, hidden, gate, maps, channel_argmax, z, s, stats)
 
@@ -245,7 +251,7 @@ def backward(
     grad_y, grad_strides = _ncp(grad_y)
     use_avg, use_max = DESCRIPTORS[channel_pooling]
     accumulator = tl.float64 if x.dtype == torch.float64 else tl.float32
-    layout = plan(n, c, pixels, strides, hidden_size, kernel_size, multiprocessors(x.device))
+    layout = _layout(x, strides, hidden_size, kernel_size)
     small = {"dtype": _accumulator(x), "device": x.device}
 
     (block_p, block_c), pixel_blocks = layout.out, layout.out_blocks[0]
@@ -269,13 +275,13 @@ def backward(
         grad_bn_b, grad_maps, conv_partials, grad_logits, hidden_grad, n, c, pixels, height, width,
         hidden_size, sums_grid[0], *strides, pixel_blocks, *conv_w.stride()[1:],
         KS=kernel_size, TRAINING=training, BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_K=layout.block_k,
-        BLOCK_H=layout.block_h, BLOCK_R=min(_pow2(sums_grid[0]), 1024), ACC=accumulator,
+        BLOCK_H=layout.block_h, BLOCK_R=_BLOCK_R, ACC=accumulator,
     )  # fmt: skip
 
     grad_x, grad_x_strides = _ncp(torch.empty_like(x))
     grad_w1, grad_b1, grad_w2, grad_b2 = (torch.empty_like(t) for t in (w1, b1, w2, b2))
     grad_conv_w = torch.empty_like(conv_w)
-    (block_p, block_c), (pixel_blocks, grad_channel_blocks) = layout.grad, layout.grad_blocks
+    (block_p, block_c), (pixel_blocks, grad_channel_blocks) = layout.gate, layout.gate_blocks
     (block_wc, block_wh), (weight_c_blocks, weight_h_blocks) = layout.weight, layout.weight_blocks
     tiles = weight_c_blocks * weight_h_blocks + 1 + n * pixel_blocks * grad_channel_blocks
     launch(kernels.input_backward_kernel)[_persistent(tiles, layout.programs)](
