@@ -21,7 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from cbam.errors import InvalidArgument
-from cbam.resnet import CBAM_DEFAULTS, PLACEMENT_KEYS
+from cbam.resnet import ARCHITECTURE_KEYS, CBAM_DEFAULTS, PLACEMENT_KEYS
 
 
 class ConfigError(ValueError):
@@ -114,13 +114,14 @@ def weights_mismatch(error: RuntimeError) -> str | None:
 
 
 def changed_model_settings(hparams: dict[str, Any], path: str | Path) -> list[str]:
-    """``"model.<key>=<value> (the checkpoint's: <saved>)"`` for each of ``hparams`` (a model's) that differs
-    from the hyperparameters saved in checkpoint ``path`` (the optimizer and schedule aside: other groups)."""
+    """``"model.<key>=<value> (the checkpoint's: <saved>)"`` for each network-defining setting of
+    ``hparams`` (a model's, :data:`~cbam.resnet.ARCHITECTURE_KEYS`) that differs from the one saved in
+    checkpoint ``path``."""
     saved = read_checkpoint(path, mmap=True).get("hyper_parameters", {})
     return [
-        f"model.{key}={value} (the checkpoint's: {saved[key]})"
-        for key, value in hparams.items()
-        if key not in ("optimizer", "scheduler") and key in saved and saved[key] != value
+        f"model.{key}={hparams[key]} (the checkpoint's: {saved[key]})"
+        for key in ARCHITECTURE_KEYS
+        if key in hparams and key in saved and saved[key] != hparams[key]
     ]
 
 

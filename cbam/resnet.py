@@ -231,3 +231,6 @@ CBAM_DEFAULTS = {
         "cbam_impl" if option == "impl" else option for option in inspect.signature(check_options).parameters
     )
 }
+#: the arguments of :func:`build_resnet` (and keys of the model config) that decide which network its
+#: weights belong to: all but ``cbam_impl``, which only picks the code that runs the same weights
+ARCHITECTURE_KEYS = tuple(name for name in inspect.signature(build_resnet).parameters if name != "cbam_impl")

@@ -168,7 +168,7 @@ def _newest_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
-def _stop(error: Exception, status: int) -> None:
+def _stop(error: object, status: int) -> None:
     # Raised past Hydra, which reports only an Exception of a callback (as a warning) and goes on.
     print(f"error: {error}", file=sys.stderr, flush=True)
     sys.exit(status)
@@ -212,6 +212,11 @@ class RunDirGuard(Callback):
         except WriteFailed as error:
             error.last_good = describe_checkpoint(_newest_checkpoint(run_dir))
             _stop(error, WRITE_FAILED_EXIT_STATUS)
+        except OSError as error:  # any other failure (an I/O error, a name too long): never go on unlocked
+            _stop(
+                f"cannot lock run dir {run_dir} ({lock.path}: {error.strerror or error})",
+                RUN_DIR_IN_USE_EXIT_STATUS,
+            )
         if warning:
             print(f"warning: {warning}", file=sys.stderr, flush=True)
         self.lock = lock

@@ -280,6 +280,23 @@ def test_a_run_dir_without_permission_is_one_line_naming_the_lock_file(tmp_path,
     )
 
 
+def test_a_lock_that_fails_otherwise_stops_the_run_with_one_line(tmp_path, monkeypatch, capsys):
+    import fcntl
+
+    from cbam.run_dir_lock import RunDirGuard
+
+    def broken(*args):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(fcntl, "flock", broken)  # e.g. a network file system that fails
+    with pytest.raises(SystemExit) as stop:
+        RunDirGuard()._take(tmp_path)  # as Hydra's callback takes it, before the run starts
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == (
+        f"error: cannot lock run dir {tmp_path} ({tmp_path / LOCK_FILE}: Input/output error)\n"
+    )
+
+
 def test_a_thread_that_dies_of_a_full_disk_prints_nothing(monkeypatch):
     reported = []
     monkeypatch.setattr(threading, "excepthook", lambda args: reported.append(args.exc_value))

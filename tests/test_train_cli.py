@@ -216,7 +216,8 @@ def test_resuming_with_a_longer_schedule_is_refused_before_training(
 @pytest.mark.parametrize(
     ("changed", "named"),
     [
-        ({"model__width": 8}, "model.width=8 (the checkpoint's: 4)"),
+        # label smoothing changes no weight: not named
+        ({"model__width": 8, "model__label_smoothing": 0.1}, "model.width=8 (the checkpoint's: 4)"),
         ({"model__use_cbam_block": "true"}, "model.use_cbam_block=True (the checkpoint's: False)"),
     ],
     ids=["wider", "with_cbam"],
