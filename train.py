@@ -1,4 +1,7 @@
-"""Train and test a CBAM-ResNet on CIFAR-10: python train.py model.depth=50 model.use_cbam_block=true"""
+"""Train and test a CBAM-ResNet (CIFAR-10 by default; data=cifar100 or data=folder for others):
+
+    python train.py model.depth=50 model.use_cbam_block=true
+"""
 
 import hydra
 from omegaconf import DictConfig

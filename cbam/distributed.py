@@ -41,9 +41,9 @@ from lightning_fabric.plugins.environments import LightningEnvironment
 from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.trainer.states import TrainerStatus
 
+from cbam.checks import describe_checkpoint
 from cbam.errors import InvalidArgument
 from cbam.lightning_internals import attached_trainer, launched_processes, stop_child_process_observer
-from cbam.checks import describe_checkpoint
 from cbam.reliability import last_checkpoint, newest_checkpoint
 
 #: exit status of a process that stopped because another process of its run died
