@@ -6,11 +6,11 @@
 # With the study stage, the others share the first ~4 minutes: compiled and tta then get little or no
 # time; run them in a second call (`... <out2> compiled tta`: without study there is no reserve).
 #   fused_check   benchmarks/check_fused_gpu.py, when present: the fused CBAM against the reference
+#   throughput    ResNet18 lightning/plain/conventional x CBAM none/block x impl reference/fused, eager
 #   host_ops      benchmarks/host_ops.py on the GPU: operations per CBAM block and per training step,
 #                 plain / reference / fused at ResNet18 and ResNet50 (the count the CPU gives, checked)
 #   profile       benchmarks/step_profile.py: where the host time of one fused ResNet18 step goes
 #                 (operators, Triton launches, the rest), and the kernels' device time
-#   throughput    ResNet18 lightning/plain/conventional x CBAM none/block x impl reference/fused, eager
 #   resnet50      ResNet50 plain loop, CBAM none/block x impl reference/fused, eager: throughput and peak
 #                 memory at batch 512
 #   compiled      ResNet18 plain + lightning x CBAM none/block x impl reference/fused, torch.compile
@@ -31,7 +31,7 @@ quick=0
 if [ "${1:-}" = "--quick" ]; then quick=1; shift; fi
 data=$1 out=$2
 shift 2
-stages=${*:-fused_check host_ops profile throughput resnet50 compiled graphs diagnosis tta study}
+stages=${*:-fused_check throughput host_ops profile resnet50 compiled graphs diagnosis tta study}
 mkdir -p "$out"
 cache=$(mktemp -d)
 trap 'rm -rf "$cache"' EXIT
@@ -89,12 +89,12 @@ for stage in $stages; do
   case $stage in
     fused_check)
       if [ -f benchmarks/check_fused_gpu.py ]; then
-        run_stage 45 python3 benchmarks/check_fused_gpu.py "${check_sizes[@]}" --out "$out/fused_check.json"
+        run_stage 90 python3 benchmarks/check_fused_gpu.py "${check_sizes[@]}" --out "$out/fused_check.json"
       else
         echo "# stage fused_check: benchmarks/check_fused_gpu.py not present, skipped" | tee -a "$out/log.txt"
       fi ;;
     host_ops)
-      run_stage 40 python3 benchmarks/host_ops.py "${host_ops_sizes[@]}" --out "$out/host_ops.json" ;;
+      run_stage 60 python3 benchmarks/host_ops.py "${host_ops_sizes[@]}" --out "$out/host_ops.json" ;;
     profile)
       run_stage 40 python3 benchmarks/step_profile.py "${profile_sizes[@]}" --impl fused --out "$out/step_profile.json" ;;
     diagnosis)
@@ -112,9 +112,9 @@ for stage in $stages; do
       run_stage 120 "${throughput[@]}" --compile --compile-mode reduce-overhead --depths 18 --impl "$impls" \
         --pipelines plain --out "$out/throughput_graphs.json" ;;
     compiled50)
-      for mode in default reduce-overhead; do
-        run_stage 120 "${throughput[@]}" --compile --compile-mode "$mode" --depths 50 --impl "$impls" \
-          --pipelines plain --out "$out/throughput_compile50_$mode.json"
+      for mode in default reduce-overhead; do  # stage names the log: one per mode
+        stage=compiled50_$mode run_stage 120 "${throughput[@]}" --compile --compile-mode "$mode" --depths 50 \
+          --impl "$impls" --pipelines plain --out "$out/throughput_compile50_$mode.json"
       done ;;
     tta)
       compile=$(python3 -c "import json,sys; r=json.load(open(sys.argv[1]))['variants'].get('library', {}); \

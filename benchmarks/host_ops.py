@@ -244,6 +244,11 @@ def main(argv: list[str] | None = None) -> dict:
         "per_block": {},
         "per_step": [],
     }
+
+    def save() -> None:  # after every count: a run cut short by a time limit keeps what it has
+        if args.out:
+            args.out.write_text(json.dumps(report, indent=1))
+
     for impl in impls:
         report["per_block"][impl] = block_counts(
             impl, args.block_channels, args.block_size, args.batch, device
@@ -252,6 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"one CBAM layer, {impl}: {report['per_block'][impl]['total']} operations "
             f"(forward {report['per_block'][impl]['forward']}, backward {report['per_block'][impl]['backward']})"
         )
+        save()
     for depth in map(int, args.depths.split(",")):
         plain = None
         for network in ["plain", *impls]:
@@ -267,8 +273,7 @@ def main(argv: list[str] | None = None) -> dict:
                 f"ResNet{depth} {network}: {row['operations']} operations per step "
                 f"({row['triton_launches']} Triton launches), {row['vs_plain']}x plain"
             )
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=1))
+            save()
     return report
 
 
