@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from cbam.errors import InvalidArgument
+from cbam.running_statistics import move_running_statistics
 
 log = logging.getLogger(__name__)
 
@@ -142,12 +143,15 @@ class MapBatchNorm(nn.BatchNorm2d):
             return super().forward(x)
         values = x.to(torch.promote_types(x.dtype, torch.float32))
         var, mean = torch.var_mean(values, correction=0)
-        with torch.no_grad():  # the running estimates use the unbiased variance, as BatchNorm2d does
-            count = values.numel()
-            unbiased = var * count / max(count - 1, 1)
-            self.running_mean.lerp_(mean.to(self.running_mean.dtype).reshape(1), self.momentum)
-            self.running_var.lerp_(unbiased.to(self.running_var.dtype).reshape(1), self.momentum)
-            self.num_batches_tracked.add_(1)
+        move_running_statistics(
+            self.running_mean,
+            self.running_var,
+            self.num_batches_tracked,
+            mean,
+            var,
+            values.numel(),
+            self.momentum,
+        )
         scale = self.weight * torch.rsqrt(var + self.eps)
         return ((values - mean) * scale + self.bias).to(x.dtype)
 

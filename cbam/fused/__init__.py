@@ -12,13 +12,12 @@ import torch
 from torch import Tensor
 
 from cbam.errors import InvalidArgument
+from cbam.running_statistics import move_running_statistics
 
 TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
 if TRITON_IMPORTABLE:
     # Registers the torch.library ops; Triton reads TRITON_INTERPRET when the kernels are defined.
     from cbam.fused import ops as _ops
-
-CHANNEL_POOLINGS = ("avg_max", "avg", "max")
 
 
 def fused_available(device: torch.device | str) -> bool:
@@ -64,8 +63,8 @@ def cbam_fused(
     Returns:
         ``x * g * s``, in x's dtype and memory layout.
     """
-    if channel_pooling not in CHANNEL_POOLINGS:
-        raise InvalidArgument("channel_pooling", channel_pooling, f"one of {', '.join(CHANNEL_POOLINGS)}")
+    if channel_pooling not in _ops.DESCRIPTORS:
+        raise InvalidArgument("channel_pooling", channel_pooling, f"one of {', '.join(_ops.DESCRIPTORS)}")
     parameters = (w1, b1, w2, b2, conv_w, bn_w, bn_b)  # in the order of cbam.fused.ops.PARAMETERS
     if not torch.compiler.is_compiling():
         options, running = (
@@ -77,10 +76,8 @@ def cbam_fused(
         x, *parameters, running_mean, running_var, channel_pooling, training, eps
     )
     if training:  # the op is functional: the running statistics move here (Inductor fuses these)
-        with torch.no_grad():
-            count = x.numel() // x.shape[1]
-            mean, variance = stats[0].to(running_mean.dtype), stats[2].to(running_var.dtype)
-            running_mean.lerp_(mean, momentum)
-            running_var.lerp_(variance * (count / max(count - 1, 1)), momentum)
-            batches_tracked.add_(1)
+        count = x.numel() // x.shape[1]
+        move_running_statistics(
+            running_mean, running_var, batches_tracked, stats[0], stats[2], count, momentum
+        )
     return y
