@@ -1,6 +1,6 @@
 """Train and test a CBAM-ResNet (CIFAR-10 by default; data=cifar100 or data=folder for others):
 
-    python train.py model.depth=50 model.use_cbam_block=true
+python train.py model.depth=50 model.use_cbam_block=true
 """
 
 import hydra

@@ -3,10 +3,10 @@ ImageNet stem, and every output at the data's size with its class names (all in-
 
 from __future__ import annotations
 
-import os
 import csv
 import json
 import logging
+import os
 import pickle
 from pathlib import Path
 
