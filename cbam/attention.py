@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cbam.errors import InvalidArgument
@@ -69,14 +70,30 @@ def check_options(
         )
 
 
-def _channel_max(x: torch.Tensor, dim: int | tuple[int, ...]) -> torch.Tensor:
-    """The maximum over ``dim`` through ``torch.max``, whose backward sends the gradient to the saved index
-    of the maximum, as the authors' max pooling does. (``amax``'s backward instead divides by the count of
-    elements equal to the maximum; compiled for a GPU in bf16, that count was seen to be 0, see
-    docs/benchmarks.md.)"""
-    if isinstance(dim, tuple):  # the spatial dimensions (2, 3): one flattened dimension
-        return x.flatten(2).max(dim=2).values
-    return x.max(dim=dim, keepdim=True).values
+def spatial_max(x: torch.Tensor) -> torch.Tensor:
+    """(N, C): each channel's maximum over the map, its gradient sent to the index of the maximum, as the
+    authors' max pooling does (``amax``'s backward instead divides it among ties; compiled for a GPU in bf16,
+    that count was seen to be 0, see docs/benchmarks.md)."""
+    if x.device.type == "cpu":
+        # Max pooling: 4-5x faster on a CPU than a reduction of the flattened map, and its gradient keeps
+        # x's memory format.
+        return F.adaptive_max_pool2d(x, 1).flatten(1)
+    # Under torch.compile on a GPU a reduction fuses with its neighbours; max pooling does not (Run B of
+    # docs/benchmarks.md).
+    return x.flatten(2).max(dim=2).values
+
+
+def channel_max(x: torch.Tensor) -> torch.Tensor:
+    """(N, 1, H, W): the maximum over the channels, its gradient sent to the index of the maximum.
+
+    On a CPU, a channels_last ``x`` is reduced over the dimension innermost in its memory: the gradient
+    then comes back in ``x``'s memory format, and adding it to the other gradients of ``x`` stays fast (one
+    in the other format made that addition 15x slower).
+    """
+    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    if x.device.type == "cpu" and channels_last:
+        return x.permute(0, 2, 3, 1).max(dim=-1).values.unsqueeze(1)
+    return x.max(dim=1, keepdim=True).values
 
 
 class ChannelAttention(nn.Module):
@@ -108,7 +125,7 @@ class ChannelAttention(nn.Module):
     def descriptors(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The average- and max-pooled descriptors, each (N, C), or None where ``pooling`` leaves it out."""
         avg = x.mean(dim=(2, 3)) if self.pooling != "max" else None
-        mx = _channel_max(x, (2, 3)) if self.pooling != "avg" else None
+        mx = spatial_max(x) if self.pooling != "avg" else None
         return avg, mx
 
     def gate_from_descriptors(self, avg: torch.Tensor | None, mx: torch.Tensor | None) -> torch.Tensor:
@@ -186,10 +203,14 @@ class SpatialAttention(nn.Module):
         """(N, 2, H, W): the channel-wise max and mean maps; (N, 1, H, W) with ``pooling="conv"``."""
         if self.pooling == "conv":
             return self.pool(x)
-        return torch.cat((_channel_max(x, 1), x.mean(dim=1, keepdim=True)), dim=1)
+        return torch.cat((channel_max(x), x.mean(dim=1, keepdim=True)), dim=1)
 
     def gate_from_maps(self, maps: torch.Tensor) -> torch.Tensor:
         """The attention map, (N, 1, H, W) in (0, 1), from the pooled maps."""
+        if maps.device.type == "cpu":
+            # oneDNN's backward of this few-channel convolution is 3-4x faster on channels_last input
+            # (docs/benchmarks.md, "CPU recipe")
+            maps = maps.contiguous(memory_format=torch.channels_last)
         return torch.sigmoid(self.bn(self.conv(maps)))
 
     def gate(self, x: torch.Tensor) -> torch.Tensor:

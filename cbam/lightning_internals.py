@@ -9,6 +9,7 @@ Nothing else in ``cbam/`` may reach into an underscore attribute of Lightning or
 from __future__ import annotations
 
 import contextlib
+import platform
 import subprocess
 import threading
 from pathlib import Path
@@ -87,3 +88,13 @@ def avoid_inductor_gradient_bugs() -> None:
 
     if hasattr(inductor_config.triton, "mix_order_reduction"):
         inductor_config.triton.mix_order_reduction = False
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where this CPU computes bf16 in hardware (x86: AVX512-BF16 or AMX; Arm: the BF16 extension).
+    Elsewhere oneDNN emulates bf16, slower than fp32."""
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        with contextlib.suppress(OSError):
+            return " bf16" in Path("/proc/cpuinfo").read_text()
+        return False
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import pytorch_lightning as pl
+import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -23,6 +24,7 @@ from cbam.checks import (
 )
 from cbam.data import DataError, ImageDataModule
 from cbam.distributed import PROCESS_DIED_EXIT_STATUS, ProcessDied, leave_on_error
+from cbam.lightning_internals import cpu_has_native_bf16
 from cbam.module import CBAMResNetModule
 from cbam.reliability import TrainingDiverged, check_last_checkpoint, newest_checkpoint
 from cbam.schedules import ScheduleLengthChanged
@@ -62,11 +64,30 @@ def load_weights(model: CBAMResNetModule, path: str) -> None:
         ) from None
 
 
+def cpu_precision(cfg: DictConfig) -> str | None:
+    """The precision to train in instead of ``trainer.precision``, or None to keep it: bf16 autocast on a
+    CPU that emulates bf16 (slower than fp32 there) trains in fp32, said in one info line."""
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if str(cfg.trainer.get("precision")) != "bf16-mixed" or not on_cpu or cpu_has_native_bf16():
+        return None
+    if rank_zero_only.rank == 0:
+        print(
+            "info: this CPU has no bf16 arithmetic (AVX512-BF16, AMX or Arm BF16): trainer.precision="
+            "bf16-mixed trains in fp32 (32-true) here",
+            file=sys.stderr,
+            flush=True,
+        )
+    return "32-true"
+
+
 def build_trainer(cfg: DictConfig) -> pl.Trainer:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    precision = cpu_precision(cfg)
+    options = {"precision": precision} if precision else {}
     try:
-        return instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+        return instantiate(cfg.trainer, callbacks=callbacks, logger=logger, **options)
     except InstantiationException as error:  # Hydra's wrapper around the Trainer's check of its arguments
         if isinstance(error.__cause__, (MisconfigurationException, ValueError)):
             reason = str(error.__cause__).strip().splitlines()[0]
