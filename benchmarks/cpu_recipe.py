@@ -80,6 +80,9 @@ def bare_step(arm: str, width: int, batch: int, bf16: bool, channels_last: bool,
 
 def measure_bare(args) -> list[dict]:
     """Part 1: every (arm, option) variant, timed round-robin; medians in ms per step."""
+    # Every variant's network shares ResNet.forward's code: without room for a compiled graph per variant,
+    # Dynamo would fall back to eager for the later ones.
+    torch._dynamo.config.recompile_limit = 64
     variants = []
     for arm, threads, bf16, channels_last, compiled in itertools.product(
         args.arms, args.threads, (False, True), (False, True), (False, True) if args.compile else (False,)
@@ -145,7 +148,9 @@ def measure_train_py(args, name: str, overrides: list[str], scratch: Path, arm: 
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", help="CIFAR-10 folder for part 2 (train.py); part 2 is skipped without it")
     parser.add_argument("--cache-dir", help="where train.py's decoded cache goes (default beside the data)")
     parser.add_argument("--arms", default="none,block,classifier,se", help="comma list of " + ",".join(ARMS))
@@ -191,7 +196,9 @@ def main(argv=None) -> dict:
         report["train_py"] = []
         threads = torch.get_num_threads()
         with tempfile.TemporaryDirectory() as scratch:
-            for arm, (name, overrides) in itertools.product(args.train_arms.split(","), TRAIN_CONFIGS.items()):
+            for arm, (name, overrides) in itertools.product(
+                args.train_arms.split(","), TRAIN_CONFIGS.items()
+            ):
                 if "model.compile=true" in overrides and not args.compile:
                     continue
                 row = measure_train_py(args, name, overrides, Path(scratch), arm)

@@ -217,6 +217,7 @@ def check_config(cfg: DictConfig) -> None:
         "model.compile",
         "train",
         "test",
+        "skip_finished",
     ):
         _require(cfg, key, bool, "true or false")
     _require(cfg, "data.download", bool, "true or false", absent_ok=True)

@@ -28,6 +28,7 @@ no job and a sweep with no finished job end with a one-line error and exit statu
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import statistics
@@ -37,6 +38,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from cbam.atomic import write_atomically
 from cbam.comparison import Difference, in_words, welch_difference
 from cbam.provenance import sweep_provenance
 from cbam.report_output import ACCURACIES, METRICS_FILE, Table, short_value, write_all
@@ -48,6 +50,14 @@ ATTENTION_KEYS = frozenset(
     ["cbam", "attention"] + [f"model.{key}" for key in (*PLACEMENT_KEYS, *CBAM_DEFAULTS)]
 )
 
+
+#: a run's curves (cbam.callbacks.TrainingCurves)
+CURVES_FILE = "curves.csv"
+#: the files of each job that ``--out`` keeps under ``<out>/runs/<job>/``: its config, numbers and small figures
+KEPT_FILES = (
+    ".hydra/config.yaml", ".hydra/overrides.yaml", ".hydra/hydra.yaml", METRICS_FILE, "per_class_accuracy.csv",
+    CURVES_FILE, "curves.png", "confusion_matrix.png",
+)  # fmt: skip
 
 #: the column of the data set, when the jobs of a sweep used more than one
 DATA_SET = "data set"
@@ -66,6 +76,26 @@ class Job:
     depth: object = None
     has_attention: bool = True
     data: str = ""
+    #: the config group options the job ran with (hydra.runtime.choices) and its config: what a key the job
+    #: did not override stood at
+    choices: dict = field(default_factory=dict)
+    config: object = None
+    #: its curves.csv (cbam.callbacks.TrainingCurves): {"val/acc": {epoch: value}, ...}
+    curves: dict = field(default_factory=dict)
+    #: its number in the sweep that ran it (hydra.job.num), None where not recorded
+    number: int | None = None
+
+    def setting(self, key: str) -> str | None:
+        """The job's value of override key ``key``: its override, else its config group's option or config
+        value (the default it ran with), else None."""
+        if key in self.overrides:
+            return self.overrides[key]
+        if key in self.choices:
+            return str(self.choices[key])
+        value = OmegaConf.select(self.config, key, default=None, throw_on_resolution_failure=False)
+        if value is None or OmegaConf.is_config(value):
+            return None
+        return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 @dataclass
@@ -138,9 +168,54 @@ def read_job(path: Path, sweep: Path) -> Job:
     model = config.get("model") or {}
     has_attention = bool(model.get("use_cbam_block", True) or model.get("use_cbam_class", True))
     overrides = dict(parse_override(item) for item in overrides)
+    hydra_file = path / ".hydra" / "hydra.yaml"
+    hydra = OmegaConf.load(hydra_file) if hydra_file.is_file() else OmegaConf.create()
     return Job(
-        name, overrides, config.get("seed"), metrics, model.get("depth"), has_attention, data_set(config)
-    )
+        name, overrides, config.get("seed"), metrics, model.get("depth"), has_attention, data_set(config),
+        choices=dict(OmegaConf.select(hydra, "hydra.runtime.choices") or {}), config=config,
+        curves=read_curves(path / CURVES_FILE), number=OmegaConf.select(hydra, "hydra.job.num"),
+    )  # fmt: skip
+
+
+def read_curves(path: Path) -> dict[str, dict[int, float]]:
+    """A run's ``curves.csv``: {column: {epoch: value}} (empty without the file)."""
+    if not path.is_file():
+        return {}
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return {
+        key: {int(row["epoch"]): float(row[key]) for row in rows if row[key]}
+        for key in (rows[0].keys() if rows else ())
+        if key != "epoch"
+    }
+
+
+def curve_means(group: Group) -> dict[str, list[tuple[int, float, float]]]:
+    """Per curve of the group's finished jobs: (epoch, mean, std over the seeds that reached it)."""
+    keys = sorted({key for job in group.finished for key in job.curves})
+    means = {}
+    for key in keys:
+        epochs = sorted({epoch for job in group.finished for epoch in job.curves.get(key, {})})
+        points = []
+        for epoch in epochs:
+            mean, std = mean_std(
+                [job.curves[key][epoch] for job in group.finished if epoch in job.curves.get(key, {})]
+            )
+            points.append((epoch, mean, std or 0.0))
+        means[key] = points
+    return means
+
+
+def fill_settings(jobs: list[Job], ignore: set[str]) -> None:
+    """Where some jobs override a key and others do not (``attention=se`` in the SE jobs only), give the
+    others the value they ran with (``attention=cbam``): jobs are then grouped and labelled by what they
+    ran, not by what their command line said."""
+    keys = {key for job in jobs for key in job.overrides if not excluded(key, ignore)}
+    for job in jobs:
+        for key in sorted(keys - job.overrides.keys()):
+            value = job.setting(key)
+            if value is not None:
+                job.overrides[key] = value
 
 
 def group_jobs(jobs: list[Job], ignore: set[str]) -> list[Group]:
@@ -194,8 +269,16 @@ def label(group: Group, keys: list[str]) -> str:
     """The configuration in a few words: its varied overrides (all of them when none varies)."""
     settings = dict(group.overrides)
     if keys:
-        return ", ".join(f"{key}={short_value(settings.get(key, ''))}" for key in keys)
+        return ", ".join(f"{key}={short_value(settings[key])}" for key in keys if key in settings)
     return " ".join(f"{k}={v}" for k, v in group.overrides) or "(defaults)"
+
+
+def epoch_time(group: Group) -> float | None:
+    """The mean over the finished seeds of the fit's wall-clock time per epoch (validation included)."""
+    return mean_std(
+        [job.metrics["train_time_s"] / job.metrics["epochs"] for job in group.finished
+         if job.metrics.get("train_time_s") and job.metrics.get("epochs")]
+    )[0]  # fmt: skip
 
 
 def summarise(group: Group, keys: list[str], baseline: Group | None, baseline_label: str) -> dict:
@@ -218,6 +301,11 @@ def summarise(group: Group, keys: list[str], baseline: Group | None, baseline_la
         row[column] = round(statistics.fmean(values)) if values else None
     row["step_time_s_mean"] = mean_std([job.metrics.get("step_time_s") for job in finished])[0]
     row["train_time_s_mean"] = mean_std([job.metrics.get("train_time_s") for job in finished])[0]
+    row["epoch_time_s_mean"] = epoch_time(group)
+    reference = epoch_time(baseline) if baseline else None
+    row["epoch_time_vs_baseline"] = (
+        row["epoch_time_s_mean"] / reference if row["epoch_time_s_mean"] and reference else None
+    )
     row["unfinished"] = " ".join(job.name for job in group.unfinished)
     row["jobs"] = " ".join(job.name for job in group.jobs)
     return row
@@ -232,7 +320,12 @@ def tabulate(sweep: Path, ignore: set[str], data: str | None) -> Table:
         raise ReportError(
             f"{sweep} holds no Hydra job (no <job>/.hydra/config.yaml): an empty or not-yet-started sweep?"
         )
-    jobs = [read_job(path, sweep) for path in job_dirs]
+    # in the order the sweep ran them (job folders named by their overrides sort otherwise), which is the
+    # order of the configurations in the tables
+    jobs = sorted(
+        (read_job(path, sweep) for path in job_dirs), key=lambda job: (job.number is None, job.number or 0)
+    )
+    fill_settings(jobs, ignore)
     if len({job.data for job in jobs}) > 1:  # one more setting that tells configurations apart
         for job in jobs:
             job.overrides = {DATA_SET: job.data, **job.overrides}
@@ -271,7 +364,24 @@ def tabulate(sweep: Path, ignore: set[str], data: str | None) -> Table:
         unfinished=[job.name for job in jobs if job.metrics is None],
         sentences=sentences,
         provenance=sweep_provenance(sweep, job_dirs, finished, data),
+        curves={text: curve_means(group) for text, group in zip(labels, groups)},
     )
+
+
+def keep_runs(sweep: Path, folder: Path) -> None:
+    """Copy the sweep's small files (:data:`KEPT_FILES` of every job, ``multirun.yaml``) into ``folder``,
+    each job under its own name: what the report rebuilds the same tables from, without checkpoints."""
+    if folder.resolve() == sweep.resolve():
+        return
+    for path in [
+        sweep / "multirun.yaml",
+        *(job / name for job in find_job_dirs(sweep) for name in KEPT_FILES),
+    ]:
+        if path.is_file():
+            target = folder / path.relative_to(sweep)
+            content = path.read_bytes()
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(target, lambda file: file.write(content), prefix=f".{target.name}.")
 
 
 def report(
@@ -280,7 +390,10 @@ def report(
     """Write results.csv, results.md, results.png, differences.png and provenance.json into ``out``
     (default: the sweep dir); returns their paths. ``data`` describes the data when the runs' record is not enough."""
     sweep = Path(sweep)
-    return write_all(Path(out) if out is not None else sweep, tabulate(sweep, set(ignore), data))
+    table = tabulate(sweep, set(ignore), data)
+    if out is not None:
+        keep_runs(sweep, Path(out) / "runs")
+    return write_all(Path(out) if out is not None else sweep, table)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cbam.atomic import write_atomically
@@ -33,6 +33,8 @@ class Table:
     unfinished: list[str]  # names of jobs without metrics.json
     sentences: list[str]  # each comparison with a baseline, in words
     provenance: dict
+    #: per configuration label: {curve: [(epoch, mean, std), ...]} over its finished seeds (may be empty)
+    curves: dict = field(default_factory=dict)
 
 
 # -------------------------------------------------------------------------------------------- formatting
@@ -59,6 +61,10 @@ def _si(value: float | None) -> str:
         if abs(value) >= factor:
             return f"{value / factor:.2f} {suffix}"
     return f"{value:.0f}"
+
+
+def _ratio(value: float | None) -> str:
+    return DASH if value is None else f"{value:.2f}x"
 
 
 def _duration(seconds: float | None) -> str:
@@ -116,7 +122,8 @@ def markdown(table: Table) -> str:
         f"Δ test acc vs baseline [{CONFIDENCE:.0%} CI]",
         "params",
         "FLOPs/image",
-        "step time",
+        "epoch time",
+        "epoch time vs baseline",
         "train time",
     ]
     lines = [f"# {table.title}", ""]
@@ -126,8 +133,8 @@ def markdown(table: Table) -> str:
         f"accuracy at its end (best checkpoint). Δ is the difference of mean test accuracy from the "
         f"configuration's baseline (no attention, same depth, same other settings), in points, with a "
         f"{CONFIDENCE:.0%} Welch t interval over seeds. FLOPs are counted by torch.utils.flop_counter for "
-        f"one image; step time is the wall-clock time of fit (validation included) per optimizer step and "
-        f"train time that of the whole fit, both means over seeds."
+        f"one image; epoch time is the wall-clock time of fit (validation included) per epoch, as a ratio to "
+        f"the baseline's beside it, and train time that of the whole fit, all means over seeds."
     )
     if table.common:
         lines += ["", "Common to every configuration: " + " ".join(f"`{item}`" for item in table.common)]
@@ -141,7 +148,8 @@ def markdown(table: Table) -> str:
             "baseline" if is_baseline else _difference(row, "test_acc"),
             _si(row["params"]),
             _si(row["flops_per_image"]),
-            _duration(row["step_time_s_mean"]),
+            _duration(row["epoch_time_s_mean"]),
+            _ratio(row["epoch_time_vs_baseline"]),
             _duration(row["train_time_s_mean"]),
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -260,13 +268,49 @@ def plot_differences(path: Path, table: Table, column: str = "test_acc"):
     return figure
 
 
+#: the curves of the study figure: (curve in curves.csv, panel title, in percent)
+STUDY_CURVES = (("val/acc", "validation accuracy (%)", True), ("train/loss", "training loss", False))
+
+
+def plot_curves(path: Path, table: Table):
+    """``curves.png``: per configuration, the mean over its seeds of each :data:`STUDY_CURVES` curve per
+    epoch, with a band of one standard deviation. Returns the figure (drawn and saved)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(11, 4.2), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, len(STUDY_CURVES))
+    for axis, (key, title, percent) in zip(axes, STUDY_CURVES):
+        scale = 100 if percent else 1
+        for text, curves in table.curves.items():
+            points = curves.get(key)
+            if not points:
+                continue
+            epochs, means, stds = zip(*points)
+            means, stds = [scale * m for m in means], [scale * s for s in stds]
+            line = axis.plot(
+                epochs, means, marker="o" if len(epochs) < 30 else None, markersize=3, label=text
+            )
+            low, high = [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)]
+            axis.fill_between(epochs, low, high, color=line[0].get_color(), alpha=0.15, linewidth=0)
+        axis.set_title(title)
+        axis.set_xlabel("epoch")
+        axis.grid(alpha=0.3)
+        if axis.has_data():
+            axis.legend(fontsize=7)
+    figure.suptitle(f"{path.parent.name}: mean over seeds, band ± 1 std")
+    _save_figure(figure, path)
+    return figure
+
+
 def _contains_zero(row: dict, column: str) -> bool:
     return row[f"{column}_diff_ci_low"] <= 0 <= row[f"{column}_diff_ci_high"]
 
 
 def write_all(folder: Path, table: Table) -> dict[str, Path]:
-    """results.csv, results.md, results.png, differences.png and provenance.json into ``folder``
-    (created); their paths."""
+    """results.csv, results.md, results.png, differences.png, provenance.json and (where the runs wrote
+    curves) curves.png into ``folder`` (created); their paths."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = {name: folder / f"results.{name}" for name in ("csv", "md", "png")}
     paths["differences"] = folder / "differences.png"
@@ -276,4 +320,7 @@ def write_all(folder: Path, table: Table) -> dict[str, Path]:
     plot(paths["png"], table.rows, table.labels)
     plot_differences(paths["differences"], table)
     _write(paths["provenance"], json.dumps(table.provenance, indent=2) + "\n")
+    if any(table.curves.values()):
+        paths["curves"] = folder / "curves.png"
+        plot_curves(paths["curves"], table)
     return paths

@@ -24,6 +24,7 @@ from cbam.checks import (
 )
 from cbam.data import DataError, ImageDataModule
 from cbam.distributed import PROCESS_DIED_EXIT_STATUS, ProcessDied, leave_on_error
+from cbam.finished_jobs import finished_metrics, mark_finished, run_dir
 from cbam.lightning_internals import cpu_has_native_bf16
 from cbam.module import CBAMResNetModule
 from cbam.reliability import TrainingDiverged, check_last_checkpoint, newest_checkpoint
@@ -111,7 +112,14 @@ def run(cfg: DictConfig) -> dict[str, float]:
     """Train and/or test as ``cfg`` says; returns the final metrics. The death of another process of the
     run (a DDP rank, a DataLoader worker) raises :class:`ProcessDied`, whatever error it caused here; a
     write that fails (disk full, read-only, no permission) raises :class:`WriteFailed` naming the file and
-    the newest intact checkpoint."""
+    the newest intact checkpoint. With ``skip_finished``, a run dir that holds this run finished returns
+    its metrics without any work (:mod:`cbam.finished_jobs`)."""
+    if cfg.get("skip_finished") is True:
+        finished = finished_metrics(cfg)
+        if finished is not None:
+            if rank_zero_only.rank == 0:
+                print(f"skipped: {run_dir(cfg)} holds this run, finished", file=sys.stderr, flush=True)
+            return finished
     check_config(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
@@ -120,7 +128,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if warning and rank_zero_only.rank == 0:
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     try:
-        return fit_and_test(cfg, trainer, datamodule)
+        metrics = fit_and_test(cfg, trainer, datamodule)
+        if trainer.is_global_zero:
+            mark_finished(cfg)
+        return metrics
     except Exception as error:
         death = leave_on_error(error, trainer)  # also tells the other processes of the run why this one stops
         if death is not None:

@@ -106,3 +106,31 @@ class KillAt(Callback):
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         self._at(trainer, "save_checkpoint", trainer.global_step)
+
+
+class SignalOnce(Callback):
+    """Send ``signal_name`` to this process at the end of global step ``step`` of the run whose dir name contains
+    ``only_in``, unless the file ``marker`` exists (which it then writes: a re-run is not signalled again).
+    Appends ``<run dir name> <global step of the first training batch>`` to the file ``record``."""
+
+    def __init__(self, step: int, signal_name: str, marker: str, record: str, only_in: str = "") -> None:
+        self.step, self.signum, self.marker, self.record = (
+            int(step),
+            getattr(signal, signal_name),
+            marker,
+            record,
+        )
+        self.only_in = only_in
+        self._recorded = False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if not self._recorded:
+            self._recorded = True
+            with open(self.record, "a") as handle:
+                handle.write(f"{Path(trainer.default_root_dir).name} {trainer.global_step}\n")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        chosen = self.only_in in Path(trainer.default_root_dir).name
+        if chosen and trainer.global_step == self.step and not os.path.exists(self.marker):
+            Path(self.marker).write_text("signalled\n")
+            os.kill(os.getpid(), self.signum)

@@ -484,3 +484,23 @@ def test_auto_runs_the_reference_code_on_the_cpu_and_variants_without_kernels_fa
     assert [r.getMessage() for r in caplog.records] == [
         "CBAM impl=fused: this variant has no fused kernels; it runs the reference code"
     ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_channels_last_input_gives_the_same_outputs_and_gradients_in_its_own_format(dtype):
+    """The CPU code reduces a channels_last input along its memory order (cbam.attention.channel_max,
+    spatial_max): the same numbers as a contiguous input, and gradients that keep the input's format."""
+    torch.manual_seed(0)
+    layer = CBAM(16, reduction_ratio=4, kernel_size=7).to(dtype)
+    x = torch.randn(4, 16, 8, 8, dtype=dtype)
+    outputs, gradients = [], []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        inputs = x.clone(memory_format=fmt).requires_grad_()
+        y = layer(inputs)
+        (y * torch.arange(y.numel(), dtype=dtype).view_as(y).sin()).sum().backward()
+        outputs.append(y.detach())
+        gradients.append(inputs.grad)
+        assert inputs.grad.is_contiguous(memory_format=fmt)
+    tolerance = {"atol": 1e-12, "rtol": 0} if dtype == torch.float64 else {"atol": 2e-2, "rtol": 2e-2}
+    torch.testing.assert_close(outputs[1], outputs[0], **tolerance)
+    torch.testing.assert_close(gradients[1], gradients[0], **tolerance)

@@ -470,7 +470,15 @@ def fake_job(job: Path, overrides: list[str], model: dict, seed: int, metrics: d
     config = {"seed": seed, "model": {"depth": 18, "use_cbam_block": False, "use_cbam_class": False, **model}}
     (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
     (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([*overrides, f"seed={seed}"]))
-    hydra = {"hydra": {"overrides": {"hydra": ["hydra.mode=RUN"], "task": [*overrides, f"seed={seed}"]}}}
+    choices = {"cbam": "none", "attention": "cbam"} | dict(
+        o.split("=", 1) for o in overrides if o.split("=")[0] in ("cbam", "attention")
+    )
+    hydra = {
+        "hydra": {
+            "overrides": {"hydra": ["hydra.mode=RUN"], "task": [*overrides, f"seed={seed}"]},
+            "runtime": {"choices": choices},
+        }
+    }
     (job / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(hydra))
     if metrics is not None:
         record = {
@@ -483,6 +491,7 @@ def fake_job(job: Path, overrides: list[str], model: dict, seed: int, metrics: d
             "params": 1000,
             "flops_per_image": 2_000_000,
             "train_time_s": 100.0,
+            "epochs": 10,
             "global_step": 1000,
             "step_time_s": 0.1,
         }
@@ -557,7 +566,7 @@ def test_report_compares_each_configuration_with_the_baseline_of_its_depth(tmp_p
     assert "excludes zero; better" in sentences["- model.depth=18, cbam=block vs model.depth=18, cbam=none"]
     assert "contains zero" in sentences["- model.depth=18, cbam=classifier vs model.depth=18, cbam=none"]
     assert "excludes zero; worse" in sentences["- model.depth=50, cbam=block vs model.depth=50, cbam=none"]
-    assert markdown.count("| baseline |") == 2 and "100.0 ms" in markdown
+    assert markdown.count("| baseline |") == 2 and "| 10.0 s | 1.00x |" in markdown  # epoch time, ratio
 
 
 def test_attention_study_baseline_is_recognised_from_the_resolved_config(tmp_path):

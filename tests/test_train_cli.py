@@ -451,3 +451,24 @@ def test_unknown_key_keeps_hydras_error(bad_runs):
     assert "Could not override 'model.nonsense'" in result.stderr
     assert "error: " not in result.stderr  # Hydra's message, not one of train.py's
     assert not (run_dir / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_trainer_cpu_trains_in_bf16_where_the_cpu_has_it_and_in_fp32_with_one_line_elsewhere(
+    native, compose_config, monkeypatch, capsys, tmp_path
+):
+    import cbam.training
+
+    monkeypatch.setattr(cbam.training, "cpu_has_native_bf16", lambda: native)
+    cfg = compose_config("trainer=cpu", "~logger", "~callbacks", f"trainer.default_root_dir={tmp_path}")
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.data.loader == "device"
+    trainer = cbam.training.build_trainer(cfg)
+    err = capsys.readouterr().err
+    if native:
+        assert trainer.precision == "bf16-mixed" and err == ""
+    else:
+        assert trainer.precision == "32-true"
+        assert err == (
+            "info: this CPU has no bf16 arithmetic (AVX512-BF16, AMX or Arm BF16): trainer.precision=bf16-mixed "
+            "trains in fp32 (32-true) here\n"
+        )

@@ -1,6 +1,9 @@
-"""Loss and accuracy per epoch (train and val) as ``<run dir>/curves.png``, redrawn after every epoch."""
+"""Loss and accuracy per epoch (train and val) as ``<run dir>/curves.png`` and ``curves.csv``, redrawn after
+every epoch."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytorch_lightning as pl
 from matplotlib.ticker import MaxNLocator
@@ -56,7 +59,22 @@ class TrainingCurves(pl.Callback):
                 values = trainer.callback_metrics
             self._record(trainer.current_epoch, "train", values)
         if trainer.is_global_zero and self.history:
-            self.draw(run_dir(trainer) / self.filename)
+            path = run_dir(trainer) / self.filename
+            self.draw(path)
+            self.write_table(path.with_suffix(".csv"))
+
+    def write_table(self, path: Path) -> Path:
+        """The curves' values as CSV (``epoch`` from 1, then one column per ``<stage>/<metric>``, empty where an
+        epoch has none): what a study report draws its curves from."""
+        keys = sorted(self.history)
+        epochs = sorted({epoch for values in self.history.values() for epoch in values})
+        lines = [",".join(["epoch", *keys])]
+        for epoch in epochs:
+            cells = [repr(self.history[key][epoch]) if epoch in self.history[key] else "" for key in keys]
+            lines.append(",".join([str(epoch + 1), *cells]))
+        text = "\n".join(lines) + "\n"
+        write_atomically(path, lambda file: file.write(text.encode()), prefix=f".{path.name}.")
+        return path
 
     def draw(self, path):
         figure = new_figure(4.5 * len(self.metrics), 3.4)

@@ -1,0 +1,86 @@
+"""A run that finished, as a re-run study sees it: ``skip_finished=true`` returns a finished run's metrics
+instead of training it again.
+
+A run that ends normally (trained and tested as its config says) records ``"finished": {"config_digest":
+...}`` in its ``metrics.json``; the digest covers what decides the run's numbers (:data:`DIGESTED`, minus
+:data:`NOT_DIGESTED`). A study re-run with the same command then skips its finished jobs, resumes its
+unfinished ones from their ``last.ckpt`` (``ckpt_path=last``) and starts the missing ones. A finished run
+whose digest differs from the new config's is refused with one line: its numbers belong to other settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from cbam.atomic import write_atomically
+from cbam.checks import ConfigError
+
+METRICS_FILE = "metrics.json"
+#: the config's parts that decide a run's numbers
+DIGESTED = ("seed", "model", "data", "optim", "scheduler", "trainer")
+#: keys within them that only say where things are or how they are fetched
+NOT_DIGESTED = frozenset(
+    {"data.root", "data.cache_dir", "data.download", "data.num_workers", "trainer.default_root_dir"}
+)
+
+
+def run_dir(cfg: DictConfig) -> Path:
+    """The run's folder: ``trainer.default_root_dir``, which conf/trainer sets to the Hydra run dir."""
+    return Path(cfg.trainer.default_root_dir)
+
+
+def config_digest(cfg: DictConfig) -> str:
+    """A digest of the settings that decide the run's numbers (sorted JSON of :data:`DIGESTED`)."""
+    parts = {key: OmegaConf.select(cfg, key) for key in DIGESTED}
+    parts = {
+        key: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+        for key, v in parts.items()
+    }
+    for dotted in NOT_DIGESTED:
+        group, _, key = dotted.partition(".")
+        if isinstance(parts.get(group), dict):
+            parts[group].pop(key, None)
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def read_metrics(folder: Path) -> dict | None:
+    """The run's ``metrics.json``, or None where there is none (or it cannot be read)."""
+    try:
+        return json.loads((folder / METRICS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def finished_metrics(cfg: DictConfig) -> dict[str, float] | None:
+    """The metrics of the run in ``cfg``'s run dir if it finished with these settings, else None. Raises
+    :class:`ConfigError` for a run there that finished with other settings."""
+    folder = run_dir(cfg)
+    metrics = read_metrics(folder)
+    finished = (metrics or {}).get("finished")
+    if not finished:
+        return None
+    if finished.get("config_digest") != config_digest(cfg):
+        raise ConfigError(
+            f"skip_finished=true: {folder} holds a finished run with other settings than this command's (model, "
+            f"data, optim, scheduler, trainer or seed differ); give this study its own hydra.sweep.dir"
+        )
+    return {
+        name: metrics[key]
+        for name, key in (("val/acc", "last_val_acc"), ("test/acc", "test_acc"))
+        if metrics.get(key) is not None
+    }
+
+
+def mark_finished(cfg: DictConfig) -> None:
+    """Record in the run dir's ``metrics.json`` (created if the run wrote none) that the run finished."""
+    folder = run_dir(cfg)
+    metrics = read_metrics(folder) or {}
+    metrics["finished"] = {"config_digest": config_digest(cfg)}
+    text = json.dumps(metrics, indent=2) + "\n"
+    path = folder / METRICS_FILE
+    write_atomically(path, lambda file: file.write(text.encode()), prefix=f".{path.name}.")
