@@ -6,15 +6,22 @@ alike; the median over rounds is reported. Options: precision (fp32, bf16 autoca
 (contiguous, channels_last), torch.compile, intra-op threads.
 
 Part 2, ``train.py`` itself: ``--train-steps`` timed steps (after ``--warmup``) of each configuration in
-``TRAIN_CONFIGS`` on the real data, against the bare fp32 eager loop's steps of part 1. Example::
+``TRAIN_CONFIGS`` on the real data, against the bare fp32 eager loop's steps of part 1.
+
+Part 3 (``--learn-epochs N``): does the recipe learn as fp32 does? ``train.py experiment=cpu_study`` (a
+single run of the study's recipe, shortened to N epochs) of the ``--learn-arm`` in the recipe's precision and
+in fp32, for each of ``--learn-seeds``: training loss and validation accuracy per epoch, test accuracy.
+Example::
 
     python benchmarks/cpu_recipe.py --data /tmp/data/cifar10-jpeg --out cpu_recipe.json
+    python benchmarks/cpu_recipe.py --data /tmp/data/cifar10-jpeg --no-bare --no-train-py --learn-epochs 2
     python benchmarks/cpu_recipe.py --quick --data <folder>        # smoke run: tiny sizes, one round
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import itertools
 import json
 import os
@@ -48,7 +55,8 @@ ARM_OVERRIDES = {
 #: part 2: name -> train.py overrides on top of trainer=cpu and the study's network
 TRAIN_CONFIGS = {
     "trainer=cpu (the recipe)": [],
-    "trainer=cpu, fp32": ["trainer.precision=32-true"],
+    "trainer=cpu, fp32 contiguous": ["trainer.precision=32-true", "model.channels_last=false"],
+    "trainer=cpu, contiguous": ["model.channels_last=false"],
     "trainer=cpu, workers loader": ["data.loader=workers", "data.num_workers=2"],
     "trainer=cpu, compiled": ["model.compile=true"],
 }
@@ -147,6 +155,40 @@ def measure_train_py(args, name: str, overrides: list[str], scratch: Path, arm: 
     }
 
 
+def learn(args, arm: str, precision: str, seed: int, scratch: Path) -> dict:
+    """Part 3: one shortened study run; its curves (curves.csv) and final numbers (metrics.json)."""
+    folder = scratch / f"learn-{arm}-{precision}-{seed}"
+    command = [
+        sys.executable, "train.py", "experiment=cpu_study", *ARM_OVERRIDES[arm], f"seed={seed}",
+        f"trainer.precision={precision}", f"trainer.max_epochs={args.learn_epochs}", f"data.root={args.data}",
+        "data.download=false", *([f"data.cache_dir={args.cache_dir}"] if args.cache_dir else []),
+        f"hydra.run.dir={folder}", "callbacks.progress_bar=null", "++trainer.enable_progress_bar=false",
+        *(["model.width=4", "model.reduction_ratio=2", "+trainer.limit_train_batches=3",
+           "+trainer.limit_val_batches=2", "+trainer.limit_test_batches=2"] if args.quick else []),
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise SystemExit(f"learn {arm} {precision} seed {seed}: train.py failed:\n{result.stderr[-3000:]}")
+    with open(folder / "curves.csv", newline="") as handle:
+        curves = list(csv.DictReader(handle))
+    metrics = json.loads((folder / "metrics.json").read_text())
+    return {
+        "arm": arm,
+        "precision": precision,
+        "seed": seed,
+        "epochs": [
+            {
+                "epoch": int(row["epoch"]),
+                "train_loss": float(row["train/loss"]),
+                "val_acc": float(row["val/acc"]),
+            }
+            for row in curves
+        ],
+        "test_acc": metrics["test_acc"],
+        "train_time_s": metrics["train_time_s"],
+    }
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -163,12 +205,18 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps-per-round", type=int, default=3)
     parser.add_argument("--train-steps", type=int, default=80, help="timed train.py steps (part 2)")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="part 1 without compile")
+    parser.add_argument("--no-bare", dest="bare", action="store_false", help="skip part 1")
+    parser.add_argument("--no-train-py", dest="train_py", action="store_false", help="skip part 2")
+    parser.add_argument("--learn-epochs", type=int, default=0, help="part 3's epochs (0: skip part 3)")
+    parser.add_argument("--learn-arm", default="block")
+    parser.add_argument("--learn-seeds", default="0,1")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one round: a smoke run")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
     if args.quick:
         args.batch_size, args.warmup, args.rounds, args.steps_per_round = 8, 1, 1, 1
         args.train_steps, args.arms, args.compile = 3, "none,block", False
+        args.learn_epochs = min(args.learn_epochs, 1)
     args.arms = args.arms.split(",")
     args.threads = [int(n) for n in args.threads.split(",")]
     from cbam.lightning_internals import cpu_has_native_bf16
@@ -188,11 +236,11 @@ def main(argv=None) -> dict:
         if args.out:
             Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
 
-    report["bare"] = measure_bare(args)
+    report["bare"] = measure_bare(args) if args.bare else []
     for row in report["bare"]:
         print(json.dumps(row), flush=True)
     save()
-    if args.data:
+    if args.data and args.train_py:
         report["train_py"] = []
         threads = torch.get_num_threads()
         with tempfile.TemporaryDirectory() as scratch:
@@ -209,6 +257,16 @@ def main(argv=None) -> dict:
                 )  # fmt: skip
                 row["speedup_vs_bare_fp32_eager"] = round(bare / row["step_ms"], 3) if bare else None
                 report["train_py"].append(row)
+                print(json.dumps(row), flush=True)
+                save()
+    if args.data and args.learn_epochs:
+        report["learning"] = []
+        with tempfile.TemporaryDirectory() as scratch:
+            for seed, precision in itertools.product(
+                map(int, args.learn_seeds.split(",")), ("bf16-mixed", "32-true")
+            ):
+                row = learn(args, args.learn_arm, precision, seed, Path(scratch))
+                report["learning"].append(row)
                 print(json.dumps(row), flush=True)
                 save()
     return report
