@@ -461,7 +461,7 @@ def test_trainer_cpu_trains_in_bf16_where_the_cpu_has_it_and_in_fp32_with_one_li
 
     monkeypatch.setattr(cbam.training, "cpu_has_native_bf16", lambda: native)
     cfg = compose_config("trainer=cpu", "~logger", "~callbacks", f"trainer.default_root_dir={tmp_path}")
-    assert cfg.trainer.precision == "bf16-mixed" and cfg.data.loader == "device" and cfg.model.channels_last
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.data.loader == "device" and not cfg.model.channels_last
     trainer = cbam.training.build_trainer(cfg)
     err = capsys.readouterr().err
     if native:
