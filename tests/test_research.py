@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -597,7 +598,15 @@ def test_report_writes_results_and_provenance_into_out(tmp_path):
 
     assert main([str(sweep), "--out", str(out), "--data", "CIFAR-10 JPEG copy, quality 75"]) == 0
     written = sorted(p.name for p in out.iterdir())
-    assert written == ["differences.png", "provenance.json", "results.csv", "results.md", "results.png"]
+    assert written == [
+        "differences.png",
+        "provenance.json",
+        "results.csv",
+        "results.md",
+        "results.png",
+        "runs",
+    ]
+    assert len([path for path in (out / "runs").iterdir() if (path / "metrics.json").is_file()]) == 6
     assert not (sweep / "results.csv").exists()
     provenance = json.loads((out / "provenance.json").read_text())
     assert provenance["command"] == [
@@ -619,14 +628,17 @@ def test_report_on_a_full_disk_is_one_line_and_keeps_the_previous_files(tmp_path
     sweep = fake_sweep(tmp_path / "sweep", PLACEMENT_BY_DEPTH[:2], ["experiment=ablation", "seed=0,1,2"])
     out = tmp_path / "results"
     assert main([str(sweep), "--out", str(out)]) == 0
-    before = {path: path.read_bytes() for path in out.iterdir()}
+    before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
     capsys.readouterr()
     real_fdopen = os.fdopen
     monkeypatch.setattr(os, "fdopen", lambda *args, **kwargs: FillsUp(real_fdopen(*args, **kwargs), 100))
     assert main([str(sweep), "--out", str(out), "--data", "another description"]) == 4
     monkeypatch.undo()
-    assert capsys.readouterr().err == f"error: no space left on device while writing {out / 'results.csv'}\n"
-    assert {path: path.read_bytes() for path in out.iterdir()} == before  # no file cut short, none left over
+    assert re.fullmatch(
+        rf"error: no space left on device while writing {re.escape(str(out))}/\S+\n", capsys.readouterr().err
+    )
+    after = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    assert after == before  # no file cut short, none left over
 
 
 def test_differences_figure_draws_each_comparison_with_the_interval_of_results_csv(tmp_path):

@@ -4,6 +4,7 @@ under ``results/<study>/runs`` and rebuilt from there alone. Tiny data, a width-
 
 from __future__ import annotations
 
+import importlib
 import json
 import signal
 from types import SimpleNamespace
@@ -11,9 +12,8 @@ from types import SimpleNamespace
 import pytest
 from helpers import load_checkpoint, run_train, write_random_pngs
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.plugins import Plugins
 from hydra.errors import HydraException
-
-from hydra_plugins.cbam_arms_sweeper.arms_sweeper import ArmsSweeper
 
 #: 10 classes x 10 train images - 20 for validation = 80 images = 10 batches of 8 per epoch
 STEPS_PER_EPOCH, EPOCHS = 10, 2
@@ -30,8 +30,17 @@ TINY = {
 }
 
 
+def arms_sweeper_class() -> type:
+    """The sweeper class as Hydra's plugin scan leaves it: the scan re-executes Hydra's core plugin modules
+    in place, so a class imported before a scan no longer derives from the BasicSweeper they now name."""
+    Plugins.instance()
+    return importlib.reload(
+        importlib.import_module("hydra_plugins.cbam_arms_sweeper.arms_sweeper")
+    ).ArmsSweeper
+
+
 def jobs(arms: list[list[str]], arguments: list[str]) -> list[list[str]]:
-    sweeper = ArmsSweeper(arms=arms)
+    sweeper = arms_sweeper_class()(arms=arms)
     sweeper.hydra_context = SimpleNamespace(config_loader=None)
     overrides = OverridesParser.create().parse_overrides(arguments)
     return [job for batch in sweeper.split_arguments(overrides, None) for job in batch]
