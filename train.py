@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def train(cfg: DictConfig) -> float | None:
     # Imported here: --help, --cfg and a sweep's parent process then never pay for importing Lightning.
-    from cbam.training import main
+    from cbam.training.run import main
 
     metrics = main(cfg)
     # Returned for Hydra sweepers (hparams_search=optuna maximises it).

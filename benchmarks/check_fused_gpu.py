@@ -1,4 +1,4 @@
-"""Check the fused CBAM (cbam.fused) against the reference layer on a GPU, eager and under torch.compile,
+"""Check the fused CBAM (cbam.models.fused) against the reference layer on a GPU, eager and under torch.compile,
 and time one CBAM-ResNet18 BasicBlock forward + backward with each (and without attention).
 
 For each block shape (default: the first and last ResNet18 stages at batch 512) and each precision
@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import describe_device, software_versions
 
-from cbam.attention import CBAM
-from cbam.fused import fused_available
-from cbam.resnet import BasicBlock, build_resnet
+from cbam.models.cbam import CBAM
+from cbam.models.fused import fused_available
+from cbam.models.resnet import BasicBlock, build_resnet
 
 #: largest accepted relative difference (L2 norm of the difference / L2 norm of the reference), per precision
 TOLERANCE = {"fp32": 1e-3, "bf16": 5e-2}
@@ -186,7 +186,7 @@ def network_step_ms(batch: int, device: torch.device, repeats: int, width: int) 
     networks = {
         "plain": build_resnet(18, width=width),
         "reference": build_resnet(
-            18, use_cbam_block=True, width=width, reduction_ratio=min(16, width), cbam_impl="reference"
+            18, use_cbam_block=True, width=width, reduction_ratio=min(16, width), impl="reference"
         ),
     }
     networks["fused"] = copy.deepcopy(networks["reference"])

@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cbam import build_resnet
 from cbam.data import CIFAR10_MEAN, CIFAR10_STD, ImageArrays, load_cifar10
-from cbam.provenance import describe_device  # noqa: F401 (the benchmarks' device line, one definition)
+from cbam.runtime.provenance import describe_device  # noqa: F401 (the benchmarks' device line, one definition)
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets, in TFLOP/s (fp32 peaks for fp32 runs are
 # not used: MFU is quoted against the bf16 peak, the ceiling a mixed-precision run can aim at).

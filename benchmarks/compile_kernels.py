@@ -53,7 +53,7 @@ def record_launches(configs: list[str], multiprocessors: int) -> list[dict]:
     from triton.runtime import interpreter
 
     from cbam import CBAM
-    from cbam.fused import ops
+    from cbam.models.fused import ops
 
     gpu_plan = functools.partial(ops.plan.__wrapped__, gpu=multiprocessors)
 
@@ -120,7 +120,7 @@ def compile_launches(launches: list[dict], architectures: list[int]) -> list[dic
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from cbam.fused import kernels
+    from cbam.models.fused import kernels
 
     dtypes = {"fp32": tl.float32, "fp64": tl.float64}
     results = []
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(configs) - set(CONFIGS))
     if unknown:
         parser.error(f"unknown configuration {', '.join(unknown)}; known: {', '.join(CONFIGS)}")
-    os.environ["TRITON_INTERPRET"] = "1"  # before cbam.fused defines the kernels
+    os.environ["TRITON_INTERPRET"] = "1"  # before cbam.models.fused defines the kernels
     launches = record_launches(configs, args.multiprocessors)
     # Compiled in a fresh process: under the interpreter the kernels are not compilable JIT functions.
     launch_file = Path(os.environ.get("TMPDIR", "/tmp")) / f"cbam_launches_{os.getpid()}.json"

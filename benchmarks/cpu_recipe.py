@@ -219,8 +219,8 @@ def main(argv=None) -> dict:
         args.learn_epochs = min(args.learn_epochs, 1)
     args.arms = args.arms.split(",")
     args.threads = [int(n) for n in args.threads.split(",")]
-    from cbam.lightning_internals import cpu_has_native_bf16
-    from cbam.provenance import describe_device, git_revision
+    from cbam.runtime.lightning_internals import cpu_has_native_bf16
+    from cbam.runtime.provenance import describe_device, git_revision
 
     report = {
         "device": describe_device(torch.device("cpu")),

@@ -209,7 +209,7 @@ def step_counts(
         width=width,
         reduction_ratio=min(16, width),
         use_cbam_block=network != "plain",
-        cbam_impl="reference" if network == "plain" else network,
+        impl="reference" if network == "plain" else network,
     ).to(device)
     images = torch.randn(batch, 3, 32, 32, device=device)
     labels = torch.arange(batch, device=device) % 10

@@ -71,7 +71,7 @@ def measure(args, device: torch.device) -> dict:
         width=args.width,
         reduction_ratio=min(16, args.width),
         use_cbam_block=args.impl != "none",
-        cbam_impl="reference" if args.impl == "none" else args.impl,
+        impl="reference" if args.impl == "none" else args.impl,
     ).to(device)
     if gpu:
         net = net.to(memory_format=torch.channels_last)

@@ -38,8 +38,8 @@ from common import (
     training_flops_per_image,
 )
 
-from cbam import build_resnet
 from cbam.data import CIFAR10_MEAN, CIFAR10_STD, DeviceLoader, default_padding
+from cbam.models.network_config import build_network, nest
 
 
 def _synchronize(device: torch.device) -> None:
@@ -66,7 +66,7 @@ def loader_options(arrays) -> dict:
 
 
 def network_options(cbam: bool, impl: str | None) -> dict:
-    """The ``build_resnet`` / ``CBAMResNetModule`` arguments of a row: CBAM in every block or none."""
+    """The model config's keys of a row (``CBAMResNetModule``'s arguments): CBAM in every block or none."""
     return {"use_cbam_block": True, "cbam_impl": impl} if cbam else {"use_cbam_block": False}
 
 
@@ -74,7 +74,7 @@ def run_plain(args, arrays, depth: int, network: dict, device: torch.device) -> 
     """Seconds for ``args.steps`` timed steps of a bare loop with this project's data path."""
     gpu = device.type == "cuda"
     torch.backends.cudnn.benchmark = gpu  # as trainer=gpu does
-    net = build_resnet(depth, width=args.width, **network).to(device)
+    net = build_network(nest({"depth": depth, "width": args.width, **network})).to(device)
     if gpu:
         net = net.to(memory_format=torch.channels_last)
     step_net = torch.compile(net, mode=args.compile_mode) if args.compile else net
@@ -147,7 +147,7 @@ class _PILDataset(Dataset):
 
 
 def run_conventional(args, arrays, depth: int, network: dict, device: torch.device) -> float:
-    net = build_resnet(depth, width=args.width, **network).to(device)
+    net = build_network(nest({"depth": depth, "width": args.width, **network})).to(device)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     criterion = torch.nn.CrossEntropyLoss()
     loader = DataLoader(
@@ -173,7 +173,7 @@ def run_conventional(args, arrays, depth: int, network: dict, device: torch.devi
 def run_lightning(args, arrays, depth: int, network: dict, device: torch.device) -> float:
     import pytorch_lightning as pl
 
-    from cbam.module import CBAMResNetModule
+    from cbam.training.lightning_module import CBAMResNetModule
 
     gpu = device.type == "cuda"
 
@@ -209,9 +209,12 @@ def run_lightning(args, arrays, depth: int, network: dict, device: torch.device)
         "weight_decay": 5e-4,
         "fused": gpu or None,
     }
-    scheduler = {"_target_": "cbam.schedules.constant", "_partial_": True}  # the plain loop's constant rate
+    scheduler = {
+        "_target_": "cbam.training.schedules.constant",
+        "_partial_": True,
+    }  # the plain loop's constant rate
     module = CBAMResNetModule(
-        depth,
+        depth=depth,
         width=args.width,
         optimizer=optimizer,
         scheduler=scheduler,

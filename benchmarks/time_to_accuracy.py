@@ -29,8 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import describe_device, software_versions
 
-from cbam.reliability import DivergenceGuard, TrainingDiverged
-from cbam.training import build_model
+from cbam.callbacks.divergence import DivergenceGuard
+from cbam.errors import TrainingDiverged
+from cbam.training.run import build_model
 
 QUICK_OVERRIDES = [
     "trainer=cpu",

@@ -1,7 +1,13 @@
-"""CBAM (Woo et al., ECCV 2018) in CIFAR ResNets, trained with PyTorch Lightning and Hydra."""
+"""CBAM (Woo et al., ECCV 2018) in CIFAR ResNets, trained with PyTorch Lightning and Hydra.
 
-from cbam.attention import CBAM, ChannelAttention, SpatialAttention
-from cbam.resnet import build_resnet
+The package, by concern: ``models`` (the attention layers, the networks, the fused kernels), ``data``,
+``training`` (the LightningModule, the run train.py makes, config checks, schedules), ``callbacks``,
+``runtime`` (checkpoints, DDP watch, run-dir lock, atomic writes, provenance), ``analysis`` (the sweep report,
+its statistics, Grad-CAM); ``errors`` holds every error a command ends with.
+"""
 
-__all__ = ["CBAM", "ChannelAttention", "SpatialAttention", "build_resnet"]
+from cbam.models.cbam import CBAM, CBAMOptions, ChannelAttention, SpatialAttention
+from cbam.models.resnet import build_resnet
+
+__all__ = ["CBAM", "CBAMOptions", "ChannelAttention", "SpatialAttention", "build_resnet"]
 __version__ = "0.1.0"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 # The fused CBAM's Triton kernels run on the CPU through Triton's interpreter here. Triton reads this
-# switch when the kernels are defined (on import of cbam.fused), so it is set before any test imports cbam.
+# switch when the kernels are defined (on import of cbam.models.fused), so it is set before any test imports cbam.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pickle
@@ -154,7 +154,7 @@ def compose_config():
 @pytest.fixture
 def train_in_process(compose_config, capsys):
     """``train_in_process(run_dir, *overrides)``: what ``python train.py hydra.run.dir=<run_dir> <overrides>``
-    runs (``cbam.training.main``), in this process, with Hydra's runtime config set as a run sets it (no
+    runs (``cbam.training.run.main``), in this process, with Hydra's runtime config set as a run sets it (no
     Hydra job: no .hydra/ files, no logging set-up, no Hydra callbacks). Returns (exit status, stderr,
     Lightning's log messages). For what needs no process of its own: a subprocess spends most of its time
     importing torch and Lightning."""
@@ -163,7 +163,7 @@ def train_in_process(compose_config, capsys):
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    from cbam.training import main
+    from cbam.training.run import main
 
     def train(run_dir: Path, *overrides: str) -> tuple[int, str, list[str]]:
         cfg = compose_config(*overrides, f"hydra.run.dir={run_dir}", hydra=True)

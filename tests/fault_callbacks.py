@@ -12,7 +12,8 @@ import os
 import torch
 from pytorch_lightning.callbacks import Callback
 
-from cbam.run_dir_lock import RunDirInUse, RunDirLock
+from cbam.errors import RunDirInUse
+from cbam.runtime.run_dir_lock import RunDirLock
 
 
 class FillsUp:

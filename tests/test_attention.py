@@ -347,7 +347,7 @@ def test_every_variant_trains_in_every_placement(name, placement):
         kernel_size=3,
         use_cbam_block=placement == "block",
         use_cbam_class=placement == "classifier",
-        **{("cbam_impl" if k == "impl" else k): v for k, v in VARIANTS[name].items()},
+        **VARIANTS[name],
     )
     cbams = [m for m in net.modules() if isinstance(m, CBAM)]
     assert len(cbams) == (8 if placement == "block" else 1)
@@ -418,7 +418,7 @@ def test_attention_maps_record_the_gates_each_variant_has(name):
     from cbam import build_resnet
     from cbam.callbacks.attention_maps import attention_gates, find_cbam_sites
 
-    options = {("cbam_impl" if k == "impl" else k): v for k, v in VARIANTS[name].items()}
+    options = VARIANTS[name]
     net = build_resnet(18, width=4, reduction_ratio=2, kernel_size=3, use_cbam_block=True, **options).train()
     images = torch.randn(3, 3, 8, 8)
     gates = attention_gates(net, images, find_cbam_sites(net))
@@ -466,18 +466,20 @@ def test_fused_impl_equals_the_reference_layer(channel_pooling, training):
 def test_auto_runs_the_reference_code_on_the_cpu_and_variants_without_kernels_fall_back_once(
     caplog, monkeypatch
 ):
-    import cbam.fused
+    import cbam.models.fused
 
     calls = []
-    monkeypatch.setattr(cbam.fused, "cbam_fused", lambda *args, **kwargs: calls.append(args) or args[0])
+    monkeypatch.setattr(
+        cbam.models.fused, "cbam_fused", lambda *args, **kwargs: calls.append(args) or args[0]
+    )
     CBAM(8, 2, 3, impl="auto")(torch.randn(2, 8, 4, 4))
     assert calls == []  # auto: reference on the CPU
     CBAM(8, 2, 3, impl="fused")(torch.randn(2, 8, 4, 4))
     assert len(calls) == 1
-    import cbam.attention as attention
+    import cbam.models.cbam as attention
 
     monkeypatch.setattr(attention, "_logged", set())
-    with caplog.at_level("WARNING", logger="cbam.attention"):
+    with caplog.at_level("WARNING", logger="cbam.models.cbam"):
         for _ in range(3):
             CBAM(8, 2, 3, gate_order="parallel", impl="fused")(torch.randn(2, 8, 4, 4))
     assert len(calls) == 1
@@ -488,7 +490,7 @@ def test_auto_runs_the_reference_code_on_the_cpu_and_variants_without_kernels_fa
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_a_channels_last_input_gives_the_same_outputs_and_gradients_in_its_own_format(dtype):
-    """The CPU code reduces a channels_last input along its memory order (cbam.attention.channel_max,
+    """The CPU code reduces a channels_last input along its memory order (cbam.models.cbam.channel_max,
     spatial_max): the same numbers as a contiguous input, and gradients that keep the input's format."""
     torch.manual_seed(0)
     layer = CBAM(16, reduction_ratio=4, kernel_size=7).to(dtype)

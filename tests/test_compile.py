@@ -14,15 +14,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra.utils import instantiate
 import torch
+from hydra.utils import instantiate
 from torch import nn
 
 from cbam import CBAM, build_resnet
-from cbam.lightning_internals import is_compiled
-from cbam.module import COMPILE_MODES
-from cbam.resnet import BasicBlock
-from cbam.training import build_model
+from cbam.models.resnet import BasicBlock
+from cbam.runtime.lightning_internals import is_compiled
+from cbam.training.lightning_module import COMPILE_MODES
+from cbam.training.run import build_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from compile_compare import compare_steps, compiled_copy, training_step

@@ -21,8 +21,7 @@ from PIL import Image
 from cbam.callbacks import AttentionMaps, ClassReport, ModelStats
 from cbam.callbacks.attention_maps import attention_gates, find_cbam_sites, to_display
 from cbam.callbacks.class_report import format_table, per_class_rows
-from cbam.callbacks.model_summary import count_flops
-from cbam.checks import ConfigError, num_classes
+from cbam.callbacks.model_stats import count_flops
 from cbam.data import (
     CIFAR10_MEAN,
     CIFAR10_STD,
@@ -36,8 +35,10 @@ from cbam.data import (
     normalize,
 )
 from cbam.data.sources import channel_statistics
-from cbam.module import CBAMResNetModule
-from cbam.training import build_model, main
+from cbam.errors import ConfigError
+from cbam.training.config_checks import num_classes
+from cbam.training.lightning_module import CBAMResNetModule
+from cbam.training.run import build_model, main
 
 #: CIFAR-100's fine classes in meta's order, deliberately not sorted: the names must come from meta
 CIFAR100_NAMES = [f"fine{(37 * index) % 100:02d}" for index in range(100)]
@@ -110,7 +111,7 @@ def test_cifar100_pickles_give_100_outputs_and_the_names_of_meta(tmp_path, compo
     assert cfg.model.num_classes is None  # no key: the outputs follow the data
     report = ClassReport()
     data, model, _ = fit_and_test(cfg, tmp_path, [report])
-    assert model.hparams.num_classes == 100 and model.net.classifier.out_features == 100
+    assert model.num_classes == 100 and model.net.classifier.out_features == 100
     assert data.classes == CIFAR100_NAMES  # meta's order, fine labels
     arrays = data.load(download=False)
     assert (
@@ -405,7 +406,7 @@ def test_attention_images_are_shown_with_the_datas_statistics():
 
 
 def test_report_groups_jobs_by_data_set(tmp_path):
-    from cbam.report import report
+    from cbam.analysis.report import report
 
     sweep = tmp_path / "sweep"
     settings = [("CIFAR10DataModule", False, 0.90), ("CIFAR10DataModule", True, 0.92),
@@ -435,7 +436,8 @@ def test_report_groups_jobs_by_data_set(tmp_path):
 def test_gradcam_draws_a_folder_run_at_its_size_with_its_class_names(tmp_path):
     import pytorch_lightning as pl
 
-    from cbam.gradcam import GradCamError, gradcam_figure, load_test_data
+    from cbam.analysis.gradcam import gradcam_figure, load_test_data
+    from cbam.errors import GradCamError
 
     root = write_folder(tmp_path / "data", ["b", "a", "c"], train=2, test=1, size=(30, 30))
     run = tmp_path / "run"
@@ -467,10 +469,10 @@ def test_checkpoints_from_before_the_stem_load_with_the_cifar_stem(tmp_path, qui
     path = tmp_path / "old.ckpt"
     trainer.save_checkpoint(path)
     checkpoint = torch.load(path, weights_only=True)
-    del checkpoint["hyper_parameters"]["stem"]  # as written before model.stem existed
+    del checkpoint["hyper_parameters"]["net"]["stem"]  # as written before model.stem existed
     torch.save(checkpoint, path)
     loaded = CBAMResNetModule.load_from_checkpoint(path)
-    assert loaded.hparams.stem == "cifar" and loaded.net.stem[0].kernel_size == (3, 3)
+    assert loaded.hparams.net["stem"] == "cifar" and loaded.net.stem[0].kernel_size == (3, 3)
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), module.state_dict().values()))
 
 

@@ -20,7 +20,7 @@ from helpers import conf_file, run_train
 from PIL import Image
 
 from cbam.data import CIFAR10DataModule
-from cbam.module import CBAMResNetModule
+from cbam.training.lightning_module import CBAMResNetModule
 
 CLASSES = [f"class{label}" for label in range(10)]
 TEST_PER_CLASS = 10  # + one more image of class 3: 101

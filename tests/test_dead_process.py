@@ -26,11 +26,13 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from reliability_signals import SignalAtSteps
 from test_reliability import max_weight_difference, show
 
-from cbam.checks import ConfigError, check_config
+from cbam.callbacks.last_checkpoint import LastCheckpoint
 from cbam.data import CIFAR10DataModule
-from cbam.distributed import LAUNCHER_PID, PROCESS_DIED_EXIT_STATUS, WatchedDDPStrategy, leave_on_error
-from cbam.module import CBAMResNetModule
-from cbam.reliability import AtomicCheckpointIO, LastCheckpoint
+from cbam.errors import PROCESS_DIED_EXIT_STATUS, ConfigError
+from cbam.runtime.checkpoints import AtomicCheckpointIO
+from cbam.runtime.distributed import LAUNCHER_PID, WatchedDDPStrategy, leave_on_error
+from cbam.training.config_checks import check_config
+from cbam.training.lightning_module import CBAMResNetModule
 
 #: 10 classes x 10 images - 36 for validation = 64 training images: 4 steps of 8 per epoch on each of the
 #: 2 ranks; every other step is saved, so an epoch's last step is a step to save

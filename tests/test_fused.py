@@ -1,4 +1,4 @@
-"""The fused CBAM (cbam.fused) against plain PyTorch, on the CPU through Triton's interpreter (switched on
+"""The fused CBAM (cbam.models.fused) against plain PyTorch, on the CPU through Triton's interpreter (switched on
 in conftest.py): outputs, input and parameter gradients, BatchNorm running statistics, float64 gradcheck,
 the torch.library op, and the host work of a layer and of a training step.
 
@@ -19,7 +19,7 @@ from torch import nn
 
 from cbam import CBAM, build_resnet
 from cbam.errors import InvalidArgument
-from cbam.fused import cbam_fused, fused_available
+from cbam.models.fused import cbam_fused, fused_available
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import host_ops  # noqa: E402  (the counting rules of benchmarks/host_ops.py)
@@ -31,7 +31,7 @@ TOLERANCES = {
 
 
 class Gates(nn.Module):
-    """The small-tensor half of a CBAM layer, written here independently of cbam.attention."""
+    """The small-tensor half of a CBAM layer, written here independently of cbam.models.cbam."""
 
     def __init__(self, channels: int, hidden: int, kernel_size: int) -> None:
         super().__init__()
@@ -156,7 +156,7 @@ def test_fused_matches_the_plain_formula(case: Case):
 )
 def test_the_gpu_tile_plan_gives_the_same_numbers(case: Case, monkeypatch):
     """The tile sizes and persistent grids an H100 (132 multiprocessors) gets, run by the interpreter."""
-    import cbam.fused.ops as ops
+    import cbam.models.fused.ops as ops
 
     monkeypatch.setattr(ops, "multiprocessors", lambda device: 132)
     torch.manual_seed(6)
@@ -289,7 +289,7 @@ def test_the_launches_are_worked_out_for_symbolic_sizes():
     launches recorded, not run (the interpreter would run the kernels on the fake tensors)."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from cbam.fused import ops
+    from cbam.models.fused import ops
 
     launched = []
 
@@ -376,15 +376,15 @@ def test_gpu_check_script_quick_run_agrees_and_reports(capsys):
 def test_flops_are_counted_on_the_meta_device_the_same_for_every_implementation():
     """The FLOP counter and the config check build and run the network on the meta device, where the
     fused kernels cannot run: every implementation then computes the reference layer's function."""
-    from cbam.attention import IMPLS
-    from cbam.callbacks.model_summary import count_flops
+    from cbam.callbacks.model_stats import count_flops
+    from cbam.models.cbam import IMPLS
 
     options = dict(width=4, reduction_ratio=4, use_cbam_block=True)
-    counts = {impl: count_flops(build_resnet(18, cbam_impl=impl, **options)) for impl in IMPLS}
+    counts = {impl: count_flops(build_resnet(18, impl=impl, **options)) for impl in IMPLS}
     assert len(set(counts.values())) == 1, counts
     assert counts["fused"] > count_flops(build_resnet(18, width=4))  # the CBAM's MLP and convolution count
     with torch.device("meta"):
-        assert build_resnet(18, cbam_impl="fused", **options)(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+        assert build_resnet(18, impl="fused", **options)(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
 
 
 def test_train_py_fits_checkpoints_and_tests_with_the_fused_layer(tmp_path):
@@ -404,7 +404,7 @@ def test_train_py_fits_checkpoints_and_tests_with_the_fused_layer(tmp_path):
     assert 0 <= metrics["test_acc"] <= 1 and metrics["global_step"] == 1
     (checkpoint,) = (run_dir / "checkpoints").glob("best-*.ckpt")
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
-    reference = build_resnet(18, width=2, reduction_ratio=2, use_cbam_block=True, cbam_impl="reference")
+    reference = build_resnet(18, width=2, reduction_ratio=2, use_cbam_block=True, impl="reference")
     reference.load_state_dict(
         {key.removeprefix("net."): value for key, value in state.items() if key.startswith("net.")}
     )

@@ -16,9 +16,9 @@ import yaml
 from helpers import run_python
 from PIL import Image
 
+from cbam.analysis.gradcam import grad_cam, load_model, main
 from cbam.data import load_cifar10, normalize
-from cbam.gradcam import grad_cam, load_model, main
-from cbam.module import CBAMResNetModule
+from cbam.training.lightning_module import CBAMResNetModule
 
 
 def save_checkpoint(module: CBAMResNetModule, path: Path) -> Path:

@@ -12,10 +12,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from cbam import CBAM
 from cbam.callbacks import AttentionMaps, ClassReport
-from cbam.checks import ConfigError
 from cbam.data import IGNORED_LABEL, CIFAR10DataModule
-from cbam.module import CBAMResNetModule
-from cbam.schedules import constant, one_cycle, warmup_cosine
+from cbam.errors import ConfigError
+from cbam.models.network_config import flatten
+from cbam.training.lightning_module import CBAMResNetModule
+from cbam.training.schedules import constant, one_cycle, warmup_cosine
 
 
 def fixed_batch(n: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,7 +55,11 @@ def test_checkpoint_alone_rebuilds_architecture_and_weights(tmp_path, quiet_trai
         num_classes=7,
         label_smoothing=0.1,
         optimizer={"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.05, "momentum": 0.9},
-        scheduler={"_target_": "cbam.schedules.one_cycle", "_partial_": True, "warmup_fraction": 0.5},
+        scheduler={
+            "_target_": "cbam.training.schedules.one_cycle",
+            "_partial_": True,
+            "warmup_fraction": 0.5,
+        },
     )
     module = CBAMResNetModule(**options)
     images, labels = fixed_batch(16)
@@ -66,8 +71,9 @@ def test_checkpoint_alone_rebuilds_architecture_and_weights(tmp_path, quiet_trai
     trainer.save_checkpoint(path)
 
     restored = CBAMResNetModule.load_from_checkpoint(path, map_location="cpu")
+    saved = {**flatten(restored.hparams.net), **restored.hparams}
     for key, value in options.items():
-        assert restored.hparams[key] == value, key
+        assert saved[key] == value, key
     assert str(restored.net) == str(module.net)
     assert sum(isinstance(m, CBAM) for m in restored.modules()) == 8 + 1
     assert restored.state_dict().keys() == module.state_dict().keys()

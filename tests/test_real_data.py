@@ -18,7 +18,7 @@ import torch
 
 from cbam import CBAM
 from cbam.data import CIFAR10_MEAN, CIFAR10_STD, CIFAR10DataModule, FolderSource, load_arrays, load_cifar10
-from cbam.module import CBAMResNetModule
+from cbam.training.lightning_module import CBAMResNetModule
 
 DATA = os.environ.get("CBAM_TEST_DATA")
 pytestmark = pytest.mark.skipif(
@@ -80,7 +80,11 @@ def test_short_cpu_training_learns_far_beyond_chance(tmp_path, seed, quiet_train
             "nesterov": True,
             "weight_decay": 5e-4,
         },
-        scheduler={"_target_": "cbam.schedules.one_cycle", "_partial_": True, "warmup_fraction": 0.25},
+        scheduler={
+            "_target_": "cbam.training.schedules.one_cycle",
+            "_partial_": True,
+            "warmup_fraction": 0.25,
+        },
     )
     assert sum(isinstance(m, CBAM) for m in model.modules()) == 8
     trainer = quiet_trainer(max_epochs=EPOCHS)

@@ -25,10 +25,11 @@ from helpers import load_checkpoint, run_train, subprocess_env, write_random_png
 from PIL import Image
 
 import cbam.data.sources as data
-from cbam.atomic import _UMASK
-from cbam.checks import ConfigError, check_checkpoint
-from cbam.module import CBAMResNetModule
-from cbam.reliability import PARTIAL_PREFIX, PARTIAL_SUFFIX, SIGINT_EXIT_STATUS, AtomicCheckpointIO
+from cbam.callbacks.last_checkpoint import SIGINT_EXIT_STATUS
+from cbam.errors import ConfigError
+from cbam.runtime.atomic import _UMASK
+from cbam.runtime.checkpoints import PARTIAL_PREFIX, PARTIAL_SUFFIX, AtomicCheckpointIO, check_checkpoint
+from cbam.training.lightning_module import CBAMResNetModule
 
 #: 10 classes x 10 train images - 20 for validation = 80 images = 10 batches of 8 per epoch; 2 epochs
 STEPS_PER_EPOCH, EPOCHS = 10, 2
@@ -513,5 +514,5 @@ def test_slurm_cluster_config_wires_trainer_to_the_allocation(compose_config):
     assert launcher.partition == "gpu" and launcher.timeout_min == cfg.cluster.timeout_min
     assert launcher.max_num_timeout == cfg.cluster.max_requeues > 0
     assert (trainer.num_nodes, trainer.devices) == (2, 4)
-    assert trainer.strategy._target_ == "cbam.distributed.WatchedDDPStrategy"
+    assert trainer.strategy._target_ == "cbam.runtime.distributed.WatchedDDPStrategy"
     assert cfg.ckpt_path == "last"  # a requeued job resumes from its own last.ckpt

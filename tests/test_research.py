@@ -239,7 +239,7 @@ def test_curves_png_after_training(block_run):
 
 
 def test_model_summary_logged_with_the_hparams(block_run):
-    from cbam.resnet import build_resnet
+    from cbam.models.resnet import build_resnet
 
     folder, stdout = block_run
     net = build_resnet(18, use_cbam_block=True, width=4, reduction_ratio=2)
@@ -279,7 +279,7 @@ def test_metrics_record_step_time_and_where_the_run_ran(block_run, data_root):
 
 
 def test_report_groups_seeds(sweep, capsys):
-    from cbam.report import main
+    from cbam.analysis.report import main
 
     sweep, _ = sweep
     assert main([str(sweep)]) == 0
@@ -309,7 +309,7 @@ def test_report_groups_seeds(sweep, capsys):
 
 
 def test_report_errors_are_one_line(sweep, tmp_path, capsys):
-    from cbam.report import main
+    from cbam.analysis.report import main
 
     sweep, _ = sweep
     assert main([str(tmp_path / "missing")]) == 2
@@ -329,7 +329,7 @@ def test_report_errors_are_one_line(sweep, tmp_path, capsys):
 
 
 def test_report_counts_unfinished_jobs(sweep, tmp_path, capsys):
-    from cbam.report import main
+    from cbam.analysis.report import main
 
     sweep, _ = sweep
     partial = tmp_path / "partial"
@@ -421,7 +421,7 @@ def test_curves_record_every_epoch_of_train_and_val(tiny_cifar_folder, tmp_path,
 
     from cbam.callbacks import TrainingCurves
     from cbam.data import CIFAR10DataModule
-    from cbam.module import CBAMResNetModule
+    from cbam.training.lightning_module import CBAMResNetModule
 
     class Remember(pl.Callback):  # what the module logged at the end of each epoch
         logged: dict = {}
@@ -529,7 +529,7 @@ PLACEMENT_BY_DEPTH = [
 def test_welch_difference_matches_scipy():
     from scipy import stats
 
-    from cbam.comparison import welch_difference
+    from cbam.analysis.statistics import welch_difference
 
     values, baseline = [0.95, 0.93, 0.97, 0.90], [0.90, 0.91, 0.93]
     result = welch_difference(values, baseline)
@@ -544,7 +544,7 @@ def test_welch_difference_matches_scipy():
 def test_report_compares_each_configuration_with_the_baseline_of_its_depth(tmp_path, capsys):
     from scipy import stats
 
-    from cbam.report import main
+    from cbam.analysis.report import main
 
     sweep = fake_sweep(tmp_path / "sweep", PLACEMENT_BY_DEPTH, ["experiment=ablation"])
     assert main([str(sweep)]) == 0
@@ -573,7 +573,7 @@ def test_report_compares_each_configuration_with_the_baseline_of_its_depth(tmp_p
 def test_attention_study_baseline_is_recognised_from_the_resolved_config(tmp_path):
     """attention=none under cbam=block switches attention off: the job's resolved config says so, not its
     overrides."""
-    from cbam.report import report
+    from cbam.analysis.report import report
 
     configurations = [
         (["cbam=block", "attention=none"], {}, [0.90, 0.92]),
@@ -594,7 +594,7 @@ def test_attention_study_baseline_is_recognised_from_the_resolved_config(tmp_pat
 def test_report_writes_results_and_provenance_into_out(tmp_path):
     sweep = fake_sweep(tmp_path / "sweep", PLACEMENT_BY_DEPTH[:2], ["experiment=ablation", "seed=0,1,2"])
     out = tmp_path / "results" / "ablation"
-    from cbam.report import main
+    from cbam.analysis.report import main
 
     assert main([str(sweep), "--out", str(out), "--data", "CIFAR-10 JPEG copy, quality 75"]) == 0
     written = sorted(p.name for p in out.iterdir())
@@ -623,7 +623,7 @@ def test_report_writes_results_and_provenance_into_out(tmp_path):
 def test_report_on_a_full_disk_is_one_line_and_keeps_the_previous_files(tmp_path, monkeypatch, capsys):
     from fault_callbacks import FillsUp
 
-    from cbam.report import main
+    from cbam.analysis.report import main
 
     sweep = fake_sweep(tmp_path / "sweep", PLACEMENT_BY_DEPTH[:2], ["experiment=ablation", "seed=0,1,2"])
     out = tmp_path / "results"
@@ -645,8 +645,8 @@ def test_differences_figure_draws_each_comparison_with_the_interval_of_results_c
     """differences.png, the forest plot: one row per configuration compared with a baseline, its dot at
     the difference and its line over the 95% interval that results.csv holds, and a line at zero (read
     from the figure's drawn data, not its pixels)."""
-    from cbam.report import report, tabulate
-    from cbam.report_output import plot_differences
+    from cbam.analysis.report import report, tabulate
+    from cbam.analysis.report_files import plot_differences
 
     one_seed = (["model.depth=50", "cbam=classifier"], {"depth": 50, **CLASSIFIER}, [0.83])  # no interval
     sweep = fake_sweep(tmp_path / "sweep", [*PLACEMENT_BY_DEPTH, one_seed], ["experiment=ablation"])

@@ -107,7 +107,7 @@ def study(tmp_path_factory):
     se_step = load_checkpoint(se / "checkpoints" / "last.ckpt")["global_step"]
     second = run_train(command)
     assert second.returncode == 0, second.stderr[-3000:]
-    from cbam.report import main
+    from cbam.analysis.report import main
 
     assert main([str(sweep), "--out", str(scratch / "results")]) == 0
     assert main([str(scratch / "results" / "runs"), "--out", str(scratch / "rebuilt")]) == 0

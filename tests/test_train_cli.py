@@ -19,9 +19,9 @@ from helpers import load_checkpoint, run_train
 from hydra.utils import instantiate
 
 from cbam import CBAM
-from cbam.checks import ConfigError
-from cbam.module import CBAMResNetModule
-from cbam.training import build_model, load_weights
+from cbam.errors import ConfigError
+from cbam.training.lightning_module import CBAMResNetModule
+from cbam.training.run import build_model, load_weights
 
 #: settings every run here shares: a narrow network, small batches, one epoch, no download, no workers
 TINY = {
@@ -96,14 +96,14 @@ def test_fit_and_test_write_config_logs_checkpoints_and_report(first_run):
     assert len(list(checkpoints.glob("best-*.ckpt"))) == 1
     last = load_checkpoint(checkpoints / "last.ckpt")
     assert last["global_step"] == 2 * STEPS_PER_EPOCH and last["epoch"] == 1
-    assert last["hyper_parameters"]["width"] == 4
+    assert last["hyper_parameters"]["net"]["width"] == 4
 
 
 def test_design_card_command_composes(compose_config):
     config = compose_config("model.depth=50", "model.use_cbam_block=true")
     assert config.model.depth == 50
     assert config.model.use_cbam_block is True and config.model.use_cbam_class is False
-    assert config.model._target_ == "cbam.module.CBAMResNetModule"
+    assert config.model._target_ == "cbam.training.lightning_module.CBAMResNetModule"
     assert config.name == "cbam-resnet50"
     # the defaults of the optimizer and the schedule come from conf/ alone
     assert config.optim._target_ == "torch.optim.SGD" and config.scheduler._target_.endswith("warmup_cosine")
@@ -128,7 +128,7 @@ def test_multirun_sweeps_two_by_two(run, tmp_path):
     for job in jobs:
         config = job_config(job)
         checkpoint = load_checkpoint(job / "checkpoints" / "last.ckpt")
-        assert checkpoint["hyper_parameters"]["use_cbam_block"] == config["model"]["use_cbam_block"]
+        assert checkpoint["hyper_parameters"]["net"]["use_cbam_block"] == config["model"]["use_cbam_block"]
         model = CBAMResNetModule.load_from_checkpoint(job / "checkpoints" / "last.ckpt", map_location="cpu")
         expected = 8 if config["model"]["use_cbam_block"] else 0
         assert sum(isinstance(m, CBAM) for m in model.modules()) == expected
@@ -457,12 +457,14 @@ def test_unknown_key_keeps_hydras_error(bad_runs):
 def test_trainer_cpu_trains_in_bf16_where_the_cpu_has_it_and_in_fp32_with_one_line_elsewhere(
     native, compose_config, monkeypatch, capsys, tmp_path
 ):
-    import cbam.training
+    import cbam.training.run
 
-    monkeypatch.setattr(cbam.training, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(cbam.training.run, "cpu_has_native_bf16", lambda: native)
     cfg = compose_config("trainer=cpu", "~logger", "~callbacks", f"trainer.default_root_dir={tmp_path}")
-    assert cfg.trainer.precision == "bf16-mixed" and cfg.data.loader == "device" and not cfg.model.channels_last
-    trainer = cbam.training.build_trainer(cfg)
+    assert (
+        cfg.trainer.precision == "bf16-mixed" and cfg.data.loader == "device" and not cfg.model.channels_last
+    )
+    trainer = cbam.training.run.build_trainer(cfg)
     err = capsys.readouterr().err
     if native:
         assert trainer.precision == "bf16-mixed" and err == ""

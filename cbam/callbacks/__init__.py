@@ -3,7 +3,7 @@
 from cbam.callbacks.attention_maps import AttentionMaps
 from cbam.callbacks.class_report import ClassReport
 from cbam.callbacks.curves import TrainingCurves
-from cbam.callbacks.model_summary import ModelStats
+from cbam.callbacks.model_stats import ModelStats
 from cbam.callbacks.run_metrics import RunMetrics
 
 __all__ = ["AttentionMaps", "ClassReport", "ModelStats", "RunMetrics", "TrainingCurves"]

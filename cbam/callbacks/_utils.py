@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
 
-from cbam.atomic import write_atomically
+from cbam.runtime.atomic import write_atomically
 
 
 def run_dir(trainer: pl.Trainer) -> Path:
@@ -20,7 +20,7 @@ def run_dir(trainer: pl.Trainer) -> Path:
 
 def plain_network(pl_module: nn.Module) -> nn.Module:
     """The module's ``net`` (else the module itself). ``model.compile`` compiles it in place, so its
-    submodules are the plain ones (:func:`cbam.lightning_internals.call_uncompiled` runs it uncompiled)."""
+    submodules are the plain ones (:func:`cbam.runtime.lightning_internals.call_uncompiled` runs it uncompiled)."""
     return getattr(pl_module, "net", pl_module)
 
 

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cbam.attention import CBAM
 from cbam.callbacks._utils import (
     class_names,
     new_figure,
@@ -27,7 +26,8 @@ from cbam.callbacks._utils import (
     tensorboard_writers,
 )
 from cbam.data import IGNORED_LABEL
-from cbam.lightning_internals import call_uncompiled
+from cbam.models.cbam import CBAM
+from cbam.runtime.lightning_internals import call_uncompiled
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ class AttentionMaps(pl.Callback):
             return
         images, labels = torch.cat(self._images), torch.cat(self._labels)
         gates = attention_gates(net, images, sites)
-        names = class_names(trainer, int(getattr(pl_module.hparams, "num_classes", 0) or labels.max() + 1))
+        names = class_names(trainer, int(getattr(pl_module, "num_classes", 0) or labels.max() + 1))
         folder, epoch, step = run_dir(trainer) / self.dirname, trainer.current_epoch, trainer.global_step
         spatial_gates = {name: gate for name, gate in gates.items() if "spatial" in gate}
         if spatial_gates:

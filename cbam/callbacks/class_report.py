@@ -17,9 +17,9 @@ import pytorch_lightning as pl
 import torch
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from cbam.atomic import write_atomically
 from cbam.callbacks._utils import class_names, new_figure, publish_figure, run_dir, tensorboard_writers
 from cbam.data import IGNORED_LABEL
+from cbam.runtime.atomic import write_atomically
 
 
 def per_class_rows(matrix: torch.Tensor, names: list[str]) -> list[dict]:
@@ -102,7 +102,7 @@ class ClassReport(pl.Callback):
         if logits is None or logits.ndim != 2 or logits.shape[0] != labels.shape[0]:
             return
         if self._matrix is None:
-            num_classes = int(getattr(pl_module.hparams, "num_classes", 0) or logits.shape[1])
+            num_classes = int(getattr(pl_module, "num_classes", 0) or logits.shape[1])
             # without the rows that fill up a short batch
             matrix = MulticlassConfusionMatrix(num_classes, ignore_index=IGNORED_LABEL)
             self._matrix = matrix.to(logits.device)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytorch_lightning as pl
 from matplotlib.ticker import MaxNLocator
 
-from cbam.atomic import write_atomically
 from cbam.callbacks._utils import new_figure, run_dir
+from cbam.runtime.atomic import write_atomically
 
 
 class TrainingCurves(pl.Callback):

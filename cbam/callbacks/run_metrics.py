@@ -2,7 +2,7 @@
 
 Written at the end of fit (best and last val/acc, training time, epochs, optimizer steps, time per step)
 and again at the end of test (with every ``test/*`` metric), with where the run ran (device, torch
-version, git revision, precision, data, date: :func:`cbam.provenance.run_record`). A job of a sweep without
+version, git revision, precision, data, date: :func:`cbam.runtime.provenance.run_record`). A job of a sweep without
 this file has not finished.
 """
 
@@ -13,10 +13,10 @@ import time
 
 import pytorch_lightning as pl
 
-from cbam.atomic import write_atomically
 from cbam.callbacks._utils import data_input_size, plain_network, run_dir
-from cbam.callbacks.model_summary import ModelStats, count_flops, count_parameters
-from cbam.provenance import run_record
+from cbam.callbacks.model_stats import ModelStats, count_flops, count_parameters
+from cbam.runtime.atomic import write_atomically
+from cbam.runtime.provenance import run_record
 
 
 class RunMetrics(pl.Callback):

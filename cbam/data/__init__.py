@@ -1,22 +1,21 @@
 """Image data sets for Lightning: their sources on disk and the uint8 cache (:mod:`cbam.data.sources`), the
 plans both loaders share (:mod:`cbam.data.batches`), the ``device`` loader (:mod:`cbam.data.device_loader`),
-the ``workers`` loader (:mod:`cbam.data.workers`) and the data modules (:mod:`cbam.data.module`)."""
+the ``workers`` loader (:mod:`cbam.data.workers`) and the data modules (:mod:`cbam.data.datamodule`)."""
 
 from cbam.data.batches import IGNORED_LABEL, default_padding, fill_batch, normalize
-from cbam.data.device_loader import DeviceLoader
-from cbam.data.module import (
+from cbam.data.datamodule import (
     CIFAR10DataModule,
     CIFAR100DataModule,
     ImageDataModule,
     ImageFolderDataModule,
     split_train_val,
 )
+from cbam.data.device_loader import DeviceLoader
 from cbam.data.sources import (
     CIFAR10,
     CIFAR10_MEAN,
     CIFAR10_STD,
     CIFAR100,
-    DataError,
     FolderSource,
     ImageArrays,
     Source,
@@ -24,6 +23,7 @@ from cbam.data.sources import (
     load_cifar10,
 )
 from cbam.data.workers import PlannedCrops, WorkersLoader
+from cbam.errors import DataError
 
 #: the cache file of CIFAR-10 (each source names its own: ``source.cache_name``)
 CACHE_NAME = CIFAR10.cache_name

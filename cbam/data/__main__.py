@@ -21,7 +21,7 @@ def describe(overrides: list[str]) -> str:
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from cbam.checks import check_config, num_classes
+    from cbam.training.config_checks import check_config, num_classes
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
@@ -45,18 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from cbam.checks import ConfigError
-    from cbam.data.sources import DataError
-    from cbam.write_failures import WRITE_FAILED_EXIT_STATUS, WriteFailed
+    from cbam.errors import ProjectError, print_error
 
     try:
         print(describe(sys.argv[1:] if argv is None else argv))
-    except (ConfigError, DataError, HydraException, OmegaConfBaseException) as error:
-        print(f"error: {str(error).strip().splitlines()[0]}", file=sys.stderr)
-        return 2
-    except WriteFailed as error:  # the decoded cache could not be written (disk full, read-only, not ours)
-        print(f"error: {error.failure}", file=sys.stderr)
-        return WRITE_FAILED_EXIT_STATUS
+    except (ProjectError, HydraException, OmegaConfBaseException) as error:  # bad input; a failed cache write
+        return print_error(error)
     return 0
 
 

@@ -34,8 +34,9 @@ from pathlib import Path
 
 import torch
 
-from cbam.atomic import write_atomically
-from cbam.write_failures import writing
+from cbam.errors import DataError
+from cbam.runtime.atomic import write_atomically
+from cbam.runtime.write_failures import writing
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +50,6 @@ FOLDER_ORDER_SEED = 0
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 TREE = "train/<class>/ and test/<class>/ folders of .png or .jpg images"
-
-
-class DataError(RuntimeError):
-    """A data folder, image or cache that cannot be used; the message names the path."""
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Launching the fused CBAM kernels (:mod:`cbam.fused.kernels`): tile sizes and grids, worked out once per
+"""Launching the fused CBAM kernels (:mod:`cbam.models.fused.kernels`): tile sizes and grids, worked out once per
 input shape; the forward (three launches) and the backward (three launches); an ``autograd.Function`` for
 eager mode and ``torch.library`` ops (``triton_op`` + ``register_autograd``) for torch.compile, both
 running the same code.
@@ -21,7 +21,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import register_autograd, triton_op, wrap_triton
 
-from cbam.fused import kernels
+from cbam.models.fused import kernels
 
 #: elements of a tile of x: large enough to stream memory, small enough for registers at any tile shape
 _TILE = 2048

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from cbam.atomic import write_atomically
-from cbam.checks import ConfigError
+from cbam.errors import ConfigError
+from cbam.runtime.atomic import write_atomically
 
 METRICS_FILE = "metrics.json"
 #: the config's parts that decide a run's numbers

@@ -12,11 +12,11 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from cbam.checks import ConfigError, check_checkpoint
 from cbam.data.batches import IGNORED_LABEL
-from cbam.errors import InvalidArgument
-from cbam.lightning_internals import attached_trainer, avoid_inductor_gradient_bugs
-from cbam.resnet import build_resnet
+from cbam.errors import ConfigError, InvalidArgument
+from cbam.models.network_config import build_network, flatten, nest
+from cbam.runtime.checkpoints import check_checkpoint
+from cbam.runtime.lightning_internals import attached_trainer, avoid_inductor_gradient_bugs
 
 #: torch.compile's modes (``model.compile_mode``): ``reduce-overhead`` and ``max-autotune`` replay the
 #: network's forward and backward as CUDA graphs on a GPU (on a CPU Inductor compiles and skips the graphs)
@@ -39,14 +39,28 @@ class ImageMeanLoss(MeanMetric):
         self.weight += images
 
 
+#: schedule and optimizer paths of checkpoints written before the package was grouped by concern
+MOVED_TARGETS = {"cbam.schedules.": "cbam.training.schedules."}
+
+
+def _current_targets(config: Any) -> Any:
+    """``config`` (a saved optimizer or schedule config) with each moved ``_target_`` at its current path."""
+    if not isinstance(config, dict) or not isinstance(config.get("_target_"), str):
+        return config
+    target = config["_target_"]
+    for old, new in MOVED_TARGETS.items():
+        if target.startswith(old):
+            target = new + target.removeprefix(old)
+    return {**config, "_target_": target}
+
+
 class CBAMResNetModule(pl.LightningModule):
-    """Wraps :func:`cbam.build_resnet`; every constructor argument is saved, so a checkpoint alone
-    rebuilds the model (``CBAMResNetModule.load_from_checkpoint(path)``).
+    """A classifier around the network that ``net`` describes (:mod:`cbam.models.network_config`); what it
+    is built from is saved, so a checkpoint alone rebuilds the model
+    (``CBAMResNetModule.load_from_checkpoint(path)``).
 
     Args:
-        depth, use_cbam_block, use_cbam_class, reduction_ratio, kernel_size, channel_pooling,
-            spatial_pooling, gate_order, use_channel_gate, use_spatial_gate, cbam_impl, width, stem,
-            num_classes: passed to :func:`cbam.build_resnet` (the CBAM variant and implementation: see :class:`cbam.CBAM`).
+        net: the network's description, ``{"depth": ..., "attention": {"kind": "cbam", ...}}``.
         optimizer: Hydra config of a partial optimizer (``_target_`` and arguments but the parameters);
             needed for training only (the defaults are ``conf/optim/sgd.yaml``).
         scheduler: Hydra config of a partial schedule taking ``(optimizer, total_steps)``, stepped
@@ -55,55 +69,41 @@ class CBAMResNetModule(pl.LightningModule):
         channels_last: run the network in NHWC memory format (faster convolutions on tensor cores).
         compile: wrap the network in ``torch.compile``.
         compile_mode: the ``torch.compile`` mode, one of :data:`COMPILE_MODES` (used only with ``compile``).
+        settings: the network as the model config's flat keys (``depth=50, use_cbam_block=True``, as
+            ``conf/model/`` passes them and checkpoints of earlier versions hold them), on top of ``net``.
     """
 
     def __init__(
         self,
-        depth: int = 18,
-        use_cbam_block: bool = False,
-        use_cbam_class: bool = False,
-        reduction_ratio: int = 16,
-        kernel_size: int = 7,
-        channel_pooling: str = "avg_max",
-        spatial_pooling: str = "max_mean",
-        gate_order: str = "channel_first",
-        use_channel_gate: bool = True,
-        use_spatial_gate: bool = True,
-        cbam_impl: str = "auto",
-        width: int = 64,
-        stem: str = "cifar",
-        num_classes: int = 10,
+        net: dict | None = None,
         optimizer: dict | None = None,
         scheduler: dict | None = None,
         label_smoothing: float = 0.0,
         channels_last: bool = False,
         compile: bool = False,
         compile_mode: str = "default",
+        **settings: Any,
     ) -> None:
         super().__init__()
         if compile_mode not in COMPILE_MODES:
             raise InvalidArgument(
                 "compile_mode", compile_mode, f"accepted values are {', '.join(COMPILE_MODES)}"
             )
-        # Plain dicts, so checkpoints hold no OmegaConf objects; save_hyperparameters reads these locals.
-        optimizer, scheduler = _plain(optimizer), _plain(scheduler)
-        self.save_hyperparameters()
-        self.net = build_resnet(
-            depth,
-            use_cbam_block=use_cbam_block,
-            use_cbam_class=use_cbam_class,
-            reduction_ratio=reduction_ratio,
-            kernel_size=kernel_size,
-            channel_pooling=channel_pooling,
-            spatial_pooling=spatial_pooling,
-            gate_order=gate_order,
-            use_channel_gate=use_channel_gate,
-            use_spatial_gate=use_spatial_gate,
-            cbam_impl=cbam_impl,
-            num_classes=num_classes,
-            width=width,
-            stem=stem,
+        net = nest({**flatten(_plain(net) or {}), **settings})
+        # Plain dicts, so checkpoints hold no OmegaConf objects.
+        optimizer, scheduler = (_current_targets(_plain(config)) for config in (optimizer, scheduler))
+        self.save_hyperparameters(
+            {
+                "net": net,
+                "optimizer": optimizer,
+                "scheduler": scheduler,
+                "label_smoothing": label_smoothing,
+                "channels_last": channels_last,
+                "compile": compile,
+                "compile_mode": compile_mode,
+            }
         )
+        self.net = build_network(net)
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         if compile:
@@ -119,7 +119,7 @@ class CBAMResNetModule(pl.LightningModule):
         self.metrics = nn.ModuleDict(
             {
                 f"{s}_acc": MulticlassAccuracy(
-                    num_classes,
+                    self.num_classes,
                     average="micro",
                     validate_args=False,
                     ignore_index=None if s == "train" else IGNORED_LABEL,
@@ -128,6 +128,11 @@ class CBAMResNetModule(pl.LightningModule):
             }
             | {f"{s}_loss": ImageMeanLoss() for s in stages}
         )
+
+    @property
+    def num_classes(self) -> int:
+        """The classifier's outputs."""
+        return self.hparams.net["num_classes"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.hparams.channels_last:
@@ -194,7 +199,7 @@ class CBAMResNetModule(pl.LightningModule):
     def load_from_checkpoint(
         cls, checkpoint_path, map_location=None, hparams_file=None, strict=None, **kwargs
     ):
-        """Lightning's loader, with ``weights_only=True`` and a :class:`cbam.checks.ConfigError` naming the
+        """Lightning's loader, with ``weights_only=True`` and a :class:`cbam.errors.ConfigError` naming the
         file when it is missing, truncated, not a checkpoint, or needs arbitrary code to unpickle."""
         check_checkpoint(checkpoint_path, key="checkpoint_path")
         kwargs["weights_only"] = True

@@ -26,7 +26,6 @@ import atexit
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 import traceback
@@ -41,13 +40,10 @@ from lightning_fabric.plugins.environments import LightningEnvironment
 from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.trainer.states import TrainerStatus
 
-from cbam.checks import describe_checkpoint
-from cbam.errors import InvalidArgument
-from cbam.lightning_internals import attached_trainer, launched_processes, stop_child_process_observer
-from cbam.reliability import last_checkpoint, newest_checkpoint
+from cbam.errors import PROCESS_DIED_EXIT_STATUS, InvalidArgument, ProcessDied, say
+from cbam.runtime.checkpoints import describe_checkpoint, last_checkpoint, newest_checkpoint
+from cbam.runtime.lightning_internals import attached_trainer, launched_processes, stop_child_process_observer
 
-#: exit status of a process that stopped because another process of its run died
-PROCESS_DIED_EXIT_STATUS = 5
 #: seconds a process that heard of a peer's departure gives itself to stop on its own (all ranks raising
 #: the same error, an agreed stop) before it ends the run; the departure itself is heard at once
 GRACE_S = 5.0
@@ -64,19 +60,15 @@ ALIVE, FINISHED, FAILED, DIED, SILENT, WORKER_DIED = range(6)
 DEATHS = (DIED, SILENT, WORKER_DIED)
 
 
-class ProcessDied(RuntimeError):
-    """A process of the run is gone while this one still needed it: which one, and the last good
-    checkpoint (from which ``ckpt_path=last`` resumes)."""
-
-    def __init__(self, rank: int, kind: int, last_good: str, detail: str = "") -> None:
-        self.rank, self.kind = rank, kind
-        what = {
-            DIED: f"rank {rank} of the run died",
-            FAILED: f"rank {rank} of the run stopped on an error (see its message)",
-            SILENT: f"rank {rank} of the run stopped responding",
-            WORKER_DIED: f"a DataLoader worker of rank {rank} died",
-        }[kind]
-        super().__init__(f"{what}{f' ({detail})' if detail else ''}; last good checkpoint: {last_good}")
+def process_died(rank: int, kind: int, last_good: str, detail: str = "") -> ProcessDied:
+    """The :class:`~cbam.errors.ProcessDied` of ``rank``'s departure of ``kind``."""
+    what = {
+        DIED: f"rank {rank} of the run died",
+        FAILED: f"rank {rank} of the run stopped on an error (see its message)",
+        SILENT: f"rank {rank} of the run stopped responding",
+        WORKER_DIED: f"a DataLoader worker of rank {rank} died",
+    }[kind]
+    return ProcessDied(rank, kind, what, last_good, detail)
 
 
 def last_good(trainer: pl.Trainer | None) -> str:
@@ -90,8 +82,7 @@ def _end_process(line: str) -> None:
     """Print ``error: <line>`` and end this process now, whatever its main thread is doing (waiting in a
     collective for the dead peer, most likely). A checkpoint being written is left as its temporary file:
     the last good one stays intact."""
-    sys.stderr.write(f"\nerror: {line}\n")  # on a line of its own: a progress bar may own the current one
-    sys.stderr.flush()
+    say(f"error: {line}")
     os._exit(PROCESS_DIED_EXIT_STATUS)
 
 
@@ -185,7 +176,7 @@ class PeerWatch:
 
     def _departure(self, about: int) -> ProcessDied:
         kind, detail = self.gone[about]
-        return ProcessDied(about, kind, last_good(self.trainer()), detail)
+        return process_died(about, kind, last_good(self.trainer()), detail)
 
     def departure(
         self, wait_s: float = 0.0, kinds: tuple[int, ...] = (FAILED, *DEATHS)
@@ -257,7 +248,7 @@ class StartupWatch(threading.Thread):
         for child in self.children.values():
             if child.poll() is None:
                 child.send_signal(signal.SIGKILL)  # a second line from them would name this process
-        _end_process(str(ProcessDied(rank, DIED, last_good(self.trainer()), detail)))
+        _end_process(str(process_died(rank, DIED, last_good(self.trainer()), detail)))
 
 
 class WatchedDDPStrategy(DDPStrategy):
@@ -346,7 +337,7 @@ def leave_on_error(error: BaseException, trainer: pl.Trainer) -> ProcessDied | N
     if death is None and peers is not None:
         death = peers.departure(kinds=DEATHS)
     if death is None and _worker_death(error):
-        death = ProcessDied(trainer.global_rank, WORKER_DIED, last_good(trainer))
+        death = process_died(trainer.global_rank, WORKER_DIED, last_good(trainer))
     if (
         death is None
         and peers is not None

@@ -13,9 +13,9 @@ import torch
 
 from cbam.data.batches import default_padding, fill_batch
 from cbam.data.device_loader import DeviceLoader
-from cbam.data.sources import CIFAR10, CIFAR100, DataError, FolderSource, ImageArrays, Source, load_arrays
+from cbam.data.sources import CIFAR10, CIFAR100, FolderSource, ImageArrays, Source, load_arrays
 from cbam.data.workers import WorkersLoader
-from cbam.errors import InvalidArgument
+from cbam.errors import DataError, InvalidArgument
 
 LOADERS = ("auto", "device", "workers")
 #: class names listed in the one-line summary before the rest are elided

@@ -21,36 +21,10 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-#: exit status of a run stopped by a write that failed (disk full, read-only, no permission)
-WRITE_FAILED_EXIT_STATUS = 4
+from cbam.errors import WRITE_REASONS, WriteFailed
 
-#: what the error line says for each errno of a failed write
-REASONS = {
-    errno.ENOSPC: "no space left on device",
-    errno.EDQUOT: "disk quota exceeded",
-    errno.EROFS: "read-only file system",
-    errno.EACCES: "permission denied",
-    errno.EPERM: "operation not permitted",
-}
 #: the errnos that only a write can cause: recognised outside :func:`writing` too
 WRITE_ONLY_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
-
-
-class WriteFailed(Exception):
-    """Writing ``path`` failed for one of the :data:`REASONS`; ``last_good`` describes the newest intact
-    checkpoint (set by whoever knows it, :func:`cbam.checks.describe_checkpoint`)."""
-
-    def __init__(self, path: str | Path, code: int) -> None:
-        self.path, self.errno, self.last_good = str(path), code, "none"
-        super().__init__(path, code)
-
-    @property
-    def failure(self) -> str:
-        """What failed, without the checkpoint (for the tools that write no checkpoint)."""
-        return f"{REASONS[self.errno]} while writing {self.path}"
-
-    def __str__(self) -> str:
-        return f"{self.failure}; last good checkpoint: {self.last_good}"
 
 
 def _chain(error: BaseException | None) -> list[BaseException]:
@@ -81,7 +55,7 @@ def write_failure(error: BaseException, where: str | Path | None = None) -> Writ
 
 @contextlib.contextmanager
 def writing(path: str | Path) -> Iterator[None]:
-    """Raise a :class:`WriteFailed` naming ``path`` when the block fails for one of the :data:`REASONS`
+    """Raise a :class:`WriteFailed` naming ``path`` when the block fails for one of the :data:`~cbam.errors.WRITE_REASONS`
     (whatever exception the failed write was wrapped in); other errors pass unchanged."""
     try:
         yield
@@ -89,7 +63,7 @@ def writing(path: str | Path) -> Iterator[None]:
         raise
     except Exception as error:
         for cause in reversed(_chain(error)):
-            if isinstance(cause, OSError) and cause.errno in REASONS:
+            if isinstance(cause, OSError) and cause.errno in WRITE_REASONS:
                 raise WriteFailed(path, cause.errno) from error
         raise
 

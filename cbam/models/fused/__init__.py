@@ -1,6 +1,6 @@
 """The fused CBAM layer: the whole default layer, its gate math included (channel MLP, spatial convolution,
 BatchNorm, sigmoids), in Triton kernels: three launches forward, three backward (see
-:mod:`cbam.fused.kernels`), with the parameters, buffers and numbers of :class:`cbam.CBAM`.
+:mod:`cbam.models.fused.kernels`), with the parameters, buffers and numbers of :class:`cbam.CBAM`.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ import torch
 from torch import Tensor
 
 from cbam.errors import InvalidArgument
-from cbam.running_statistics import move_running_statistics
+from cbam.models.running_statistics import move_running_statistics
 
 TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
 if TRITON_IMPORTABLE:
     # Registers the torch.library ops; Triton reads TRITON_INTERPRET when the kernels are defined.
-    from cbam.fused import ops as _ops
+    from cbam.models.fused import ops as _ops
 
 
 def fused_available(device: torch.device | str) -> bool:
@@ -65,7 +65,7 @@ def cbam_fused(
     """
     if channel_pooling not in _ops.DESCRIPTORS:
         raise InvalidArgument("channel_pooling", channel_pooling, f"one of {', '.join(_ops.DESCRIPTORS)}")
-    parameters = (w1, b1, w2, b2, conv_w, bn_w, bn_b)  # in the order of cbam.fused.ops.PARAMETERS
+    parameters = (w1, b1, w2, b2, conv_w, bn_w, bn_b)  # in the order of cbam.models.fused.ops.PARAMETERS
     if not torch.compiler.is_compiling():
         options, running = (
             (channel_pooling, training, momentum, eps),

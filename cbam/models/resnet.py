@@ -8,14 +8,13 @@ One generic :class:`ResNet`; the depths are rows of :data:`DEPTHS`, the stems of
 
 from __future__ import annotations
 
-import inspect
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from cbam.attention import CBAM, check_options
 from cbam.errors import InvalidArgument
+from cbam.models.cbam import CBAMOptions
 
 AttentionFactory = Callable[[int], nn.Module]
 
@@ -150,35 +149,28 @@ class ResNet(nn.Module):
 
 
 def build_resnet(
-    depth: int,
+    depth: int = 18,
     *,
     use_cbam_block: bool = False,
     use_cbam_class: bool = False,
     num_classes: int = 10,
     width: int = 64,
-    reduction_ratio: int = 16,
-    kernel_size: int = 7,
-    channel_pooling: str = "avg_max",
-    spatial_pooling: str = "max_mean",
-    gate_order: str = "channel_first",
-    use_channel_gate: bool = True,
-    use_spatial_gate: bool = True,
-    cbam_impl: str = "auto",
     stem: str = "cifar",
+    attention: CBAMOptions | None = None,
+    **attention_fields: Any,
 ) -> ResNet:
-    """Build a ResNet of ``depth`` in {18, 34, 50, 101, 152}, with CBAM where asked.
+    """Build a ResNet of ``depth`` in {18, 34, 50, 101, 152}, with attention where asked.
 
     Args:
         depth: network depth.
-        use_cbam_block: a CBAM in every residual block, after the branch's last BatchNorm.
-        use_cbam_class: a CBAM on the final feature map, before pooling and the classifier.
+        use_cbam_block: the attention in every residual block, after the branch's last BatchNorm.
+        use_cbam_class: the attention on the final feature map, before pooling and the classifier.
         num_classes: number of classes.
         width: channels of the first stage (64 gives the standard networks).
-        reduction_ratio, kernel_size, channel_pooling, spatial_pooling, gate_order, use_channel_gate,
-            use_spatial_gate: the arguments of every :class:`~cbam.attention.CBAM` (checked even when no
-            CBAM is placed, so a sweep cannot carry an unusable value unnoticed).
-        cbam_impl: the CBAM's ``impl``: ``reference``, ``fused`` or ``auto``.
         stem: ``cifar`` (3x3 convolution, stride 1) or ``imagenet`` (7x7 stride 2 and a 3x3 max-pool).
+        attention: the attention's options (default: the authors' CBAM, :class:`~cbam.models.cbam.CBAMOptions`),
+            checked even when no attention is placed, so a sweep cannot carry an unusable value unnoticed;
+            or its fields as keyword arguments (``build_resnet(50, use_cbam_block=True, reduction_ratio=8)``).
     """
     if depth not in DEPTHS:
         raise InvalidArgument("depth", depth, f"accepted depths are {', '.join(map(str, DEPTHS))}")
@@ -188,49 +180,16 @@ def build_resnet(
         raise InvalidArgument("num_classes", num_classes, "must be an integer >= 1")
     if stem not in STEMS:
         raise InvalidArgument("stem", stem, f"accepted values are {', '.join(STEMS)}")
-    options = dict(
-        reduction_ratio=reduction_ratio,
-        kernel_size=kernel_size,
-        channel_pooling=channel_pooling,
-        spatial_pooling=spatial_pooling,
-        gate_order=gate_order,
-        use_channel_gate=use_channel_gate,
-        use_spatial_gate=use_spatial_gate,
-        impl=cbam_impl,
-    )
-    try:
-        check_options(**options)
-    except InvalidArgument as error:  # the layer's impl is this function's (and the config's) cbam_impl
-        if error.argument != "impl":
-            raise
-        raise InvalidArgument("cbam_impl", error.value, error.accepted) from None
+    if attention is not None and attention_fields:
+        raise TypeError("build_resnet takes attention or its fields, not both")
+    attention = attention if attention is not None else CBAMOptions(**attention_fields)
     block, num_blocks = DEPTHS[depth]
-
-    def attention(channels: int) -> nn.Module:
-        return CBAM(channels, **options)
-
     return ResNet(
         block,
         num_blocks,
         width=width,
         num_classes=num_classes,
-        block_attention=attention if use_cbam_block else None,
-        classifier_attention=attention if use_cbam_class else None,
+        block_attention=attention.build if use_cbam_block else None,
+        classifier_attention=attention.build if use_cbam_class else None,
         stem=stem,
     )
-
-
-#: the arguments of :func:`build_resnet` (and keys of the model config) that place CBAM
-PLACEMENT_KEYS = ("use_cbam_block", "use_cbam_class")
-#: the arguments of :func:`build_resnet` (and keys of the model config) that configure every CBAM, with
-#: their defaults: the layer's options, those of :func:`~cbam.attention.check_options` (whose ``impl`` is
-#: ``cbam_impl`` here). With no CBAM placed they have no effect.
-CBAM_DEFAULTS = {
-    name: inspect.signature(build_resnet).parameters[name].default
-    for name in (
-        "cbam_impl" if option == "impl" else option for option in inspect.signature(check_options).parameters
-    )
-}
-#: the arguments of :func:`build_resnet` (and keys of the model config) that decide which network its
-#: weights belong to: all but ``cbam_impl``, which only picks the code that runs the same weights
-ARCHITECTURE_KEYS = tuple(name for name in inspect.signature(build_resnet).parameters if name != "cbam_impl")

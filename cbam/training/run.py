@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 import pytorch_lightning as pl
 import torch
 from hydra.errors import InstantiationException
@@ -12,34 +10,31 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-from cbam.checks import (
-    ConfigError,
-    changed_model_settings,
-    check_config,
+from cbam.data import ImageDataModule
+from cbam.errors import ConfigError, ScheduleLengthChanged, one_line_errors, say
+from cbam.runtime.checkpoints import (
+    check_last_checkpoint,
     describe_checkpoint,
-    num_classes,
+    newest_checkpoint,
     read_checkpoint,
-    unplaced_attention_warning,
     weights_mismatch,
 )
-from cbam.data import DataError, ImageDataModule
-from cbam.distributed import PROCESS_DIED_EXIT_STATUS, ProcessDied, leave_on_error
-from cbam.finished_jobs import finished_metrics, mark_finished, run_dir
-from cbam.lightning_internals import cpu_has_native_bf16
-from cbam.module import CBAMResNetModule
-from cbam.reliability import TrainingDiverged, check_last_checkpoint, newest_checkpoint
-from cbam.schedules import ScheduleLengthChanged
-from cbam.write_failures import (
-    WRITE_FAILED_EXIT_STATUS,
-    WriteFailed,
-    silence_failed_writes_in_threads,
-    write_failure,
+from cbam.runtime.distributed import leave_on_error
+from cbam.runtime.lightning_internals import cpu_has_native_bf16
+from cbam.runtime.write_failures import silence_failed_writes_in_threads, write_failure
+from cbam.training.config_checks import (
+    changed_model_settings,
+    check_config,
+    num_classes,
+    unplaced_attention_warning,
 )
+from cbam.training.finished_jobs import finished_metrics, mark_finished, run_dir
+from cbam.training.lightning_module import CBAMResNetModule
 
 
 def build_model(cfg: DictConfig, data: ImageDataModule) -> CBAMResNetModule:
     """The LightningModule of ``cfg.model``, with as many outputs as ``data`` has classes
-    (:func:`cbam.checks.num_classes`) and the optimizer and schedule of ``cfg.optim`` and ``cfg.scheduler``
+    (:func:`cbam.training.config_checks.num_classes`) and the optimizer and schedule of ``cfg.optim`` and ``cfg.scheduler``
     (passed as configs: the module instantiates them and saves them as hparams)."""
     return instantiate(
         cfg.model,
@@ -73,11 +68,9 @@ def cpu_precision(cfg: DictConfig) -> str | None:
     if str(cfg.trainer.get("precision")) != "bf16-mixed" or not on_cpu or cpu_has_native_bf16():
         return None
     if rank_zero_only.rank == 0:
-        print(
+        say(
             "info: this CPU has no bf16 arithmetic (AVX512-BF16, AMX or Arm BF16): trainer.precision="
-            "bf16-mixed trains in fp32 (32-true) here",
-            file=sys.stderr,
-            flush=True,
+            "bf16-mixed trains in fp32 (32-true) here"
         )
     return "32-true"
 
@@ -118,7 +111,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         finished = finished_metrics(cfg)
         if finished is not None:
             if rank_zero_only.rank == 0:
-                print(f"skipped: {run_dir(cfg)} holds this run, finished", file=sys.stderr, flush=True)
+                say(f"skipped: {run_dir(cfg)} holds this run, finished")
             return finished
     check_config(cfg)
     pl.seed_everything(cfg.seed, workers=True)
@@ -126,7 +119,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     trainer = build_trainer(cfg)
     warning = unplaced_attention_warning(cfg)  # once the run is known to start: bad input is one line alone
     if warning and rank_zero_only.rank == 0:
-        print(f"warning: {warning}", file=sys.stderr, flush=True)
+        say(f"warning: {warning}")
     try:
         metrics = fit_and_test(cfg, trainer, datamodule)
         if trainer.is_global_zero:
@@ -181,9 +174,9 @@ def fit_and_test(
             cfg.ckpt_path, map_location="cpu", cbam_impl=cfg.model.cbam_impl
         )
         classes = datamodule.class_count()
-        if model.hparams.num_classes != classes:
+        if model.num_classes != classes:
             raise ConfigError(
-                f"ckpt_path={cfg.ckpt_path}: its model has {model.hparams.num_classes} outputs, but the data "
+                f"ckpt_path={cfg.ckpt_path}: its model has {model.num_classes} outputs, but the data "
                 f"({datamodule.description}) have {classes} classes; test it on the data it was trained on"
             )
     if cfg.test:
@@ -192,25 +185,9 @@ def fit_and_test(
     return {key: float(value) for key, value in metrics.items()}
 
 
-def _fail(error: Exception, status: int, every_rank: bool = False) -> None:
-    # Under DDP every rank stops on the same error: one line, from rank 0, is enough.
-    if every_rank or rank_zero_only.rank == 0:
-        print(f"error: {error}", file=sys.stderr)
-    sys.exit(status)
-
-
 def main(cfg: DictConfig) -> dict[str, float]:
-    """:func:`run`, with bad input reported as one line on stderr and exit status 2, divergence with
-    exit status 3, a failed write with :data:`WRITE_FAILED_EXIT_STATUS`, the death of another process of the
-    run with :data:`PROCESS_DIED_EXIT_STATUS` (no traceback)."""
+    """:func:`run`, with any :class:`~cbam.errors.ProjectError` (bad input, divergence, a failed write, the
+    death of another process of the run) reported as one line on stderr and its exit status, no traceback."""
     silence_failed_writes_in_threads()  # TensorBoard's writer thread: its error comes back as the line
-    try:
+    with one_line_errors(rank=rank_zero_only.rank):
         return run(cfg)
-    except (ConfigError, DataError) as error:
-        _fail(error, 2)
-    except TrainingDiverged as error:  # a NaN/inf loss: names the step and the last good checkpoint
-        _fail(error, 3)
-    except WriteFailed as error:  # most files are written by rank 0 alone: the rank that failed says it
-        _fail(error, WRITE_FAILED_EXIT_STATUS, every_rank=True)
-    except ProcessDied as error:  # each surviving process says which one died (it may be rank 0)
-        _fail(error, PROCESS_DIED_EXIT_STATUS, every_rank=True)

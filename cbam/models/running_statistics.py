@@ -1,5 +1,5 @@
 """A BatchNorm's running statistics moved by one batch, as ``nn.BatchNorm2d`` moves them: shared by the
-reference spatial gate (:class:`cbam.attention.MapBatchNorm`) and the fused layer under torch.compile
+reference spatial gate (:class:`cbam.models.cbam.MapBatchNorm`) and the fused layer under torch.compile
 (whose library op returns the batch statistics instead of moving them)."""
 
 from __future__ import annotations

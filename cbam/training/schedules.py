@@ -12,16 +12,7 @@ import math
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, OneCycleLR
 
-
-class ScheduleLengthChanged(ValueError):
-    """A checkpoint's schedule was made for another number of steps than the run resuming from it."""
-
-    def __init__(self, saved_steps: int, total_steps: int) -> None:
-        self.saved_steps, self.total_steps = saved_steps, total_steps
-        super().__init__(
-            f"its learning-rate schedule spans {saved_steps} steps, this run's would span {total_steps} "
-            f"(trainer.max_epochs, trainer.max_steps, the batch size, devices or data differ)"
-        )
+from cbam.errors import ScheduleLengthChanged
 
 
 def _check_length(state: dict, total_steps: int) -> None:

@@ -9,9 +9,6 @@ data on disk, the machine's GPUs, checkpoint files and combinations of top-level
 
 from __future__ import annotations
 
-import pickle
-import re
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -20,108 +17,28 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from cbam.errors import InvalidArgument
-from cbam.resnet import ARCHITECTURE_KEYS, CBAM_DEFAULTS, PLACEMENT_KEYS
-
-
-class ConfigError(ValueError):
-    """A config value that cannot be used; the message names the key and what is accepted."""
-
-
-# ------------------------------------------------------------------------------------------ checkpoints
-
-
-def _zip_problem(path: Path) -> str | None:
-    """Why ``path`` is not an intact torch.save archive, or None (CRCs are tested, nothing unpickled)."""
-    with open(path, "rb") as file:
-        looks_like_zip = file.read(4) == b"PK\x03\x04"
-    try:
-        with zipfile.ZipFile(path) as archive:
-            damaged = archive.testzip()
-            if damaged is not None:
-                return f"is corrupt (member {damaged} fails its checksum)"
-            if not any(name.endswith("data.pkl") for name in archive.namelist()):
-                return "is not a PyTorch checkpoint (a zip archive without data.pkl)"
-    except (zipfile.BadZipFile, EOFError, OSError) as error:
-        if looks_like_zip:
-            return f"is truncated or corrupt ({error})"
-        return "is not a PyTorch checkpoint (not a torch.save zip archive)"
-    return None
-
-
-def read_checkpoint(
-    path: str | Path, key: str = "ckpt_path", mmap: bool = False, map_location: Any = "cpu"
-) -> dict[str, Any]:
-    """The checkpoint at ``path``, loaded with ``weights_only=True`` (onto ``map_location``).
-
-    Raises :class:`ConfigError` ``"<key>=<path> ..."`` saying which problem it has: no such file;
-    truncated or corrupt; not a checkpoint; or holding objects that need arbitrary code to unpickle
-    (refused for safety: ``weights_only=False`` would run that code). With ``mmap`` the tensors are mapped
-    from the file rather than loaded into memory.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{key}={path}: no such file")
-    problem = _zip_problem(path)
-    if problem is not None:
-        raise ConfigError(f"{key}={path} {problem}")
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as error:
-        # torch names the first refused object: "Unsupported global: GLOBAL fractions.Fraction was not ..."
-        found = re.search(r"Unsupported (?:global|class|operand)[:\s]+(?:GLOBAL\s+)?([\w.]+)", str(error))
-        what = f" ({found[1]})" if found else ""
-        raise ConfigError(
-            f"{key}={path} holds objects that need arbitrary code to unpickle{what}: refused for safety "
-            f"(this project's checkpoints never do)"
-        ) from None
-    except Exception as error:  # a damaged member that still passes the CRC, an unknown storage type ...
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise ConfigError(f"{key}={path} cannot be loaded ({reason})") from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ConfigError(f"{key}={path} is not a Lightning checkpoint (no state_dict)")
-    return checkpoint
-
-
-def check_checkpoint(path: str | Path, key: str = "ckpt_path") -> None:
-    """Raise :class:`ConfigError` if :func:`read_checkpoint` would (the tensors memory-mapped, not loaded)."""
-    read_checkpoint(path, key, mmap=True)
-
-
-def describe_checkpoint(path: str | Path | None) -> str:
-    """``"<path> (step N)"`` for a checkpoint file (its step read from the file), ``"none"`` for None."""
-    if path is None:
-        return "none"
-    try:
-        step = read_checkpoint(path, mmap=True).get("global_step")
-    except ConfigError:
-        return str(path)
-    return f"{path} (step {step})"
-
-
-def weights_mismatch(error: RuntimeError) -> str | None:
-    """The first mismatch that ``load_state_dict`` reports in ``error`` (one line: a size mismatch, or the
-    first three missing or unexpected keys), or None for another error."""
-    lines = str(error).strip().splitlines()
-    if len(lines) < 2 or not lines[0].startswith("Error(s) in loading state_dict"):
-        return None
-    first = lines[1].strip().rstrip(". ")
-    what, _, keys = first.partition(": ")
-    names = keys.split(", ")
-    if what.endswith("key(s) in state_dict") and len(names) > 3:
-        first = f"{what}: {', '.join(names[:3])} and {len(names) - 3} more"
-    return first
+from cbam.errors import ConfigError, InvalidArgument
+from cbam.models.network_config import (
+    ARCHITECTURE_KEYS,
+    ATTENTION_DEFAULTS,
+    CONFIG_NAMES,
+    PLACEMENT_KEYS,
+    flatten,
+    network_of,
+)
+from cbam.runtime.checkpoints import check_checkpoint, read_checkpoint
 
 
 def changed_model_settings(hparams: dict[str, Any], path: str | Path) -> list[str]:
-    """``"model.<key>=<value> (the checkpoint's: <saved>)"`` for each network-defining setting of
-    ``hparams`` (a model's, :data:`~cbam.resnet.ARCHITECTURE_KEYS`) that differs from the one saved in
-    checkpoint ``path``."""
-    saved = read_checkpoint(path, mmap=True).get("hyper_parameters", {})
+    """``"model.<key>=<value> (the checkpoint's: <saved>)"`` for each network-defining setting
+    (:data:`~cbam.models.network_config.ARCHITECTURE_KEYS`) of a model's ``hparams`` that differs from the
+    one saved in checkpoint ``path``."""
+    saved = flatten(network_of(read_checkpoint(path, mmap=True).get("hyper_parameters", {})))
+    ours = flatten(network_of(hparams))
     return [
-        f"model.{key}={hparams[key]} (the checkpoint's: {saved[key]})"
+        f"model.{key}={ours[key]} (the checkpoint's: {saved[key]})"
         for key in ARCHITECTURE_KEYS
-        if key in hparams and key in saved and saved[key] != hparams[key]
+        if saved[key] != ours[key]
     ]
 
 
@@ -147,7 +64,7 @@ def _require(
 def num_classes(cfg: DictConfig, data: Any) -> int:
     """The classifier's outputs: the data's class count (``data.class_count()``, read before any image
     is decoded), which an explicit ``model.num_classes`` must equal. The one place this rule lives: the
-    config check and :func:`cbam.training.build_model` both ask here."""
+    config check and :func:`cbam.training.run.build_model` both ask here."""
     found = data.class_count()
     configured = OmegaConf.select(cfg, "model.num_classes")
     if configured is not None and configured != found:
@@ -165,7 +82,8 @@ def _constructed(group: str, build) -> Any:
     except InstantiationException as error:  # Hydra's wrapper around the constructor's own error
         cause = error.__cause__
         if isinstance(cause, InvalidArgument):
-            raise ConfigError(f"{group}.{cause.argument}={cause.value}: {cause.accepted}") from None
+            key = CONFIG_NAMES.get(cause.argument, cause.argument)
+            raise ConfigError(f"{group}.{key}={cause.value}: {cause.accepted}") from None
         if isinstance(cause, TypeError):  # a key the constructor has no argument for (+model.foo=1)
             raise ConfigError(f"{group}: {cause}") from None
         raise
@@ -183,7 +101,7 @@ def _check_gpu(cfg: DictConfig) -> None:
 def _check_fused(cfg: DictConfig) -> None:
     if OmegaConf.select(cfg, "model.cbam_impl") != "fused":
         return
-    from cbam.fused import fused_available
+    from cbam.models.fused import fused_available
 
     on_cpu = str(OmegaConf.select(cfg, "trainer.accelerator", default="auto")) == "cpu"
     device = "cuda" if torch.cuda.is_available() and not on_cpu else "cpu"
@@ -258,7 +176,7 @@ def unplaced_attention_warning(cfg: DictConfig) -> str | None:
         return None
     changed = [
         f"model.{key}={str(value).lower() if isinstance(value, bool) else value}"
-        for key, default in CBAM_DEFAULTS.items()
+        for key, default in ATTENTION_DEFAULTS.items()
         if (value := model.get(key, default)) != default
     ]
     if not changed:

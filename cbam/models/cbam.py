@@ -13,7 +13,7 @@ channel-wise max and mean maps. The switches answer the paper's design questions
   ``channel_pooling="avg", use_spatial_gate=False``: ``x * sigmoid(MLP(avgpool(x)))``.
 
 ``impl`` picks how the default CBAM runs: ``reference`` (plain PyTorch), ``fused`` (Triton kernels of
-``cbam.fused``: the whole layer, gate math included, in three launches forward and three backward; same
+``cbam.models.fused``: the whole layer, gate math included, in three launches forward and three backward; same
 parameters and state_dict keys) or ``auto``: fused on CUDA under ``torch.compile``, the reference code
 elsewhere. (An earlier fused layer, which left the gate math to about 80 small PyTorch operations per
 block, made an eager CBAM-ResNet18 step slower on an H100; whether ``auto`` should pick the current one
@@ -23,13 +23,15 @@ eager too waits for a GPU measurement, see docs/benchmarks.md.)
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cbam.errors import InvalidArgument
-from cbam.running_statistics import move_running_statistics
+from cbam.models.running_statistics import move_running_statistics
 
 log = logging.getLogger(__name__)
 
@@ -44,30 +46,71 @@ def _choice(argument: str, value: str, accepted: tuple[str, ...]) -> None:
         raise InvalidArgument(argument, value, f"accepted values are {', '.join(accepted)}")
 
 
-def check_options(
-    reduction_ratio: int = 16,
-    kernel_size: int = 7,
-    channel_pooling: str = "avg_max",
-    spatial_pooling: str = "max_mean",
-    gate_order: str = "channel_first",
-    use_channel_gate: bool = True,
-    use_spatial_gate: bool = True,
-    impl: str = "auto",
-) -> None:
-    """Raise :class:`~cbam.errors.InvalidArgument` for an option :class:`CBAM` cannot take, whatever its
-    channel count (which bounds ``reduction_ratio`` further: checked by the layer itself)."""
+def _check_reduction_ratio(reduction_ratio: int, channels: int | None = None) -> None:
+    if channels is not None and channels < 1:
+        raise InvalidArgument("channels", channels, "must be an integer >= 1")
     if reduction_ratio < 1:
         raise InvalidArgument("reduction_ratio", reduction_ratio, "must be an integer >= 1")
+    if channels is not None and reduction_ratio > channels:
+        raise InvalidArgument(
+            "reduction_ratio", reduction_ratio, f"must be between 1 and {channels}, the channels of this CBAM"
+        )
+
+
+def _check_kernel_size(kernel_size: int) -> None:
     if kernel_size < 1 or kernel_size % 2 == 0:
         raise InvalidArgument("kernel_size", kernel_size, "must be an odd integer >= 1")
-    _choice("channel_pooling", channel_pooling, CHANNEL_POOLINGS)
-    _choice("spatial_pooling", spatial_pooling, SPATIAL_POOLINGS)
-    _choice("gate_order", gate_order, GATE_ORDERS)
-    _choice("impl", impl, IMPLS)
-    if not (use_channel_gate or use_spatial_gate):
-        raise InvalidArgument(
-            "use_spatial_gate", use_spatial_gate, "use_channel_gate and use_spatial_gate cannot both be false"
-        )
+
+
+@dataclass(frozen=True)
+class CBAMOptions:
+    """Everything a :class:`CBAM` is made of besides its channel count, checked on construction (an
+    :class:`~cbam.errors.InvalidArgument` names the option); the channel count bounds ``reduction_ratio``
+    further, which the layer checks.
+
+    Args:
+        reduction_ratio: channel-MLP reduction r (hidden size ``C // r``), ``1 <= r <= C``.
+        kernel_size: odd spatial-attention kernel size k >= 1.
+        channel_pooling: ``avg_max``, ``avg`` or ``max`` (see :class:`ChannelAttention`).
+        spatial_pooling: ``max_mean`` or ``conv`` (see :class:`SpatialAttention`).
+        gate_order: ``channel_first``, ``spatial_first`` or ``parallel``.
+        use_channel_gate: include the channel gate.
+        use_spatial_gate: include the spatial gate (at least one of the two).
+        impl: ``reference``, ``fused`` or ``auto`` (fused on CUDA under torch.compile); the fused kernels
+            cover the sequential channel-first layer with ``max_mean`` spatial pooling (any
+            ``channel_pooling``); other variants run the reference code, which is logged once. On the
+            meta device (shapes only: FLOP counting, config checks) every implementation runs the
+            reference code, which computes the same function.
+    """
+
+    kind: ClassVar[str] = "cbam"
+
+    reduction_ratio: int = 16
+    kernel_size: int = 7
+    channel_pooling: str = "avg_max"
+    spatial_pooling: str = "max_mean"
+    gate_order: str = "channel_first"
+    use_channel_gate: bool = True
+    use_spatial_gate: bool = True
+    impl: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check_reduction_ratio(self.reduction_ratio)
+        _check_kernel_size(self.kernel_size)
+        _choice("channel_pooling", self.channel_pooling, CHANNEL_POOLINGS)
+        _choice("spatial_pooling", self.spatial_pooling, SPATIAL_POOLINGS)
+        _choice("gate_order", self.gate_order, GATE_ORDERS)
+        _choice("impl", self.impl, IMPLS)
+        if not (self.use_channel_gate or self.use_spatial_gate):
+            raise InvalidArgument(
+                "use_spatial_gate",
+                self.use_spatial_gate,
+                "use_channel_gate and use_spatial_gate cannot both be false",
+            )
+
+    def build(self, channels: int) -> CBAM:
+        """The layer for ``channels`` input channels."""
+        return CBAM(channels, options=self)
 
 
 def spatial_max(x: torch.Tensor) -> torch.Tensor:
@@ -107,15 +150,8 @@ class ChannelAttention(nn.Module):
 
     def __init__(self, channels: int, reduction_ratio: int = 16, pooling: str = "avg_max") -> None:
         super().__init__()
-        check_options(reduction_ratio=reduction_ratio, channel_pooling=pooling)
-        if channels < 1:
-            raise InvalidArgument("channels", channels, "must be an integer >= 1")
-        if reduction_ratio > channels:
-            raise InvalidArgument(
-                "reduction_ratio",
-                reduction_ratio,
-                f"must be between 1 and {channels}, the channels of this CBAM",
-            )
+        _check_reduction_ratio(reduction_ratio, channels)
+        _choice("channel_pooling", pooling, CHANNEL_POOLINGS)
         self.pooling = pooling
         hidden = channels // reduction_ratio
         self.mlp = nn.Sequential(
@@ -188,7 +224,8 @@ class SpatialAttention(nn.Module):
 
     def __init__(self, kernel_size: int = 7, pooling: str = "max_mean", channels: int | None = None) -> None:
         super().__init__()
-        check_options(kernel_size=kernel_size, spatial_pooling=pooling)
+        _check_kernel_size(kernel_size)
+        _choice("spatial_pooling", pooling, SPATIAL_POOLINGS)
         self.pooling = pooling
         if pooling == "conv":
             if channels is None or channels < 1:
@@ -233,56 +270,35 @@ class CBAM(nn.Module):
 
     Args:
         channels: number of input channels C.
-        reduction_ratio: channel-MLP reduction r (hidden size ``C // r``), ``1 <= r <= C``.
-        kernel_size: odd spatial-attention kernel size k >= 1.
-        channel_pooling: ``avg_max``, ``avg`` or ``max`` (see :class:`ChannelAttention`).
-        spatial_pooling: ``max_mean`` or ``conv`` (see :class:`SpatialAttention`).
-        gate_order: ``channel_first``, ``spatial_first`` or ``parallel``.
-        use_channel_gate: include the channel gate.
-        use_spatial_gate: include the spatial gate (at least one of the two).
-        impl: ``reference``, ``fused`` or ``auto`` (fused on CUDA under torch.compile); the fused kernels
-            cover the sequential channel-first layer with ``max_mean`` spatial pooling (any
-            ``channel_pooling``); other variants run the reference code, which is logged once. On the
-            meta device (shapes only: FLOP counting, config checks) every implementation runs the
-            reference code, which computes the same function.
+        options: a :class:`CBAMOptions`; or its fields, as positional (``CBAM(256, 16, 7)``: reduction ratio,
+            kernel size) or keyword arguments.
     """
 
-    def __init__(
-        self,
-        channels: int,
-        reduction_ratio: int = 16,
-        kernel_size: int = 7,
-        *,
-        channel_pooling: str = "avg_max",
-        spatial_pooling: str = "max_mean",
-        gate_order: str = "channel_first",
-        use_channel_gate: bool = True,
-        use_spatial_gate: bool = True,
-        impl: str = "auto",
-    ) -> None:
+    def __init__(self, channels: int, *fields: Any, options: CBAMOptions | None = None, **named: Any) -> None:
         super().__init__()
-        check_options(
-            reduction_ratio,
-            kernel_size,
-            channel_pooling,
-            spatial_pooling,
-            gate_order,
-            use_channel_gate,
-            use_spatial_gate,
-            impl,
-        )
-        self.gate_order, self.impl = gate_order, impl
+        if options is not None and (fields or named):
+            raise TypeError("CBAM takes options or its fields, not both")
+        options = options if options is not None else CBAMOptions(*fields, **named)
+        self.options = options
+        self.gate_order, self.impl = options.gate_order, options.impl
         self.channel = (
-            ChannelAttention(channels, reduction_ratio, channel_pooling) if use_channel_gate else None
+            ChannelAttention(channels, options.reduction_ratio, options.channel_pooling)
+            if options.use_channel_gate
+            else None
         )
-        self.spatial = SpatialAttention(kernel_size, spatial_pooling, channels) if use_spatial_gate else None
+        self.spatial = (
+            SpatialAttention(options.kernel_size, options.spatial_pooling, channels)
+            if options.use_spatial_gate
+            else None
+        )
         # What the fused kernels compute: a channel gate, then a max/mean spatial gate on its output.
         self.fusable = (
             self.channel is not None
             and self.spatial is not None
-            and (gate_order == "channel_first" and spatial_pooling == "max_mean")
+            and (options.gate_order == "channel_first" and options.spatial_pooling == "max_mean")
         )
         # Said here, not in forward (no graph break when compiled); auto only where it could pick the kernels.
+        impl = options.impl
         if not self.fusable and (impl == "fused" or (impl == "auto" and torch.cuda.is_available())):
             _log_once(f"CBAM impl={impl}: this variant has no fused kernels; it runs the reference code")
 
@@ -307,7 +323,7 @@ class CBAM(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._runs_fused(x):
-            from cbam.fused import cbam_fused
+            from cbam.models.fused import cbam_fused
 
             first, _, second = self.channel.mlp
             bn = self.spatial.bn
@@ -331,7 +347,7 @@ class CBAM(nn.Module):
             return False
         if x.device.type == "meta":  # shapes only (FLOP counting, config checks): the same function
             return False
-        from cbam.fused import fused_available
+        from cbam.models.fused import fused_available
 
         if fused_available(x.device):
             return True

@@ -10,8 +10,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cbam.atomic import write_atomically
-from cbam.comparison import CONFIDENCE
+from cbam.analysis.statistics import CONFIDENCE
+from cbam.runtime.atomic import write_atomically
 
 #: (key in metrics.json and column of results.csv, heading in results.md)
 ACCURACIES = (("best_val_acc", "best val acc (%)"), ("test_acc", "test acc (%)"))

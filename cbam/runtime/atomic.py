@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-from cbam.write_failures import writing
+from cbam.runtime.write_failures import writing
 
 # Read once: os.umask can only be read by setting it, which would race with threads started later.
 _UMASK = os.umask(0o022)
@@ -34,7 +34,7 @@ def write_atomically(
     temporary file (``<prefix>*<suffix>``) is removed when writing fails. The new file gets the
     permissions ``open()`` would have given it, not mkstemp's 0600, so other users can read a shared one.
     A full disk, a read-only folder or one without permission raises
-    :class:`~cbam.write_failures.WriteFailed` naming ``path``, whatever ``write`` wrapped the error in.
+    :class:`~cbam.errors.WriteFailed` naming ``path``, whatever ``write`` wrapped the error in.
     """
     with writing(path):
         path.parent.mkdir(parents=True, exist_ok=True)

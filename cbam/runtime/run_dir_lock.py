@@ -35,27 +35,16 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from cbam.checks import describe_checkpoint
-from cbam.write_failures import WRITE_FAILED_EXIT_STATUS, WriteFailed, writing
+from cbam.errors import BAD_INPUT_EXIT_STATUS, RunDirInUse, WriteFailed, stop
+from cbam.runtime.checkpoints import describe_checkpoint
+from cbam.runtime.write_failures import writing
 
 LOCK_FILE = ".run.lock"
-#: exit status of a run refused because another process uses its run dir (as for other bad input)
-RUN_DIR_IN_USE_EXIT_STATUS = 2
 #: the environment variables by which the launchers tell a process its rank or node: torchrun (RANK,
 #: GROUP_RANK), Lightning's own launcher (LOCAL_RANK, NODE_RANK), SLURM (SLURM_PROCID)
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")
 #: flock's errors on a file system that does not support it (some network and FUSE mounts)
 FLOCK_UNSUPPORTED = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL})
-
-
-class RunDirInUse(Exception):
-    """Another live process holds the run dir's lock; the message names it."""
-
-    def __init__(self, run_dir: Path, holder: str | None) -> None:
-        who = holder or "another process (which has not written its name into the lock file yet)"
-        super().__init__(
-            f"run dir {run_dir} is in use by {who}: wait for it to end, or give this run another hydra.run.dir"
-        )
 
 
 def is_first_process() -> bool:
@@ -107,7 +96,7 @@ class RunDirLock:
         """Take the lock, held until :meth:`release` or the end of the process.
 
         Raises :class:`RunDirInUse` when a live process holds it, and
-        :class:`~cbam.write_failures.WriteFailed` when the lock file cannot be created or written (a full
+        :class:`~cbam.errors.WriteFailed` when the lock file cannot be created or written (a full
         disk, a read-only dir, no permission). Returns a warning to print once, or None: the lock was
         taken over from a process that ended without releasing it, or this file system cannot lock.
         """
@@ -168,18 +157,12 @@ def _newest_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
-def _stop(error: object, status: int) -> None:
-    # Raised past Hydra, which reports only an Exception of a callback (as a warning) and goes on.
-    print(f"error: {error}", file=sys.stderr, flush=True)
-    sys.exit(status)
-
-
 class RunDirGuard(Callback):
     """Hydra callback: the run holds its run dir's :class:`RunDirLock` while it lives (rank 0 of a DDP run;
     each job of a multirun). A dir in use stops the run with one line naming the holder, exit status
-    :data:`RUN_DIR_IN_USE_EXIT_STATUS`; a dir the lock cannot be written into (disk full, read-only, no
-    permission) with one line naming the lock file, exit status
-    :data:`~cbam.write_failures.WRITE_FAILED_EXIT_STATUS`."""
+    2; a dir the lock cannot be written into (disk full, read-only, no permission) with one line naming the
+    lock file, exit status 4 (:mod:`cbam.errors`). (Exits, not exceptions: Hydra reports an exception of a
+    callback only as a warning, and goes on.)"""
 
     def __init__(self) -> None:
         self.lock: RunDirLock | None = None
@@ -208,14 +191,14 @@ class RunDirGuard(Callback):
         try:
             warning = lock.acquire()
         except RunDirInUse as error:
-            _stop(error, RUN_DIR_IN_USE_EXIT_STATUS)
+            stop(error)
         except WriteFailed as error:
             error.last_good = describe_checkpoint(_newest_checkpoint(run_dir))
-            _stop(error, WRITE_FAILED_EXIT_STATUS)
+            stop(error)
         except OSError as error:  # any other failure (an I/O error, a name too long): never go on unlocked
-            _stop(
+            stop(
                 f"cannot lock run dir {run_dir} ({lock.path}: {error.strerror or error})",
-                RUN_DIR_IN_USE_EXIT_STATUS,
+                BAD_INPUT_EXIT_STATUS,
             )
         if warning:
             print(f"warning: {warning}", file=sys.stderr, flush=True)

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from cbam.callbacks._utils import data_input_size, plain_network
-from cbam.lightning_internals import call_uncompiled
+from cbam.runtime.lightning_internals import call_uncompiled
 
 log = logging.getLogger(__name__)
 
