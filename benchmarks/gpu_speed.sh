@@ -9,7 +9,7 @@
 #   throughput    ResNet18 lightning/plain/conventional x CBAM none/block x impl reference/fused, eager
 #   host_ops      benchmarks/host_ops.py on the GPU: operations per CBAM block and per training step,
 #                 plain / reference / fused at ResNet18 and ResNet50 (the count the CPU gives, checked)
-#   profile       benchmarks/step_profile.py: where the host time of one fused ResNet18 step goes
+#   profile       benchmarks/host_ops.py --profile: where the host time of one fused ResNet18 step goes
 #                 (operators, Triton launches, the rest), and the kernels' device time
 #   resnet50      ResNet50 plain loop, CBAM none/block x impl reference/fused, eager: throughput and peak
 #                 memory at batch 512
@@ -18,10 +18,7 @@
 #                 mode=reduce-overhead (CUDA graphs)
 #   compiled50    ResNet50 plain loop x CBAM none/block x impl reference/fused, torch.compile default and
 #                 reduce-overhead (the slowest to build: not in the default list, name it)
-#   diagnosis     compile_diagnosis.py, variant library: does the library's CBAM compile right (the
-#                 full diagnosis, all variants, is a separate ~3 min call: see docs/benchmarks.md)
-#   tta           experiment=fast until 94%/95% test accuracy: compiled if the diagnosis found the
-#                 library's compiled CBAM right, else eager
+#   tta           experiment=fast (compiled, as the recipe says) until 94%/95% test accuracy
 #   study         the last ~4 minutes: benchmarks/gpu_ablation.sh, ResNet18 x cbam none/block/classifier x
 #                 seeds 0,1,2 with the 24-epoch fast recipe, nine jobs side by side; report in <out>/study/
 # --quick: the same stages with tiny sizes on the CPU (a check of this script, not a measurement).
@@ -31,7 +28,7 @@ quick=0
 if [ "${1:-}" = "--quick" ]; then quick=1; shift; fi
 data=$1 out=$2
 shift 2
-stages=${*:-fused_check throughput host_ops profile resnet50 compiled graphs diagnosis tta study}
+stages=${*:-fused_check throughput host_ops profile resnet50 compiled graphs tta study}
 mkdir -p "$out"
 cache=$(mktemp -d)
 trap 'rm -rf "$cache"' EXIT
@@ -46,14 +43,14 @@ scale=1
 [ $quick = 1 ] && scale=4 total=100000
 
 if [ $quick = 1 ]; then
-  sizes=(--quick) tta_sizes=(--quick) diagnosis_sizes=(--quick) impls=reference,auto
+  sizes=(--quick) tta_sizes=(--quick model.compile=false) impls=reference,auto  # a CPU compile takes minutes
   host_ops_sizes=(--device cpu --depths 18 --width 2) profile_sizes=(--quick) check_sizes=(--quick)
   study_overrides=(trainer=cpu model.compile=false model.width=4 model.reduction_ratio=4 data.batch_size=8
     data.val_size=16 data.loader=device trainer.max_epochs=1 +trainer.limit_train_batches=2
     +trainer.limit_val_batches=1 +trainer.limit_test_batches=1 hydra.launcher.n_jobs=2)
   export DATA_DESCRIPTION="the images given to gpu_speed.sh --quick (a check of the script, not a result)"
 else
-  sizes=(--warmup 10 --steps 30) tta_sizes=() diagnosis_sizes=() impls=reference,fused
+  sizes=(--warmup 10 --steps 30) tta_sizes=() impls=reference,fused
   host_ops_sizes=(--device cuda) profile_sizes=() check_sizes=()
   study_overrides=(hydra.launcher.n_jobs=9)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
@@ -96,10 +93,7 @@ for stage in $stages; do
     host_ops)
       run_stage 60 python3 benchmarks/host_ops.py "${host_ops_sizes[@]}" --out "$out/host_ops.json" ;;
     profile)
-      run_stage 40 python3 benchmarks/step_profile.py "${profile_sizes[@]}" --impl fused --out "$out/step_profile.json" ;;
-    diagnosis)
-      run_stage 90 python3 benchmarks/compile_diagnosis.py "${diagnosis_sizes[@]}" --variants library \
-        --out "$out/compile_diagnosis.json" ;;
+      run_stage 40 python3 benchmarks/host_ops.py --profile "${profile_sizes[@]}" --impl fused --out "$out/step_profile.json" ;;
     throughput)
       run_stage 70 "${throughput[@]}" --depths 18 --impl "$impls" --out "$out/throughput_eager.json" ;;
     resnet50)
@@ -117,16 +111,12 @@ for stage in $stages; do
           --impl "$impls" --pipelines plain --out "$out/throughput_compile50_$mode.json"
       done ;;
     tta)
-      compile=$(python3 -c "import json,sys; r=json.load(open(sys.argv[1]))['variants'].get('library', {}); \
-print(str(bool(r.get('agrees') and r.get('learns'))).lower())" "$out/compile_diagnosis.json" 2>/dev/null || echo false)
-      echo "# tta: model.compile=$compile (from the diagnosis)" | tee -a "$out/log.txt"
-      [ $quick = 1 ] && compile=false  # a CPU compile of ResNet18 takes minutes: the quick check stays eager
       run_stage 200 python3 benchmarks/time_to_accuracy.py "${tta_sizes[@]}" data.root="$data" data.download=false \
-        data.cache_dir="$cache" model.compile="$compile" --out "$out/time_to_accuracy_fast.json" ;;
+        data.cache_dir="$cache" --out "$out/time_to_accuracy_fast.json" ;;
     study)
       # The 24-epoch fast-recipe placement study, nine jobs side by side; its report comes back in study/.
       run_stage 240 bash benchmarks/gpu_ablation.sh "$data" "$cache/study_sweep" "$out/study" "${study_overrides[@]}" ;;
-    *) echo "unknown stage $stage (known: fused_check host_ops profile diagnosis throughput resnet50 compiled graphs compiled50 tta study)" >&2; exit 2 ;;
+    *) echo "unknown stage $stage (known: fused_check host_ops profile throughput resnet50 compiled graphs compiled50 tta study)" >&2; exit 2 ;;
   esac
 done
 echo "# done after $((SECONDS - started))s" | tee -a "$out/log.txt"

@@ -7,7 +7,7 @@ rank 1 or a DataLoader worker of rank 1; at start-up, in the rendezvous, in the 
 last step and inside a checkpoint save. Every other process must exit within 60 s with one line naming what
 died and the last good checkpoint, and a non-zero exit status. The resumption checks run in this process
 (the checkpoints on disk are what a kill leaves): a kill in the validation after an epoch's last step, and
-SIGTERM in that step. ``benchmarks/kill_stress.py`` kills at random moments instead.
+SIGTERM in that step. ``tests/stress/kill_stress.py`` kills at random moments instead.
 """
 
 from __future__ import annotations

@@ -18,11 +18,11 @@ from helpers import REPO, run_train, write_random_pngs
 from torch import nn
 
 from cbam import CBAM, build_resnet
+from cbam.analysis import host_ops
 from cbam.errors import InvalidArgument
 from cbam.models.fused import cbam_fused, fused_available
 
-sys.path.insert(0, str(REPO / "benchmarks"))
-import host_ops  # noqa: E402  (the counting rules of benchmarks/host_ops.py)
+sys.path.insert(0, str(REPO / "benchmarks"))  # the GPU check's script, run below as its smoke test
 
 TOLERANCES = {
     torch.float64: dict(rtol=1e-9, atol=1e-11),
@@ -337,7 +337,7 @@ def test_unknown_channel_pooling_is_an_invalid_argument():
 
 def test_a_fused_block_is_its_six_kernel_launches_and_nothing_else():
     """Forward and backward of one CBAM layer: 3 + 3 Triton launches, no PyTorch operator around them
-    (counted as benchmarks/host_ops.py counts: views, metadata and allocations aside)."""
+    (counted by cbam.analysis.host_ops's rules: views, metadata and allocations aside)."""
     forward = host_ops.block_counts("fused", channels=8, size=4, batch=2, device=torch.device("cpu"))
     launches = [name.removeprefix(host_ops.LAUNCH_PREFIX) for name in forward["operations"]]
     assert forward["forward"] == 3 and forward["backward"] == 3, forward["operations"]
@@ -356,6 +356,16 @@ def test_a_fused_resnet18_training_step_costs_under_1_3x_the_plain_steps_host_op
     assert fused["triton_launches"] == 8 * 6  # 8 blocks, 6 launches each
     assert fused["operations"] - fused["triton_launches"] == plain["operations"]  # nothing else added
     assert fused["operations"] <= 1.3 * plain["operations"]
+
+
+def test_host_ops_profile_quick_splits_a_fused_step_into_operators_and_launches(capsys):
+    """benchmarks/host_ops.py --profile --quick: a fused step's host time, with its Triton launches."""
+    import host_ops as script
+
+    report = script.main(["--profile", "--quick"])
+    assert report["settings"]["impl"] == "fused" and report["wall_ms_median"] > 0
+    assert report["host_ms_in_operators"] > 0 and report["host_ms_in_triton_launches"] > 0
+    assert any(entry["name"].startswith(host_ops.LAUNCH_PREFIX) for entry in report["top"])
 
 
 def test_gpu_check_script_quick_run_agrees_and_reports(capsys):

@@ -14,8 +14,8 @@ in the same run dir. The last segment runs to the end and its ``last.ckpt`` is c
 uninterrupted run's (same step count, weights within 1e-6). The data are random PNGs in a temporary
 folder; nothing is kept. Example (a few minutes on two cores)::
 
-    python benchmarks/kill_stress.py --runs 5 --kills 4 --out kill_stress.json
-    python benchmarks/kill_stress.py --runs 2 --kills 3 --launcher torchrun
+    python tests/stress/kill_stress.py --runs 5 --kills 4 --out kill_stress.json
+    python tests/stress/kill_stress.py --runs 2 --kills 3 --launcher torchrun
 """
 
 from __future__ import annotations
@@ -32,9 +32,11 @@ import time
 from pathlib import Path
 
 import torch
-from step_overhead import write_images  # this folder: python benchmarks/kill_stress.py
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: its helpers
+from helpers import write_random_pngs  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
 RUN = [
     "trainer=ddp_sim", "data.download=false", "data.loader=workers", "data.num_workers=1",
     "data.batch_size=8", "data.val_size=36", "model.width=4", "trainer.max_epochs=6",
@@ -173,7 +175,7 @@ def main() -> None:
     random.seed(args.seed)
     with tempfile.TemporaryDirectory() as folder:
         base = Path(folder)
-        write_images(base / "data", per_class=10)
+        write_random_pngs(base / "data", 10, 2, [f"class{label}" for label in range(10)])
         common = [f"data.root={base / 'data'}", *RUN]
         whole_run = segment(args.launcher, [*common, f"hydra.run.dir={base / 'whole'}"], None, args.deadline)
         timing = whole_run["all_started_s"], whole_run["wall_s"]

@@ -1,7 +1,6 @@
 """Eager against compiled training steps of the same network: the loss and every parameter gradient.
 
-Shared by ``tests/test_compile.py`` (tiny CPU networks) and ``benchmarks/compile_diagnosis.py`` (a
-CBAM-ResNet18 on a GPU). Needs only torch (the GPU machine has no Hydra).
+Used by ``tests/test_compile.py`` and ``benchmarks/legacy/compile_diagnosis.py``; needs only torch.
 """
 
 from __future__ import annotations

@@ -30,7 +30,6 @@ import argparse
 import copy
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -50,10 +49,8 @@ def _inductor_defaults() -> dict:
 # Read before the library is imported: it may set its own workarounds.
 INDUCTOR_DEFAULTS = _inductor_defaults()
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compile_compare import compare_steps, compiled_copy, training_step
-
 from cbam import CBAM, build_resnet
+from cbam.analysis.compile_check import compare_steps, compiled_copy, training_step
 
 #: name -> (max formulation, or None for the library's own CBAM; Inductor settings over torch's defaults)
 VARIANTS = {
