@@ -38,7 +38,7 @@ from common import (
     training_flops_per_image,
 )
 
-from cbam.data import CIFAR10_MEAN, CIFAR10_STD, DeviceLoader, default_padding
+from cbam.data import CIFAR10_MEAN, CIFAR10_STD, DeviceLoader, LoaderSpec, default_padding
 from cbam.models.network_config import build_network, nest
 
 
@@ -60,9 +60,15 @@ def _time_steps(step, loader, args, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def loader_options(arrays) -> dict:
-    """The device loader's normalisation and crop padding for ``arrays``, as the data module sets them."""
-    return {"mean": arrays.mean, "std": arrays.std, "padding": default_padding(arrays.image_size)}
+def train_spec(args, arrays) -> LoaderSpec:
+    """The training batches of ``arrays`` as the data module cuts them (normalisation, crop padding)."""
+    return LoaderSpec(
+        args.batch_size,
+        train=True,
+        mean=tuple(arrays.mean),
+        std=tuple(arrays.std),
+        padding=default_padding(arrays.image_size),
+    )
 
 
 def network_options(cbam: bool, impl: str | None) -> dict:
@@ -82,14 +88,7 @@ def run_plain(args, arrays, depth: int, network: dict, device: torch.device) -> 
         net.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4, fused=gpu or None
     )
     criterion = torch.nn.CrossEntropyLoss()
-    loader = DeviceLoader(
-        arrays.train_images,
-        arrays.train_labels,
-        args.batch_size,
-        train=True,
-        device=device,
-        **loader_options(arrays),
-    )
+    loader = DeviceLoader(arrays.train_images, arrays.train_labels, train_spec(args, arrays), device=device)
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
@@ -182,10 +181,8 @@ def run_lightning(args, arrays, depth: int, network: dict, device: torch.device)
             return DeviceLoader(
                 arrays.train_images,
                 arrays.train_labels,
-                args.batch_size,
-                train=True,
+                train_spec(args, arrays),
                 device=self.trainer.strategy.root_device,
-                **loader_options(arrays),
             )
 
     class _Clock(pl.Callback):

@@ -19,6 +19,7 @@ from cbam.data import (
     CIFAR10DataModule,
     DataError,
     DeviceLoader,
+    LoaderSpec,
     WorkersLoader,
     load_cifar10,
     normalize,
@@ -417,9 +418,16 @@ def check_augmentation_statistics(offsets: list[tuple[int, int, bool]]):
     assert len({(r, c) for r, c, _ in offsets}) > 40  # rows and columns drawn independently
 
 
+def make_loader(loader_class, images, labels, batch_size, *, num_workers=None, **spec):
+    """``loader_class`` over ``images`` with the CIFAR-10 pipeline and the :class:`LoaderSpec` fields
+    ``spec``; ``num_workers`` for the workers loader."""
+    options = {} if num_workers is None else {"num_workers": num_workers}
+    return loader_class(images, labels, LoaderSpec(batch_size, **{**CIFAR, **spec}), **options)
+
+
 #: both loaders with the CIFAR-10 pipeline
 LOADERS = [
-    pytest.param(functools.partial(loader, **CIFAR), id=loader.__name__)
+    pytest.param(functools.partial(make_loader, loader), id=loader.__name__)
     for loader in (DeviceLoader, WorkersLoader)
 ]
 
@@ -428,7 +436,7 @@ LOADERS = [
 def test_loaders_crop_shifted_flipped_copies(loader_class):
     images = random_images(20, seed=1)
     ids = torch.arange(20)  # the labels identify the source image
-    loader = loader_class(images, ids, batch_size=10, train=True, seed=3)
+    loader = loader_class(images, ids, 10, train=True, seed=3)
     candidates = [candidate_crops(image) for image in images]
     offsets = []
     for epoch in range(20):
@@ -443,12 +451,11 @@ def test_loaders_crop_shifted_flipped_copies(loader_class):
 def test_workers_loader_cuts_the_device_loaders_batches_whatever_its_worker_count():
     images, ids = random_images(45, seed=4), torch.arange(45)
     torch.manual_seed(0)  # the global random state plays no part: changed between the loaders below
-    device = DeviceLoader(images, ids, 8, train=True, seed=9, rank=1, world_size=2, **CIFAR)
+    spec = LoaderSpec(8, train=True, seed=9, rank=1, world_size=2, **CIFAR)
+    device = DeviceLoader(images, ids, spec)
     for num_workers in (0, 2):
         torch.manual_seed(num_workers + 1)
-        workers = WorkersLoader(
-            images, ids, 8, train=True, seed=9, rank=1, world_size=2, num_workers=num_workers, **CIFAR
-        )
+        workers = WorkersLoader(images, ids, spec, num_workers=num_workers)
         assert len(workers) == len(device) == 2
         for epoch in (0, 3):
             device.sampler.set_epoch(epoch)
@@ -469,7 +476,7 @@ def test_unaugmented_paths_give_the_same_normalised_values():
     manual = (images.permute(0, 3, 1, 2).double() / 255 - mean) / std
     torch.testing.assert_close(expected.double(), manual, atol=1e-5, rtol=0)
     for loader in (DeviceLoader, WorkersLoader):
-        batches = list(loader(images, labels, batch_size=4, train=False, **CIFAR))
+        batches = list(make_loader(loader, images, labels, 4, train=False))
         assert [len(b[1]) for b in batches] == [4, 2], loader  # evaluation keeps the last partial batch
         torch.testing.assert_close(torch.cat([b[0] for b in batches]), expected, atol=1e-6, rtol=0)
         assert torch.equal(torch.cat([b[1] for b in batches]), labels)
@@ -542,10 +549,8 @@ def test_loader_reshuffles_per_epoch_and_is_deterministic(loader_class):
 def test_loader_resumes_within_an_epoch(loader_class, num_workers):
     """The position saved is the batches handed out, not those a worker process fetched ahead."""
     images, ids = random_images(40), torch.arange(40)
-    options = CIFAR if num_workers is None else {"num_workers": num_workers, **CIFAR}
-
     def loader():
-        return loader_class(images, ids, 8, train=True, seed=2, **options)
+        return make_loader(loader_class, images, ids, 8, train=True, seed=2, num_workers=num_workers)
 
     full = loader()
     full.sampler.set_epoch(1)

@@ -29,6 +29,7 @@ from cbam.data import (
     DeviceLoader,
     FolderSource,
     ImageFolderDataModule,
+    LoaderSpec,
     WorkersLoader,
     load_arrays,
     load_cifar10,
@@ -264,8 +265,8 @@ def test_loaders_cut_the_same_crops_of_any_size_and_resume_exactly():
     )
     ids = torch.arange(30)
     pipeline = {"mean": (0.5, 0.4, 0.3), "std": (0.2, 0.25, 0.3), "padding": 3}
-    device = DeviceLoader(images, ids, 8, train=True, seed=4, **pipeline)
-    workers = WorkersLoader(images, ids, 8, train=True, seed=4, **pipeline)
+    device = DeviceLoader(images, ids, LoaderSpec(8, train=True, seed=4, **pipeline))
+    workers = WorkersLoader(images, ids, LoaderSpec(8, train=True, seed=4, **pipeline))
     mean, std = torch.tensor(pipeline["mean"]), torch.tensor(pipeline["std"])
     padded = torch.nn.functional.pad(images, (0, 0, 3, 3, 3, 3))
     for (x_device, y_device), (x_workers, y_workers) in zip(device, workers, strict=True):
@@ -277,7 +278,7 @@ def test_loaders_cut_the_same_crops_of_any_size_and_resume_exactly():
                 for r in range(7) for c in range(7) for flip in (False, True)
             ]  # fmt: skip
             assert min(float((crop - candidate).abs().max()) for candidate in candidates) < 1e-5
-    evaluation = torch.cat([x for x, _ in DeviceLoader(images, ids, 8, train=False, **pipeline)])
+    evaluation = torch.cat([x for x, _ in DeviceLoader(images, ids, LoaderSpec(8, train=False, **pipeline))])
     torch.testing.assert_close(evaluation, normalize(images, mean, std))  # centred, unflipped
     for loader in (device, workers):
         loader.sampler.set_epoch(2)

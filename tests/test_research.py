@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from PIL import Image
 from helpers import REPO, conf_file, load_checkpoint, run_python, subprocess_env, write_random_pngs
+from PIL import Image
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 RUN_TIMEOUT = 180

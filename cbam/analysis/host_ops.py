@@ -187,17 +187,24 @@ def block_counts(
     }
 
 
-def step_counts(
-    depth: int, network: str, width: int, batch: int, device: torch.device, warmup: int = 1
-) -> dict:
+def measured_network(depth: int, impl: str, width: int, device: torch.device) -> nn.Module:
+    """The ResNet a measurement trains (seeded): CBAM in every block run by ``impl``, or none for ``impl``
+    plain (or none)."""
     torch.manual_seed(0)
-    net = build_resnet(
+    plain = impl in ("plain", "none")
+    return build_resnet(
         depth,
         width=width,
         reduction_ratio=min(16, width),
-        use_cbam_block=network != "plain",
-        impl="reference" if network == "plain" else network,
+        use_cbam_block=not plain,
+        impl="reference" if plain else impl,
     ).to(device)
+
+
+def step_counts(
+    depth: int, network: str, width: int, batch: int, device: torch.device, warmup: int = 1
+) -> dict:
+    net = measured_network(depth, network, width, device)
     images = torch.randn(batch, 3, 32, 32, device=device)
     labels = torch.arange(batch, device=device) % 10
     counted = recorded_operations(training_step(net, images, labels), warmup)
@@ -237,17 +244,9 @@ def synchronize(device: torch.device) -> None:
 def step_profile(
     depth: int, impl: str, width: int, batch: int, device: torch.device, warmup: int, steps: int
 ) -> dict:
-    """Where the host time of ``steps`` training steps goes (:func:`summarise`), after ``warmup`` steps;
-    ``impl`` none trains the plain network."""
-    torch.manual_seed(0)
+    """Where the host time of ``steps`` training steps goes (:func:`summarise`), after ``warmup`` steps."""
     gpu = device.type == "cuda"
-    net = build_resnet(
-        depth,
-        width=width,
-        reduction_ratio=min(16, width),
-        use_cbam_block=impl != "none",
-        impl="reference" if impl == "none" else impl,
-    ).to(device)
+    net = measured_network(depth, impl, width, device)
     if gpu:
         net = net.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True

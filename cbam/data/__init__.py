@@ -2,7 +2,7 @@
 plans both loaders share (:mod:`cbam.data.batches`), the ``device`` loader (:mod:`cbam.data.device_loader`),
 the ``workers`` loader (:mod:`cbam.data.workers`) and the data modules (:mod:`cbam.data.datamodule`)."""
 
-from cbam.data.batches import IGNORED_LABEL, default_padding, fill_batch, normalize
+from cbam.data.batches import IGNORED_LABEL, LoaderSpec, default_padding, fill_batch, normalize
 from cbam.data.datamodule import (
     CIFAR10DataModule,
     CIFAR100DataModule,
@@ -29,6 +29,7 @@ from cbam.errors import DataError
 CACHE_NAME = CIFAR10.cache_name
 
 __all__ = [
+    "LoaderSpec",
     "CACHE_NAME",
     "CIFAR10",
     "CIFAR10_MEAN",

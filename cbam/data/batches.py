@@ -115,6 +115,36 @@ def cut(padded: torch.Tensor, plan: Plan, padding: int) -> torch.Tensor:
     return padded[plan.indices[:, None, None], rows[:, :, None], cols[:, None, :]]
 
 
+@dataclass(frozen=True)
+class LoaderSpec:
+    """What both loaders are built from: batches of ``batch_size`` (training drops the last partial one),
+    normalised by the per-channel ``mean`` and ``std``, cropped with ``padding`` pixels of zero padding;
+    the epoch's plan from ``seed``; this process's shard ``rank`` of ``world_size``."""
+
+    batch_size: int
+    train: bool
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    padding: int
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+
+    def shard_size(self, total: int) -> int:
+        return shard_size(total, train=self.train, rank=self.rank, world_size=self.world_size)
+
+    def batches(self, total: int) -> int:
+        """Batches per epoch over ``total`` images."""
+        size = self.shard_size(total)
+        return size // self.batch_size if self.train else -(-size // self.batch_size)
+
+    def epoch_plan(self, total: int, epoch: int) -> Plan:
+        return epoch_plan(
+            total, train=self.train, seed=self.seed, epoch=epoch, rank=self.rank,
+            world_size=self.world_size, padding=self.padding,
+        )  # fmt: skip
+
+
 class LoaderPosition:
     """The epoch a training loader is in and how many of its batches it has handed out: all a checkpoint
     needs to resume it exactly, since the epoch's plan follows from the seed and the epoch.

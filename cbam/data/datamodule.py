@@ -11,7 +11,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from cbam.data.batches import default_padding, fill_batch
+from cbam.data.batches import LoaderSpec, default_padding, fill_batch
 from cbam.data.device_loader import DeviceLoader
 from cbam.data.sources import CIFAR10, CIFAR100, FolderSource, ImageArrays, Source, load_arrays
 from cbam.data.workers import WorkersLoader
@@ -216,20 +216,22 @@ class ImageDataModule(pl.LightningDataModule):
     def _build_loader(self, split: str) -> DeviceLoader | WorkersLoader:
         images, labels = self._splits[split]
         trainer = self.trainer
-        common = {
-            "train": split == "train",
-            "mean": self.mean,
-            "std": self.std,
-            "padding": self.padding,
-            "seed": self.seed,
-            "rank": trainer.global_rank if trainer else 0,
-            "world_size": trainer.world_size if trainer else 1,
-        }
+        spec = LoaderSpec(
+            self.batch_size,
+            train=split == "train",
+            mean=tuple(self.mean),
+            std=tuple(self.std),
+            padding=self.padding,
+            seed=self.seed,
+            rank=trainer.global_rank if trainer else 0,
+            world_size=trainer.world_size if trainer else 1,
+        )
         device = self._device()
         if self.uses_device_loader():
-            return DeviceLoader(images, labels, self.batch_size, device=device, **common)
-        options = {"num_workers": self.num_workers, "pin_memory": device.type == "cuda"}
-        return WorkersLoader(images, labels, self.batch_size, **options, **common)
+            return DeviceLoader(images, labels, spec, device=device)
+        return WorkersLoader(
+            images, labels, spec, num_workers=self.num_workers, pin_memory=device.type == "cuda"
+        )
 
     def _loader(self, split: str) -> DeviceLoader | WorkersLoader:
         # Built once: the device loader's images stay on the device, the workers stay up, and the train

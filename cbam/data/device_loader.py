@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import torch
 
-from cbam.data.batches import LoaderPosition, cut, epoch_plan, normalize, pad, shard_size
+from cbam.data.batches import LoaderPosition, LoaderSpec, cut, normalize, pad
 
 
 class DeviceLoader:
@@ -23,37 +23,25 @@ class DeviceLoader:
         self,
         images: torch.Tensor,
         labels: torch.Tensor,
-        batch_size: int,
+        spec: LoaderSpec,
         *,
-        train: bool,
-        mean: Sequence[float],
-        std: Sequence[float],
-        padding: int,
-        seed: int = 0,
         device: torch.device | str = "cpu",
-        rank: int = 0,
-        world_size: int = 1,
     ) -> None:
-        self.device = torch.device(device)
-        self.train, self.seed, self.rank, self.world_size = train, seed, rank, world_size
-        self.batch_size, self.padding = batch_size, padding
-        self.images = pad(images, padding).to(self.device)
+        self.spec, self.device = spec, torch.device(device)
+        self.batch_size, self.padding = spec.batch_size, spec.padding
+        self.images = pad(images, spec.padding).to(self.device)
         self.labels = labels.to(self.device)
-        self.mean = torch.tensor(mean, device=self.device)
-        self.std = torch.tensor(std, device=self.device)
+        self.mean = torch.tensor(spec.mean, device=self.device)
+        self.std = torch.tensor(spec.std, device=self.device)
         # Lightning calls set_epoch on a loader's ``sampler`` every epoch, and inspects ``batch_sampler``.
         self.sampler = LoaderPosition()
         self.batch_sampler = None
 
     def __len__(self) -> int:
-        size = shard_size(len(self.labels), train=self.train, rank=self.rank, world_size=self.world_size)
-        return size // self.batch_size if self.train else -(-size // self.batch_size)
+        return self.spec.batches(len(self.labels))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        plan = epoch_plan(
-            len(self.labels), train=self.train, seed=self.seed, epoch=self.sampler.epoch, rank=self.rank,
-            world_size=self.world_size, padding=self.padding,
-        ).to(self.device)  # fmt: skip
+        plan = self.spec.epoch_plan(len(self.labels), self.sampler.epoch).to(self.device)
         # Lightning knows this loader's length, so it never fetches ahead: batches_done counts exactly
         # the batches trained on when a checkpoint is saved.
         position = self.sampler

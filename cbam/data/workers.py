@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from cbam.data.batches import LoaderPosition, Plan, cut, epoch_plan, normalize, pad, shard_size
+from cbam.data.batches import LoaderPosition, LoaderSpec, Plan, cut, normalize, pad
 
 #: a planned crop: (image index, row offset, column offset, mirrored)
 Key = tuple[int, int, int, bool]
@@ -56,9 +56,9 @@ class PlanSampler(DistributedSampler):
     None of the parent's shuffling or padding is used.
     """
 
-    def __init__(self, dataset: PlannedCrops, *, train: bool, seed: int, rank: int, world_size: int) -> None:
-        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=False)
-        self.train, self.seed = train, seed
+    def __init__(self, dataset: PlannedCrops, spec: LoaderSpec) -> None:
+        super().__init__(dataset, num_replicas=spec.world_size, rank=spec.rank, shuffle=False)
+        self.spec = spec
         self.total = len(dataset)
         self.position = LoaderPosition()
         self.start = 0  # the first item of the next pass, set by the loader
@@ -67,13 +67,10 @@ class PlanSampler(DistributedSampler):
         self.position.set_epoch(epoch)
 
     def __len__(self) -> int:
-        return shard_size(self.total, train=self.train, rank=self.rank, world_size=self.num_replicas)
+        return self.spec.shard_size(self.total)
 
     def __iter__(self) -> Iterator[Key]:
-        plan = epoch_plan(
-            self.total, train=self.train, seed=self.seed, epoch=self.position.epoch, rank=self.rank,
-            world_size=self.num_replicas, padding=self.dataset.padding,
-        )[self.start :]  # fmt: skip
+        plan = self.spec.epoch_plan(self.total, self.position.epoch)[self.start :]
         return zip(plan.indices.tolist(), plan.rows.tolist(), plan.cols.tolist(), plan.flips.tolist())
 
 
@@ -87,24 +84,17 @@ class WorkersLoader(DataLoader):
         self,
         images: torch.Tensor,
         labels: torch.Tensor,
-        batch_size: int,
+        spec: LoaderSpec,
         *,
-        train: bool,
-        mean: Sequence[float],
-        std: Sequence[float],
-        padding: int,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
         num_workers: int = 0,
         pin_memory: bool = False,
     ) -> None:
-        dataset = PlannedCrops(images, labels, mean, std, padding)
+        dataset = PlannedCrops(images, labels, spec.mean, spec.std, spec.padding)
         super().__init__(
             dataset,
-            batch_size=batch_size,
-            sampler=PlanSampler(dataset, train=train, seed=seed, rank=rank, world_size=world_size),
-            drop_last=train,
+            batch_size=spec.batch_size,
+            sampler=PlanSampler(dataset, spec),
+            drop_last=spec.train,
             num_workers=num_workers,
             pin_memory=pin_memory,
             persistent_workers=num_workers > 0,
