@@ -549,6 +549,7 @@ def test_loader_reshuffles_per_epoch_and_is_deterministic(loader_class):
 def test_loader_resumes_within_an_epoch(loader_class, num_workers):
     """The position saved is the batches handed out, not those a worker process fetched ahead."""
     images, ids = random_images(40), torch.arange(40)
+
     def loader():
         return make_loader(loader_class, images, ids, 8, train=True, seed=2, num_workers=num_workers)
 
