@@ -14,6 +14,17 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
+#: a train.py run small enough for a test: batches of 8 cut by the device loader, a width-4 network, 20
+#: validation images, deterministic
+TINY_RUN = [
+    "data.download=false",
+    "data.loader=device",
+    "data.batch_size=8",
+    "data.num_workers=0",
+    "data.val_size=20",
+    "model.width=4",
+    "trainer.deterministic=true",
+]
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import load_checkpoint, write_random_pngs
+from helpers import TINY_RUN, load_checkpoint, write_random_pngs
 
 from cbam.training.lightning_module import CBAMResNetModule
 
@@ -23,16 +23,10 @@ LEGACY_NETWORK_KEYS = (
     "num_classes",
 )  # fmt: skip
 TINY = [
-    "data.download=false",
-    "data.loader=device",
-    "data.batch_size=8",
-    "data.num_workers=0",
-    "data.val_size=20",
-    "model.width=4",
+    *TINY_RUN,
     "model.reduction_ratio=2",
     "cbam=block",
     "trainer.max_epochs=2",
-    "trainer.deterministic=true",
     "logger=csv",
     "callbacks.periodic_checkpoint.every_n_epochs=1",
 ]

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import load_checkpoint, run_train, subprocess_env, write_random_pngs
+from helpers import TINY_RUN, load_checkpoint, run_train, subprocess_env, write_random_pngs
 from PIL import Image
 
 import cbam.data.sources as data
@@ -35,14 +35,8 @@ from cbam.training.lightning_module import CBAMResNetModule
 STEPS_PER_EPOCH, EPOCHS = 10, 2
 EVERY_N_STEPS = 4
 TINY = [
-    "data.download=false",
-    "data.loader=device",
-    "data.batch_size=8",
-    "data.num_workers=0",
-    "data.val_size=20",
-    "model.width=4",
+    *TINY_RUN,
     f"trainer.max_epochs={EPOCHS}",
-    "trainer.deterministic=true",
     f"callbacks.last_checkpoint.every_n_train_steps={EVERY_N_STEPS}",
 ]
 SIGNALS = "+callbacks.signals._target_=reliability_signals.SignalAtSteps"
