@@ -17,13 +17,19 @@ from torch import nn
 
 from cbam.errors import InvalidArgument
 from cbam.models.cbam import CBAMOptions
+from cbam.models.resnet import AttentionFactory
 
 
 class WideBlock(nn.Module):
     """A pre-activation wide block: ``attention(branch(x)) + shortcut(x)``."""
 
     def __init__(
-        self, in_channels: int, out_channels: int, stride: int, dropout: float, attention: Any | None
+        self,
+        in_channels: int,
+        out_channels: int,
+        stride: int,
+        dropout: float,
+        attention: AttentionFactory | None,
     ) -> None:
         super().__init__()
         self.bn1 = nn.BatchNorm2d(in_channels)
@@ -32,7 +38,7 @@ class WideBlock(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
         self.relu = nn.ReLU(inplace=True)
-        self.attention = attention.build(out_channels) if attention is not None else nn.Identity()
+        self.attention = attention(out_channels) if attention else nn.Identity()
         self.projects = stride != 1 or in_channels != out_channels
         self.shortcut = (
             nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
@@ -58,8 +64,8 @@ class WideResNet(nn.Module):
         widen_factor: int,
         num_classes: int,
         dropout: float,
-        block_attention: Any | None,
-        classifier_attention: Any | None,
+        block_attention: AttentionFactory | None,
+        classifier_attention: AttentionFactory | None,
     ) -> None:
         super().__init__()
         blocks_per_group = (depth - 4) // 6
@@ -76,7 +82,7 @@ class WideResNet(nn.Module):
             groups.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*groups)
         self.final = nn.Sequential(nn.BatchNorm2d(in_channels), nn.ReLU(inplace=True))
-        self.attention = classifier_attention.build(in_channels) if classifier_attention else nn.Identity()
+        self.attention = classifier_attention(in_channels) if classifier_attention else nn.Identity()
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(in_channels, num_classes)
 
@@ -111,6 +117,6 @@ def build_wide_resnet(
         widen_factor,
         num_classes,
         dropout,
-        block_attention=attention if use_cbam_block else None,
-        classifier_attention=attention if use_cbam_class else None,
+        block_attention=attention.build if use_cbam_block else None,
+        classifier_attention=attention.build if use_cbam_class else None,
     )
