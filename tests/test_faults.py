@@ -346,10 +346,14 @@ def test_lock_is_exclusive_and_one_left_by_a_killed_holder_is_taken_over_once(tm
 
 
 def test_attention_settings_without_a_placement_are_warned_about(compose_config):
-    resnet_yaml = yaml.safe_load((REPO / "conf" / "model" / "resnet.yaml").read_text())
-    # one definition of the attention keys and their defaults: the constructor's, which the config repeats
-    assert {key: resnet_yaml[key] for key in ATTENTION_DEFAULTS} == ATTENTION_DEFAULTS
-    assert all(resnet_yaml[key] is False for key in PLACEMENT_KEYS)
+    # one definition of each kind's option keys and their defaults: the options class's, which the
+    # attention= group of that kind repeats
+    for kind, defaults in ATTENTION_DEFAULTS.items():
+        group = yaml.safe_load((REPO / "conf" / "attention" / f"{kind}.yaml").read_text())
+        assert group == {"attention_kind": kind, **defaults}, kind
+    for arch in ("resnet", "wide_resnet", "torchvision"):
+        network = yaml.safe_load((REPO / "conf" / "model" / f"{arch}.yaml").read_text())["model"]
+        assert network["arch"] == arch and all(network[key] is False for key in PLACEMENT_KEYS), arch
     quiet = [(), ("attention=none",), ("attention=se", "cbam=block"), ("model.kernel_size=3", "cbam=both")]
     quiet += [("attention=se", "train=false", "ckpt_path=x.ckpt")]  # the checkpoint decides the model
     for overrides in quiet:

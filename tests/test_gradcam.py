@@ -56,11 +56,15 @@ def runs(tmp_path_factory):
     return root, checkpoints
 
 
-def reference_grad_cam(module: CBAMResNetModule, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Grad-CAM written out (Selvaraju et al.): the channels of the last stage weighted by the spatial mean
-    of their gradients, summed, ReLU, upsampled bilinearly, divided by the maximum."""
+def reference_grad_cam(
+    module: CBAMResNetModule, inputs: torch.Tensor, labels: torch.Tensor, layer: torch.nn.Module | None = None
+) -> torch.Tensor:
+    """Grad-CAM written out (Selvaraju et al.): the channels of ``layer``'s output (default: the last stage)
+    weighted by the spatial mean of their gradients, summed, ReLU, upsampled bilinearly, divided by the
+    maximum."""
     kept = {}
-    handle = module.net.stages[-1].register_forward_hook(lambda _, __, output: kept.update(features=output))
+    layer = layer if layer is not None else module.net.stages[-1]
+    handle = layer.register_forward_hook(lambda _, __, output: kept.update(features=output))
     logits = module(inputs)
     handle.remove()
     features = kept["features"]
@@ -87,6 +91,46 @@ def test_maps_and_probabilities_match_a_hand_written_grad_cam(runs):
         with torch.no_grad():
             expected = module(inputs).softmax(1)[torch.arange(6), labels]
         torch.testing.assert_close(probabilities, expected)
+
+
+@pytest.mark.parametrize(
+    ("model", "label", "final_map"),
+    [
+        (
+            {"arch": "torchvision", "name": "resnet18", "use_cbam_block": True, "use_cbam_class": True},
+            "torchvision resnet18 (cifar stem) + CBAM (blocks, classifier)",
+            lambda net: net.layer4,
+        ),
+        (
+            {"arch": "torchvision", "name": "mobilenet_v2", "use_cbam_class": True, "attention_kind": "eca"},
+            "torchvision mobilenet_v2 (cifar stem) + ECA (classifier)",
+            lambda net: net.features[-2],
+        ),
+        (
+            {
+                "arch": "wide_resnet",
+                "depth": 10,
+                "widen_factor": 1,
+                "use_cbam_class": True,
+                "reduction_ratio": 4,
+            },
+            "WRN-10-1 + CBAM (classifier, reduction_ratio=4)",
+            lambda net: net.final,
+        ),
+    ],
+    ids=["torchvision_resnet18", "mobilenet_v2_eca", "wide_resnet"],
+)
+def test_other_backbones_map_their_final_feature_map_before_the_classifier_attention(model, label, final_map):
+    from cbam.analysis.gradcam import describe
+
+    torch.manual_seed(0)
+    module = CBAMResNetModule(net=model).eval()
+    inputs, labels = torch.randn(3, 3, 32, 32), torch.tensor([0, 3, 7])
+    maps, _ = grad_cam(module, inputs, labels)
+    assert maps.shape == (3, 32, 32) and maps.min() >= 0 and maps.max() <= 1 + 1e-6
+    expected = reference_grad_cam(module, inputs, labels, final_map(module.net))
+    torch.testing.assert_close(maps, expected, atol=1e-4, rtol=1e-4)
+    assert describe(module) == label
 
 
 def test_figure_and_tensorboard_image_with_the_runs_own_data(runs, tmp_path, capsys):

@@ -10,7 +10,7 @@ import signal
 from types import SimpleNamespace
 
 import pytest
-from helpers import load_checkpoint, run_train, write_random_pngs
+from helpers import REPO, load_checkpoint, run_train, write_random_pngs
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.plugins import Plugins
 from hydra.errors import HydraException
@@ -184,3 +184,22 @@ def test_the_study_config_is_the_issue_design(compose_config):
     arms = [list(arm) for arm in cfg.hydra.sweeper.arms]
     assert arms == [["cbam=none"], ["cbam=block"], ["cbam=classifier"], ["cbam=block", "attention=se"]]
     assert cfg.hydra.sweeper.params.seed == "0,1,2"
+
+
+def test_the_kept_studys_jobs_still_count_as_finished_with_this_code(compose_config):
+    """results/cpu_study's jobs were recorded before the package's regrouping moved the targets and before
+    model.arch and model.attention_kind existed: their recorded digests still match their commands, so that
+    re-running the study (skip_finished) finds them finished instead of refusing them."""
+    from omegaconf import OmegaConf, open_dict
+
+    from cbam.training.finished_jobs import config_digest
+
+    runs = sorted(path.parent for path in (REPO / "results" / "cpu_study" / "runs").glob("*/.hydra"))
+    assert len(runs) == 12
+    for job in runs:
+        cfg = compose_config(*OmegaConf.load(job / ".hydra" / "overrides.yaml"))
+        with open_dict(cfg):
+            cfg.trainer.default_root_dir = str(job)  # (not digested: where the run is)
+        recorded = json.loads((job / "metrics.json").read_text())["finished"]["config_digest"]
+        assert recorded == config_digest(cfg, former_targets=True), job.name
+        assert recorded != config_digest(cfg)  # (the check is not vacuous: today's paths differ)

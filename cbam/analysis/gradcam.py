@@ -26,17 +26,17 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from torch import nn
 
 from cbam.callbacks._utils import new_figure, render
 from cbam.data import DataError, ImageArrays, normalize
 from cbam.errors import ConfigError, GradCamError, ProjectError, print_error
-from cbam.models.network_config import ATTENTION_DEFAULTS, flatten
+from cbam.models.network_config import ATTENTION_DEFAULTS, IMPLEMENTATION_KEYS, flatten, network_name
+from cbam.models.resnet import ResNet
+from cbam.models.wide_resnet import WideResNet
 from cbam.training.lightning_module import CBAMResNetModule
 
 MISSING_CAPTUM = 'Grad-CAM needs captum, which is not installed: pip install -e ".[interpret]"'
-#: the attention's options at their defaults (all but the implementation): only other values are named in a
-#: label
-VARIANT_DEFAULTS = {key: default for key, default in ATTENTION_DEFAULTS.items() if key != "cbam_impl"}
 
 
 def load_model(path: Path) -> CBAMResNetModule:
@@ -82,10 +82,11 @@ def load_test_data(checkpoint: Path, data_root: str | None, cache_dir: str | Non
 
 
 def describe(module: CBAMResNetModule) -> str:
-    """``ResNet18 + CBAM (blocks)``, with any attention variant that is not the default (and the ImageNet
-    stem, when the network has it)."""
-    settings = flatten(module.hparams.net)
-    network = f"ResNet{settings['depth']}" + (" (imagenet stem)" if settings["stem"] == "imagenet" else "")
+    """``ResNet18 + CBAM (blocks)``, with any attention option that is not its default (and the network's
+    unusual stem, when it has one)."""
+    net = module.hparams.net
+    settings, kind = flatten(net), net["attention"]["kind"]
+    network = network_name(net)
     places = [
         name
         for name, on in (("blocks", settings["use_cbam_block"]), ("classifier", settings["use_cbam_class"]))
@@ -94,9 +95,31 @@ def describe(module: CBAMResNetModule) -> str:
     if not places:
         return network
     variants = [
-        f"{key}={settings[key]}" for key, default in VARIANT_DEFAULTS.items() if settings[key] != default
+        f"{key}={settings[key]}"
+        for key, default in ATTENTION_DEFAULTS[kind].items()
+        if key not in IMPLEMENTATION_KEYS and settings[key] != default
     ]
-    return f"{network} + CBAM ({', '.join(places + variants)})"
+    return f"{network} + {kind.upper()} ({', '.join(places + variants)})"
+
+
+def feature_layer(net: nn.Module) -> tuple[nn.Module, bool]:
+    """The layer whose output (``False``) or input (``True``) is the network's final feature map, before the
+    attention in front of the classifier, if any: the last stage of this project's ResNets, the final
+    BatchNorm-ReLU of its Wide ResNets, the global pooling (or the end of ``features``) of torchvision's."""
+    if isinstance(net, ResNet):
+        return net.stages[-1], False
+    if isinstance(net, WideResNet):
+        return net.final, False
+    for site, of_input in ((getattr(net, "avgpool", None), True), (getattr(net, "features", None), False)):
+        if isinstance(site, nn.Module):
+            attention = getattr(site, "attention", None)  # the classifier attention build_torchvision placed
+            if isinstance(attention, nn.Module):
+                return attention, True
+            return site, of_input
+    raise GradCamError(
+        f"Grad-CAM needs the network's final feature map, and {type(net).__name__} has no stages, avgpool or "
+        f"features module to take it from"
+    )
 
 
 def grad_cam(
@@ -105,8 +128,9 @@ def grad_cam(
     """Maps (N, H, W) in [0, 1] of the last stage for ``labels``, and the probabilities (N,) of ``labels``."""
     from captum.attr import LayerAttribution, LayerGradCam
 
-    attribution = LayerGradCam(module, module.net.stages[-1]).attribute(
-        inputs, target=labels, relu_attributions=True
+    layer, of_input = feature_layer(module.net)
+    attribution = LayerGradCam(module, layer).attribute(
+        inputs, target=labels, relu_attributions=True, attribute_to_layer_input=of_input
     )
     maps = LayerAttribution.interpolate(
         attribution.detach(), tuple(inputs.shape[-2:]), interpolate_mode="bilinear"

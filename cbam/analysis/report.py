@@ -18,7 +18,7 @@ several), and the sweep dir (or ``--out``) receives:
 * ``provenance.json``: the sweep's command and what its runs recorded (see :mod:`cbam.provenance`).
 
 A configuration's baseline is the configuration without attention (resolved ``model.use_cbam_block`` and
-``model.use_cbam_class`` both false) of the same depth and data set whose other overrides are the same,
+``model.use_cbam_class`` both false) of the same network and data set whose other overrides are the same,
 attention keys (:data:`ATTENTION_KEYS`) aside.
 
 A job without ``metrics.json`` is unfinished: it is counted, not averaged. A missing folder, a folder with
@@ -40,14 +40,17 @@ from omegaconf import OmegaConf
 from cbam.analysis.report_files import ACCURACIES, METRICS_FILE, Table, short_value, write_all
 from cbam.analysis.statistics import Difference, in_words, welch_difference
 from cbam.errors import ProjectError, ReportError, print_error
-from cbam.models.network_config import ATTENTION_DEFAULTS, PLACEMENT_KEYS
+from cbam.models.network_config import OPTION_KEYS, PLACEMENT_KEYS
 from cbam.runtime.atomic import write_atomically
 from cbam.runtime.provenance import sweep_provenance
 
 #: overrides that choose the attention only: a configuration and its baseline may differ in these
 ATTENTION_KEYS = frozenset(
-    ["cbam", "attention"] + [f"model.{key}" for key in (*PLACEMENT_KEYS, *ATTENTION_DEFAULTS)]
+    ["cbam", "attention", "model.attention_kind"]
+    + [f"model.{key}" for key in (*PLACEMENT_KEYS, *sorted(OPTION_KEYS))]
 )
+#: overrides that choose the network: a configuration's baseline has the same network (:func:`network`)
+NETWORK_OVERRIDES = frozenset({"model", "model.arch", "model.depth", "model.widen_factor", "model.name"})
 
 
 #: a run's curves (cbam.callbacks.TrainingCurves)
@@ -68,7 +71,8 @@ class Job:
     overrides: dict[str, str]
     seed: object = None
     metrics: dict | None = None
-    depth: object = None
+    #: the network without its attention (``network_name`` of its config: resnet18, wrn28-10, ...)
+    network: object = None
     has_attention: bool = True
     data: str = ""
     #: the config group options the job ran with (hydra.runtime.choices) and its config: what a key the job
@@ -107,11 +111,11 @@ class Group:
         return [job for job in self.jobs if job.metrics is None]
 
     def baseline_key(self) -> tuple:
-        """What a configuration shares with its baseline: the depth and the overrides that are not about
-        attention (nor the model preset, whose depth is compared instead)."""
-        skipped = ATTENTION_KEYS | {"model", "model.depth"}
+        """What a configuration shares with its baseline: the network and the overrides that are not about
+        attention (nor those that pick the network, which is compared instead)."""
+        skipped = ATTENTION_KEYS | NETWORK_OVERRIDES
         others = tuple(sorted((k, v) for k, v in self.overrides if k not in skipped))
-        return self.jobs[0].depth, others
+        return self.jobs[0].network, others
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -148,6 +152,12 @@ def data_set(config) -> str:
     return f"{kind} at {data.get('root')}{resized}"
 
 
+def network(config) -> str:
+    """The job's network: its config's ``network_name``, or (a config from before that key) its ResNet."""
+    name = OmegaConf.select(config, "network_name", default=None, throw_on_resolution_failure=False)
+    return str(name) if name is not None else f"resnet{OmegaConf.select(config, 'model.depth')}"
+
+
 def read_job(path: Path, sweep: Path) -> Job:
     overrides_file = path / ".hydra" / "overrides.yaml"
     overrides = OmegaConf.load(overrides_file) if overrides_file.is_file() else []
@@ -166,7 +176,7 @@ def read_job(path: Path, sweep: Path) -> Job:
     hydra_file = path / ".hydra" / "hydra.yaml"
     hydra = OmegaConf.load(hydra_file) if hydra_file.is_file() else OmegaConf.create()
     return Job(
-        name, overrides, config.get("seed"), metrics, model.get("depth"), has_attention, data_set(config),
+        name, overrides, config.get("seed"), metrics, network(config), has_attention, data_set(config),
         choices=dict(OmegaConf.select(hydra, "hydra.runtime.choices") or {}), config=config,
         curves=read_curves(path / CURVES_FILE), number=OmegaConf.select(hydra, "hydra.job.num"),
     )  # fmt: skip

@@ -131,7 +131,7 @@ def markdown(table: Table) -> str:
         f"{table.counts}. Accuracies in %: mean ± sample standard deviation (n − 1) over the finished seeds, "
         f"{DASH} when n = 1. Best val acc is the highest validation accuracy of a run; test acc is the test "
         f"accuracy at its end (best checkpoint). Δ is the difference of mean test accuracy from the "
-        f"configuration's baseline (no attention, same depth, same other settings), in points, with a "
+        f"configuration's baseline (no attention, same network, same other settings), in points, with a "
         f"{CONFIDENCE:.0%} Welch t interval over seeds. FLOPs are counted by torch.utils.flop_counter for "
         f"one image; epoch time is the wall-clock time of fit (validation included) per epoch, as a ratio to "
         f"the baseline's beside it, and train time that of the whole fit, all means over seeds."
@@ -157,7 +157,7 @@ def markdown(table: Table) -> str:
         lines += ["", f"Unfinished jobs (no {METRICS_FILE}, not counted): {', '.join(table.unfinished)}"]
     lines += ["", "## Against the baseline (test accuracy)", ""]
     lines += [f"- {sentence}" for sentence in table.sentences] or [
-        "No configuration has a baseline row (no attention, same depth) in this sweep."
+        "No configuration has a baseline row (no attention, same network) in this sweep."
     ]
     lines += ["", "## Provenance", ""]
     for key, value in table.provenance.items():

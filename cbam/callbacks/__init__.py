@@ -5,5 +5,6 @@ from cbam.callbacks.class_report import ClassReport
 from cbam.callbacks.curves import TrainingCurves
 from cbam.callbacks.model_stats import ModelStats
 from cbam.callbacks.run_metrics import RunMetrics
+from cbam.callbacks.tracker_artifacts import TrackerArtifacts
 
-__all__ = ["AttentionMaps", "ClassReport", "ModelStats", "RunMetrics", "TrainingCurves"]
+__all__ = ["AttentionMaps", "ClassReport", "ModelStats", "RunMetrics", "TrackerArtifacts", "TrainingCurves"]

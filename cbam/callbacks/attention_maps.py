@@ -4,7 +4,8 @@ For the last CBAM of every stage (and the classifier CBAM, ``use_cbam_class``) t
 spatial gate upsampled and overlaid on each image, and summarises the channel gates as histograms. It logs
 both to TensorBoard (``attention/spatial_maps``, ``attention/channel_histograms`` and one histogram
 ``attention/channel/<site>`` per CBAM) and saves the same figures under ``<run dir>/attention/``.
-A network without CBAM makes it do nothing.
+A network without CBAM (none placed, or ECA or BAM: gates of another shape) makes it say so in one line
+and draw nothing.
 """
 
 from __future__ import annotations
@@ -33,19 +34,20 @@ log = logging.getLogger(__name__)
 
 
 def find_cbam_sites(net: nn.Module) -> list[tuple[str, CBAM]]:
-    """``[(name, cbam)]``: the last CBAM of each stage (``stage1``..``stage4``) and the classifier CBAM.
-
-    A network without ``stages`` gives every CBAM it holds, under its module name.
-    """
-    if not hasattr(net, "stages"):
-        return [(name, module) for name, module in net.named_modules() if isinstance(module, CBAM)]
+    """``[(name, cbam)]``: the last CBAM of each stage (``stage1``..``stage4``) and the classifier CBAM of
+    this project's networks; of any other network (torchvision's), the last CBAM of each top-level module
+    that holds one, under that module's name (``layer1``..``layer4``, ``avgpool``: the classifier's)."""
+    stages = getattr(net, "stages", None)
+    if stages is not None:
+        parts = [(f"stage{index}", stage) for index, stage in enumerate(stages, start=1)]
+        parts.append(("classifier", getattr(net, "attention", nn.Identity())))
+    else:
+        parts = list(net.named_children())
     sites = []
-    for index, stage in enumerate(net.stages, start=1):
-        found = [module for module in stage.modules() if isinstance(module, CBAM)]
+    for name, part in parts:
+        found = [module for module in part.modules() if isinstance(module, CBAM)]
         if found:
-            sites.append((f"stage{index}", found[-1]))
-    if isinstance(getattr(net, "attention", None), CBAM):
-        sites.append(("classifier", net.attention))
+            sites.append((name, found[-1]))
     return sites
 
 
@@ -166,7 +168,10 @@ class AttentionMaps(pl.Callback):
         sites = find_cbam_sites(net)
         if not sites:
             if not self._warned:
-                log.info("AttentionMaps: the network has no CBAM, no attention maps to draw")
+                log.info(
+                    "AttentionMaps: the network has no CBAM (attention maps are CBAM's spatial and channel "
+                    "gates), so none are drawn"
+                )
                 self._warned = True
             return
         images, labels = torch.cat(self._images), torch.cat(self._labels)

@@ -222,6 +222,10 @@ class Source:
         """Which of its layouts ``root`` holds (``"batches"``, ``"folder"``), or None."""
         raise NotImplementedError
 
+    def declared_image_size(self) -> tuple[int, int] | None:
+        """(H, W) of every image, when known before any is decoded (CIFAR's 32x32, a resized folder's)."""
+        return None
+
     def describe(self, root: Path) -> str:
         """``"<kind> at <root>"``, for a run's record."""
         raise NotImplementedError
@@ -276,6 +280,9 @@ class CIFARSource(Source):
     #: (mean, std) kept as published; None: computed from the training images
     statistics: tuple[tuple[float, ...], tuple[float, ...]] | None = None
     reads_tree: bool = False
+
+    def declared_image_size(self) -> tuple[int, int] | None:
+        return (32, 32)
 
     def layout(self, root: Path) -> str | None:
         if (root / self.folder / self.train_files[0]).is_file():
@@ -383,6 +390,9 @@ class FolderSource(Source):
 
     def layout(self, root: Path) -> str | None:
         return "folder" if has_tree(root) else None
+
+    def declared_image_size(self) -> tuple[int, int] | None:
+        return (self.image_size, self.image_size) if self.image_size else None
 
     def describe(self, root: Path) -> str:
         resized = f", resized to {self.image_size}x{self.image_size}" if self.image_size else ""

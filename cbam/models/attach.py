@@ -112,7 +112,12 @@ def attach(model: nn.Module, kind: str = "cbam", **options: Any) -> nn.Module:
     """
     if kind not in KINDS:
         raise InvalidArgument("kind", kind, f"accepted values are {', '.join(KINDS)}")
-    built = _options(kind, options)
+    return attach_options(model, _options(kind, options))
+
+
+def attach_options(model: nn.Module, options: CBAMOptions | ECAOptions | BAMOptions) -> nn.Module:
+    """:func:`attach` with the attention given as its options object (BAM between stages, the others in
+    every residual block)."""
     present = _already_attached(model)
     if present is not None:
         raise InvalidArgument(
@@ -123,10 +128,10 @@ def attach(model: nn.Module, kind: str = "cbam", **options: Any) -> nn.Module:
         raise InvalidArgument(
             "model", type(model).__name__, f"no residual block found; attach knows {KNOWN_BLOCKS}"
         )
-    if kind == "bam":
-        return _attach_bam(model, built)
+    if options.between_stages:
+        return _attach_bam(model, options)
     for parent, name, channels in norms:
-        attention = _placed_like(built.build(channels), parent)
+        attention = _placed_like(options.build(channels), parent)
         setattr(parent, name, Attended(getattr(parent, name), attention))
     return model
 

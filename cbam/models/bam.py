@@ -59,6 +59,8 @@ class BAMOptions:
     """
 
     kind: ClassVar[str] = "bam"
+    #: BAM goes between stages (the stage boundaries of BAM's paper), not in every block
+    between_stages: ClassVar[bool] = True
 
     reduction_ratio: int = 16
     dilation: int = 4

@@ -84,6 +84,8 @@ class CBAMOptions:
     """
 
     kind: ClassVar[str] = "cbam"
+    #: in every residual block, not between stages
+    between_stages: ClassVar[bool] = False
 
     reduction_ratio: int = 16
     kernel_size: int = 7

@@ -59,6 +59,8 @@ class ECAOptions:
     """
 
     kind: ClassVar[str] = "eca"
+    #: in every residual block, not between stages
+    between_stages: ClassVar[bool] = False
 
     kernel_size: int | None = None
     gamma: int = 2

@@ -8,7 +8,7 @@ One generic :class:`ResNet`; the depths are rows of :data:`DEPTHS`, the stems of
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar, Protocol
 
 import torch
 from torch import nn
@@ -17,6 +17,18 @@ from cbam.errors import InvalidArgument
 from cbam.models.cbam import CBAMOptions
 
 AttentionFactory = Callable[[int], nn.Module]
+
+
+class AttentionOptions(Protocol):
+    """What the builders take as ``attention``: an options object of CBAM, ECA or BAM
+    (:class:`~cbam.models.cbam.CBAMOptions`, :class:`~cbam.models.eca.ECAOptions`,
+    :class:`~cbam.models.bam.BAMOptions`)."""
+
+    kind: ClassVar[str]
+    #: placed between stages (BAM) rather than in every residual block
+    between_stages: ClassVar[bool]
+
+    def build(self, channels: int) -> nn.Module: ...
 
 
 def _conv_bn(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1) -> list[nn.Module]:
@@ -108,6 +120,7 @@ class ResNet(nn.Module):
         width: channels of the first stage; the stages have ``width * (1, 2, 4, 8)`` planes.
         num_classes: size of the classifier's output.
         block_attention: builds the attention module of every residual block from its channel count.
+        stage_attention: builds the attention module that follows every stage but the last (BAM's place).
         classifier_attention: builds the attention module applied to the final feature map.
         stem: a key of :data:`STEMS`.
     """
@@ -120,6 +133,7 @@ class ResNet(nn.Module):
         width: int = 64,
         num_classes: int = 10,
         block_attention: AttentionFactory | None = None,
+        stage_attention: AttentionFactory | None = None,
         classifier_attention: AttentionFactory | None = None,
         stem: str = "cifar",
     ) -> None:
@@ -134,7 +148,10 @@ class ResNet(nn.Module):
             for stride in strides:
                 layers.append(block(in_channels, planes, stride, block_attention))
                 in_channels = planes * block.expansion
-            stages.append(nn.Sequential(*layers))
+            stage = nn.Sequential(*layers)
+            if stage_attention and index < len(num_blocks) - 1:
+                stage.add_module("attention", stage_attention(in_channels))
+            stages.append(stage)
         self.stages = nn.Sequential(*stages)
         self.attention = classifier_attention(in_channels) if classifier_attention else nn.Identity()
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -156,20 +173,21 @@ def build_resnet(
     num_classes: int = 10,
     width: int = 64,
     stem: str = "cifar",
-    attention: CBAMOptions | None = None,
+    attention: AttentionOptions | None = None,
     **attention_fields: Any,
 ) -> ResNet:
     """Build a ResNet of ``depth`` in {18, 34, 50, 101, 152}, with attention where asked.
 
     Args:
         depth: network depth.
-        use_cbam_block: the attention in every residual block, after the branch's last BatchNorm.
+        use_cbam_block: the attention in every residual block, after the branch's last BatchNorm (a BAM:
+            after every stage but the last).
         use_cbam_class: the attention on the final feature map, before pooling and the classifier.
         num_classes: number of classes.
         width: channels of the first stage (64 gives the standard networks).
         stem: ``cifar`` (3x3 convolution, stride 1) or ``imagenet`` (7x7 stride 2 and a 3x3 max-pool).
-        attention: the attention's options (default: the authors' CBAM, :class:`~cbam.models.cbam.CBAMOptions`),
-            checked even when no attention is placed, so a sweep cannot carry an unusable value unnoticed;
+        attention: the attention's options (:class:`AttentionOptions`; default: the authors' CBAM,
+            :class:`~cbam.models.cbam.CBAMOptions`), checked even when no attention is placed, so a sweep cannot carry an unusable value unnoticed;
             or its fields as keyword arguments (``build_resnet(50, use_cbam_block=True, reduction_ratio=8)``).
     """
     if depth not in DEPTHS:
@@ -189,7 +207,8 @@ def build_resnet(
         num_blocks,
         width=width,
         num_classes=num_classes,
-        block_attention=attention.build if use_cbam_block else None,
+        block_attention=attention.build if use_cbam_block and not attention.between_stages else None,
+        stage_attention=attention.build if use_cbam_block and attention.between_stages else None,
         classifier_attention=attention.build if use_cbam_class else None,
         stem=stem,
     )

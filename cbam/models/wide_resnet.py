@@ -10,14 +10,12 @@ CBAM, SE, ECA) goes on the residual branch's output, before the addition, as in 
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
 from cbam.errors import InvalidArgument
 from cbam.models.cbam import CBAMOptions
-from cbam.models.resnet import AttentionFactory
+from cbam.models.resnet import AttentionFactory, AttentionOptions
 
 
 class WideBlock(nn.Module):
@@ -65,6 +63,7 @@ class WideResNet(nn.Module):
         num_classes: int,
         dropout: float,
         block_attention: AttentionFactory | None,
+        stage_attention: AttentionFactory | None,
         classifier_attention: AttentionFactory | None,
     ) -> None:
         super().__init__()
@@ -72,14 +71,16 @@ class WideResNet(nn.Module):
         widths = [16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
         self.stem = nn.Conv2d(3, 16, 3, padding=1, bias=False)
         groups, in_channels = [], 16
-        for width, stride in zip(widths, (1, 2, 2)):
-            blocks = []
+        for group, (width, stride) in enumerate(zip(widths, (1, 2, 2))):
+            blocks = nn.Sequential()
             for index in range(blocks_per_group):
                 blocks.append(
                     WideBlock(in_channels, width, stride if index == 0 else 1, dropout, block_attention)
                 )
                 in_channels = width
-            groups.append(nn.Sequential(*blocks))
+            if stage_attention and group < len(widths) - 1:
+                blocks.add_module("attention", stage_attention(width))
+            groups.append(blocks)
         self.stages = nn.Sequential(*groups)
         self.final = nn.Sequential(nn.BatchNorm2d(in_channels), nn.ReLU(inplace=True))
         self.attention = classifier_attention(in_channels) if classifier_attention else nn.Identity()
@@ -99,10 +100,11 @@ def build_wide_resnet(
     dropout: float = 0.0,
     use_cbam_block: bool = False,
     use_cbam_class: bool = False,
-    attention: Any | None = None,
+    attention: AttentionOptions | None = None,
 ) -> WideResNet:
     """WRN-``depth``-``widen_factor``: ``depth`` = 6n + 4 (16, 22, 28, 40, ...); ``attention`` is the layer's
-    options object (default: the authors' CBAM), placed in every block and/or before the classifier."""
+    options object (default: the authors' CBAM), placed in every block (a BAM: after the first two groups)
+    and/or before the classifier."""
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 10 or (depth - 4) % 6:
         raise InvalidArgument(
             "depth", depth, "a Wide ResNet's depth is 6n + 4 with n >= 1: 10, 16, 22, 28, 40, ..."
@@ -117,6 +119,7 @@ def build_wide_resnet(
         widen_factor,
         num_classes,
         dropout,
-        block_attention=attention.build if use_cbam_block else None,
+        block_attention=attention.build if use_cbam_block and not attention.between_stages else None,
+        stage_attention=attention.build if use_cbam_block and attention.between_stages else None,
         classifier_attention=attention.build if use_cbam_class else None,
     )

@@ -9,6 +9,7 @@ data on disk, the machine's GPUs, checkpoint files and combinations of top-level
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +20,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from cbam.errors import ConfigError, InvalidArgument
 from cbam.models.network_config import (
-    ARCHITECTURE_KEYS,
     ATTENTION_DEFAULTS,
-    CONFIG_NAMES,
+    DEFAULT_KIND,
+    IMPLEMENTATION_KEYS,
     PLACEMENT_KEYS,
+    config_key,
     flatten,
     network_of,
 )
@@ -30,15 +32,15 @@ from cbam.runtime.checkpoints import check_checkpoint, read_checkpoint
 
 
 def changed_model_settings(hparams: dict[str, Any], path: str | Path) -> list[str]:
-    """``"model.<key>=<value> (the checkpoint's: <saved>)"`` for each network-defining setting
-    (:data:`~cbam.models.network_config.ARCHITECTURE_KEYS`) of a model's ``hparams`` that differs from the
-    one saved in checkpoint ``path``."""
+    """``"model.<key>=<value> (the checkpoint's: <saved>)"`` for each network-defining setting of a model's
+    ``hparams`` (all but :data:`~cbam.models.network_config.IMPLEMENTATION_KEYS`) that differs from the one
+    saved in checkpoint ``path``."""
     saved = flatten(network_of(read_checkpoint(path, mmap=True).get("hyper_parameters", {})))
     ours = flatten(network_of(hparams))
     return [
-        f"model.{key}={ours[key]} (the checkpoint's: {saved[key]})"
-        for key in ARCHITECTURE_KEYS
-        if saved[key] != ours[key]
+        f"model.{key}={ours.get(key)} (the checkpoint's: {saved.get(key)})"
+        for key in sorted(set(saved) | set(ours), key=[*ours, *saved].index)
+        if key not in IMPLEMENTATION_KEYS and saved.get(key) != ours.get(key)
     ]
 
 
@@ -75,14 +77,15 @@ def num_classes(cfg: DictConfig, data: Any) -> int:
     return found
 
 
-def _constructed(group: str, build) -> Any:
-    """``build()``, with an :class:`InvalidArgument` of its constructor named by its config key."""
+def _constructed(group: str, build, kind: str = DEFAULT_KIND) -> Any:
+    """``build()``, with an :class:`InvalidArgument` of its constructor named by its config key (``kind``: the
+    model's attention kind, whose options the key may name)."""
     try:
         return build()
     except InstantiationException as error:  # Hydra's wrapper around the constructor's own error
         cause = error.__cause__
         if isinstance(cause, InvalidArgument):
-            key = CONFIG_NAMES.get(cause.argument, cause.argument)
+            key = config_key(kind, cause.argument)
             raise ConfigError(f"{group}.{key}={cause.value}: {cause.accepted}") from None
         if isinstance(cause, TypeError):  # a key the constructor has no argument for (+model.foo=1)
             raise ConfigError(f"{group}: {cause}") from None
@@ -95,6 +98,24 @@ def _check_gpu(cfg: DictConfig) -> None:
         raise ConfigError(
             f"trainer.accelerator={accelerator}: this machine has no usable CUDA GPU; run on a GPU machine, "
             f"or leave out trainer=gpu/ddp (trainer=default uses the CPU here, trainer=ddp_sim simulates DDP)"
+        )
+
+
+#: the loggers that need an optional extra: their ``_target_`` -> (the module they import, the extra)
+LOGGER_EXTRAS = {
+    "pytorch_lightning.loggers.MLFlowLogger": ("mlflow", "mlflow"),
+    "pytorch_lightning.loggers.WandbLogger": ("wandb", "wandb"),
+}
+
+
+def _check_logger(cfg: DictConfig) -> None:
+    target = OmegaConf.select(cfg, "logger._target_")
+    if target not in LOGGER_EXTRAS:
+        return
+    module, extra = LOGGER_EXTRAS[target]
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError(
+            f'logger={extra}: {module} is not installed here; install it with pip install -e ".[{extra}]"'
         )
 
 
@@ -112,46 +133,67 @@ def _check_fused(cfg: DictConfig) -> None:
         )
 
 
+def _check_forward(model: Any, size: tuple[int, int], outputs: int) -> None:
+    """The network (on the meta device) maps two images of ``size`` to ``outputs`` logits each: a torchvision
+    network may not take 32-pixel images, or may return more than logits."""
+    images = torch.empty(2, 3, *size, device="meta")
+    try:
+        with torch.no_grad():
+            logits = model.net.forward(images)  # (forward: never torch.compile's wrapper, with model.compile)
+    except Exception as error:  # whatever the network's own forward raises: one line, naming the network
+        reason = " ".join(str(error).split())[:300]
+        raise ConfigError(
+            f"model: the network fails on {size[0]}x{size[1]} images ({type(error).__name__}: {reason})"
+        ) from None
+    if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (2, outputs):
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ConfigError(
+            f"model: the network returns {shape} for 2 images, not (2, {outputs}) logits (a torchvision "
+            f"network with auxiliary outputs, such as googlenet or inception_v3, is not supported)"
+        )
+
+
 def check_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` for the first unusable value of ``cfg``."""
+    for key in ("data.batch_size", "data.num_workers", "data.val_size"):
+        _require(cfg, key, int, "an integer")
+    # (each architecture and attention kind has its own keys: only those present are checked)
     for key in (
         "model.depth",
         "model.width",
+        "model.widen_factor",
         "model.kernel_size",
         "model.reduction_ratio",
-        "data.batch_size",
-        "data.num_workers",
-        "data.val_size",
     ):
-        _require(cfg, key, int, "an integer")
-    for key in ("model.num_classes", "data.image_size", "data.crop_padding"):
+        _require(cfg, key, int, "an integer", absent_ok=True)
+    for key in ("model.num_classes", "model.eca_kernel_size", "data.image_size", "data.crop_padding"):
         _require(cfg, key, int, "an integer or null", absent_ok=True, null_ok=True)
-    for key in (
-        "model.use_cbam_block",
-        "model.use_cbam_class",
-        "model.use_channel_gate",
-        "model.use_spatial_gate",
-        "model.channels_last",
-        "model.compile",
-        "train",
-        "test",
-        "skip_finished",
-    ):
+    for key in ("model.use_cbam_block", "model.use_cbam_class", "model.channels_last", "model.compile"):
         _require(cfg, key, bool, "true or false")
-    _require(cfg, "data.download", bool, "true or false", absent_ok=True)
+    for key in ("train", "test", "skip_finished"):
+        _require(cfg, key, bool, "true or false")
+    for key in ("model.use_channel_gate", "model.use_spatial_gate", "model.bam_branch_norm", "data.download"):
+        _require(cfg, key, bool, "true or false", absent_ok=True)
     data = _constructed("data", lambda: instantiate(cfg.data))
     outputs = num_classes(cfg, data)  # the data on disk are surveyed here, before any work
     if cfg.train:
         data.check_training_batch()
+    kind = OmegaConf.select(cfg, "model.attention_kind", default=DEFAULT_KIND)
     with torch.device("meta"):  # the constructors' checks, without allocating or initialising weights
-        _constructed(
-            "model", lambda: instantiate(cfg.model, num_classes=outputs, _recursive_=False, _convert_="all")
+        model = _constructed(
+            "model",
+            lambda: instantiate(cfg.model, num_classes=outputs, _recursive_=False, _convert_="all"),
+            kind,
         )
+    size = data.source.declared_image_size()
+    if size is not None:  # (an image folder of unknown size is checked when its first batch runs)
+        _check_forward(model, size, outputs)
     strategy = OmegaConf.select(cfg, "trainer.strategy")
     if isinstance(strategy, DictConfig):  # this project's DDP strategy (trainer=ddp, ddp_sim) checks its keys
         _constructed("trainer.strategy", lambda: instantiate(strategy))
     _check_gpu(cfg)
     _check_fused(cfg)
+    _check_logger(cfg)
     if not cfg.train and not cfg.test:
         raise ConfigError("train=false and test=false: nothing to do")
     if not cfg.train and cfg.ckpt_path in (None, "last"):
@@ -174,9 +216,10 @@ def unplaced_attention_warning(cfg: DictConfig) -> str | None:
     model = cfg.model
     if not cfg.train or any(model.get(key) for key in PLACEMENT_KEYS):
         return None
+    kind = model.get("attention_kind", DEFAULT_KIND)
     changed = [
         f"model.{key}={str(value).lower() if isinstance(value, bool) else value}"
-        for key, default in ATTENTION_DEFAULTS.items()
+        for key, default in ATTENTION_DEFAULTS[kind].items()
         if (value := model.get(key, default)) != default
     ]
     if not changed:

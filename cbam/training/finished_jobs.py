@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -26,6 +27,17 @@ DIGESTED = ("seed", "model", "data", "optim", "scheduler", "trainer")
 NOT_DIGESTED = frozenset(
     {"data.root", "data.cache_dir", "data.download", "data.num_workers", "trainer.default_root_dir"}
 )
+#: keys that configs gained after runs were recorded, at the value those runs had without them: left out at
+#: that value, so a run recorded before them still counts as finished with the same settings
+ADDED_KEYS = {"model.arch": "resnet", "model.attention_kind": "cbam"}
+#: the digested ``_target_`` paths as runs recorded before the package was grouped by concern name them
+#: (current prefix -> former): such a run, with the same settings, still counts as finished
+FORMER_TARGETS = {
+    "cbam.training.lightning_module.": "cbam.module.",
+    "cbam.training.schedules.": "cbam.schedules.",
+    "cbam.runtime.checkpoints.": "cbam.reliability.",
+    "cbam.runtime.distributed.": "cbam.distributed.",
+}
 
 
 def run_dir(cfg: DictConfig) -> Path:
@@ -33,8 +45,23 @@ def run_dir(cfg: DictConfig) -> Path:
     return Path(cfg.trainer.default_root_dir)
 
 
-def config_digest(cfg: DictConfig) -> str:
-    """A digest of the settings that decide the run's numbers (sorted JSON of :data:`DIGESTED`)."""
+def _former_targets(value: Any) -> Any:
+    """``value`` (a plain config) with every ``_target_`` at its path of :data:`FORMER_TARGETS`."""
+    if isinstance(value, list):
+        return [_former_targets(item) for item in value]
+    if not isinstance(value, dict):
+        return value
+    value = {key: _former_targets(item) for key, item in value.items()}
+    target = value.get("_target_")
+    for current, former in FORMER_TARGETS.items():
+        if isinstance(target, str) and target.startswith(current):
+            value["_target_"] = former + target.removeprefix(current)
+    return value
+
+
+def config_digest(cfg: DictConfig, former_targets: bool = False) -> str:
+    """A digest of the settings that decide the run's numbers (sorted JSON of :data:`DIGESTED`);
+    ``former_targets``: as a run recorded before the package's regrouping computed it."""
     parts = {key: OmegaConf.select(cfg, key) for key in DIGESTED}
     parts = {
         key: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
@@ -44,6 +71,12 @@ def config_digest(cfg: DictConfig) -> str:
         group, _, key = dotted.partition(".")
         if isinstance(parts.get(group), dict):
             parts[group].pop(key, None)
+    for dotted, value in ADDED_KEYS.items():
+        group, _, key = dotted.partition(".")
+        if isinstance(parts.get(group), dict) and parts[group].get(key, value) == value:
+            parts[group].pop(key, None)
+    if former_targets:
+        parts = _former_targets(parts)
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -64,7 +97,7 @@ def finished_metrics(cfg: DictConfig) -> dict[str, float] | None:
     finished = (metrics or {}).get("finished")
     if not finished:
         return None
-    if finished.get("config_digest") != config_digest(cfg):
+    if finished.get("config_digest") not in (config_digest(cfg), config_digest(cfg, former_targets=True)):
         raise ConfigError(
             f"skip_finished=true: {folder} holds a finished run with other settings than this command's (model, "
             f"data, optim, scheduler, trainer or seed differ); give this study its own hydra.sweep.dir"

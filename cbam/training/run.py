@@ -170,8 +170,9 @@ def fit_and_test(
     else:
         # The checkpoint alone rebuilds the model it was trained with, whatever cfg.model says; only how the
         # CBAM runs (the same weights) follows this machine's config, checked above.
+        impl = OmegaConf.select(cfg, "model.cbam_impl")  # (absent with another attention kind than CBAM)
         model = CBAMResNetModule.load_from_checkpoint(
-            cfg.ckpt_path, map_location="cpu", cbam_impl=cfg.model.cbam_impl
+            cfg.ckpt_path, map_location="cpu", **({"cbam_impl": impl} if impl is not None else {})
         )
         classes = datamodule.class_count()
         if model.num_classes != classes:
