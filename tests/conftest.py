@@ -188,21 +188,24 @@ def train_in_process(compose_config, capsys):
     return train
 
 
-#: the test files that take longest, longest first (about 110, 60, 60, 60, 50, 40, 25, 25, 20, 14 and 11 s of
-#: a full run with the real-data tests on the 2-core machine): collected first, so that with one file per
-#: xdist worker (``--dist loadfile``) no long file starts last while the other worker runs out of work
+#: the test files that take longest, longest first (about 135, 75, 65, 55, 50, 35, 30, 30, 25, 25, 10, 10 and
+#: 10 s of a full run with the real-data tests on the 2-core machine, measured 2026-12-04): collected first,
+#: so that with one file per xdist worker (``--dist loadfile``) no long file starts last while the other
+#: worker runs out of work
 SLOW_FILES = (
     "test_reliability.py",
-    "test_train_cli.py",
-    "test_dead_process.py",
     "test_research.py",
-    "test_real_data.py",
+    "test_train_cli.py",
     "test_fused.py",
+    "test_dead_process.py",
     "test_faults.py",
+    "test_real_data.py",
+    "test_study.py",
     "test_ddp_eval.py",
     "test_compile.py",
-    "test_gradcam.py",
     "test_benchmarks.py",
+    "test_trackers.py",
+    "test_gradcam.py",
 )
 
 

@@ -133,6 +133,20 @@ def test_other_backbones_map_their_final_feature_map_before_the_classifier_atten
     assert describe(module) == label
 
 
+def test_a_network_without_a_final_feature_map_module_is_one_line():
+    import torchvision
+
+    from cbam.analysis.gradcam import feature_layer
+    from cbam.errors import GradCamError
+
+    with torch.device("meta"):
+        vit = torchvision.models.vit_b_16()
+    with pytest.raises(
+        GradCamError, match="^Grad-CAM needs the network's final feature map, and VisionTransformer"
+    ):
+        feature_layer(vit)
+
+
 def test_figure_and_tensorboard_image_with_the_runs_own_data(runs, tmp_path, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -132,20 +132,22 @@ def eval_run(block_run, data_root, tmp_path_factory):
 @pytest.fixture(scope="module")
 def optuna_sweep(data_root, tmp_path_factory):
     """A 2-trial Optuna search (no test: the search only needs val/acc), CBAM before the classifier only
-    (use_cbam_class)."""
+    (use_cbam_class), its study kept in ``<folder>/optuna.db``."""
     folder = tmp_path_factory.mktemp("optuna")
-    train(
-        [
-            "-m",
-            "hparams_search=optuna",
-            "hydra.sweeper.n_trials=2",
-            "cbam=classifier",
-            "test=false",
-            *common(data_root),
-            f"hydra.sweep.dir={folder}",
-        ]
-    )
+    train([*optuna_search(data_root, folder), "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={folder}"])
     return folder
+
+
+def optuna_search(data_root: Path, storage_folder: Path) -> list[str]:
+    return [
+        "-m",
+        "hparams_search=optuna",
+        f"hydra.sweeper.storage=sqlite:///{storage_folder / 'optuna.db'}",
+        "hydra.sweeper.study_name=study",
+        "cbam=classifier",
+        "test=false",
+        *common(data_root),
+    ]
 
 
 def jobs_by_cbam(sweep_dir: Path) -> dict[str, list[Path]]:
@@ -155,6 +157,32 @@ def jobs_by_cbam(sweep_dir: Path) -> dict[str, list[Path]]:
         cbam = next(item.split("=", 1)[1] for item in overrides if item.startswith("cbam="))
         jobs.setdefault(cbam, []).append(job)
     return jobs
+
+
+def test_multirun_jobs_are_the_crossed_settings_and_their_checkpoints_rebuild_them(sweep):
+    """The 2 x 2 sweep: one job per (cbam, seed), each checkpoint naming its own placement and rebuilding a
+    network with CBAM in its 8 blocks or in none."""
+    import torch
+
+    from cbam import CBAM
+    from cbam.training.lightning_module import CBAMResNetModule
+
+    folder, _ = sweep
+    jobs = sorted(p for p in folder.iterdir() if (p / ".hydra").is_dir())
+    assert [job.name for job in jobs] == ["0", "1", "2", "3"]
+    combinations = set()
+    for job in jobs:
+        config = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
+        last = job / "checkpoints" / "last.ckpt"
+        assert (
+            load_checkpoint(last)["hyper_parameters"]["net"]["use_cbam_block"]
+            == config["model"]["use_cbam_block"]
+        )
+        model = CBAMResNetModule.load_from_checkpoint(last, map_location=torch.device("cpu"))
+        blocks = sum(isinstance(module, CBAM) for module in model.modules())
+        assert blocks == (8 if config["model"]["use_cbam_block"] else 0)
+        combinations.add((config["model"]["use_cbam_block"], config["seed"]))
+    assert combinations == {(False, 0), (False, 1), (True, 0), (True, 1)}
 
 
 # ------------------------------------------------------------------------------------------ attention
@@ -414,6 +442,28 @@ def test_optuna_search_of_two_trials(optuna_sweep):
     assert results["best_value"] == pytest.approx(max(t["last_val_acc"] for t in trials), abs=1e-6)
 
 
+def test_a_second_search_continues_the_study_in_its_storage(optuna_sweep, data_root, tmp_path):
+    import optuna
+
+    second = tmp_path / "second"
+    limits = ["+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1"]
+    train(
+        [
+            *optuna_search(data_root, optuna_sweep),
+            "hydra.sweeper.n_trials=1",
+            *limits,
+            f"hydra.sweep.dir={second}",
+        ]
+    )
+    assert [job.name for job in second.iterdir() if job.name.isdigit()] == ["0"]
+    study = optuna.load_study(study_name="study", storage=f"sqlite:///{optuna_sweep / 'optuna.db'}")
+    assert [(trial.number, trial.state.name) for trial in study.trials] == [
+        (0, "COMPLETE"),
+        (1, "COMPLETE"),
+        (2, "COMPLETE"),
+    ]
+
+
 def test_curves_record_every_epoch_of_train_and_val(tiny_cifar_folder, tmp_path, quiet_trainer):
     """The curve of an epoch holds that epoch's logged values (the train ones are logged after the
     callbacks' epoch-end hooks: a naive callback would plot them one epoch late)."""
@@ -468,7 +518,13 @@ def test_curves_record_every_epoch_of_train_and_val(tiny_cifar_folder, tmp_path,
 def fake_job(job: Path, overrides: list[str], model: dict, seed: int, metrics: dict | None) -> None:
     """A job folder as Hydra and RunMetrics leave it: .hydra/{config,overrides,hydra}.yaml, metrics.json."""
     (job / ".hydra").mkdir(parents=True)
-    config = {"seed": seed, "model": {"depth": 18, "use_cbam_block": False, "use_cbam_class": False, **model}}
+    model = dict(model)
+    network = {"network_name": model.pop("network_name")} if "network_name" in model else {}
+    config = {
+        "seed": seed,
+        **network,
+        "model": {"depth": 18, "use_cbam_block": False, "use_cbam_class": False, **model},
+    }
     (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
     (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([*overrides, f"seed={seed}"]))
     choices = {"cbam": "none", "attention": "cbam"} | dict(
@@ -568,6 +624,27 @@ def test_report_compares_each_configuration_with_the_baseline_of_its_depth(tmp_p
     assert "contains zero" in sentences["- model.depth=18, cbam=classifier vs model.depth=18, cbam=none"]
     assert "excludes zero; worse" in sentences["- model.depth=50, cbam=block vs model.depth=50, cbam=none"]
     assert markdown.count("| baseline |") == 2 and "| 10.0 s | 1.00x |" in markdown  # epoch time, ratio
+
+
+def test_report_compares_each_backbone_with_its_own_baseline(tmp_path):
+    """model=resnet18 and model=wide_resnet jobs (both of depth 28 and 18 in no way alike): each attention row's
+    baseline is the plain run of its own network, told apart by the jobs' network_name."""
+    from cbam.analysis.report import report
+
+    resnet, wide = {"network_name": "resnet18"}, {"network_name": "wrn28-10", "depth": 28}
+    configurations = [
+        (["model=resnet18", "cbam=none"], resnet, [0.90, 0.91]),
+        (["model=resnet18", "cbam=block", "attention=eca"], {**resnet, **BLOCK}, [0.93, 0.94]),
+        (["model=wide_resnet", "cbam=none"], wide, [0.80, 0.81]),
+        (["model=wide_resnet", "cbam=block", "attention=eca"], {**wide, **BLOCK}, [0.85, 0.87]),
+    ]
+    sweep = fake_sweep(tmp_path / "sweep", configurations, ["model=resnet18,wide_resnet"])
+    report(sweep)
+    rows = {(row["model"], row["cbam"]): row for row in read_rows(sweep / "results.csv")}
+    assert rows[("resnet18", "block")]["baseline"] == "model=resnet18, cbam=none, attention=cbam"
+    assert rows[("wide_resnet", "block")]["baseline"] == "model=wide_resnet, cbam=none, attention=cbam"
+    assert float(rows[("resnet18", "block")]["test_acc_diff"]) == pytest.approx(0.03)
+    assert float(rows[("wide_resnet", "block")]["test_acc_diff"]) == pytest.approx(0.055)
 
 
 def test_attention_study_baseline_is_recognised_from_the_resolved_config(tmp_path):

@@ -13,13 +13,13 @@ import pytest
 SHORT = [
     "data.download=false",
     "data.loader=device",
-    "data.batch_size=8",
+    "data.batch_size=4",
     "data.num_workers=0",
     "data.val_size=20",
     "trainer.max_epochs=1",
-    "+trainer.limit_train_batches=3",
+    "+trainer.limit_train_batches=2",
     "+trainer.limit_val_batches=2",
-    "+trainer.limit_test_batches=2",
+    "+trainer.limit_test_batches=1",
     "trainer.deterministic=true",
 ]
 

@@ -18,9 +18,7 @@ import yaml
 from helpers import load_checkpoint, run_train
 from hydra.utils import instantiate
 
-from cbam import CBAM
 from cbam.errors import ConfigError
-from cbam.training.lightning_module import CBAMResNetModule
 from cbam.training.run import build_model, load_weights
 
 #: settings every run here shares: a narrow network, small batches, one epoch, no download, no workers
@@ -115,25 +113,6 @@ def test_experiment_files_state_only_what_differs(compose_config):
     # paper is the default recipe under another name: it must not restate (and silently pin) sgd.yaml
     assert paper.optim == default.optim and paper.scheduler == default.scheduler
     assert paper.data.val_size == default.data.val_size and paper.trainer.max_epochs == 200
-
-
-def test_multirun_sweeps_two_by_two(run, tmp_path):
-    result = run(
-        "-m", model__use_cbam_block="false,true", seed="0,1", hydra__sweep__dir=tmp_path, test="false"
-    )
-    assert succeeded(result)
-    jobs = sorted(p for p in tmp_path.iterdir() if p.is_dir() and p.name.isdigit())
-    assert [p.name for p in jobs] == ["0", "1", "2", "3"]
-    combinations = set()
-    for job in jobs:
-        config = job_config(job)
-        checkpoint = load_checkpoint(job / "checkpoints" / "last.ckpt")
-        assert checkpoint["hyper_parameters"]["net"]["use_cbam_block"] == config["model"]["use_cbam_block"]
-        model = CBAMResNetModule.load_from_checkpoint(job / "checkpoints" / "last.ckpt", map_location="cpu")
-        expected = 8 if config["model"]["use_cbam_block"] else 0
-        assert sum(isinstance(m, CBAM) for m in model.modules()) == expected
-        combinations.add((config["model"]["use_cbam_block"], config["seed"]))
-    assert combinations == {(False, 0), (False, 1), (True, 0), (True, 1)}
 
 
 # ------------------------------------------------------------------------------------------------ resume
@@ -272,24 +251,6 @@ def test_weights_from_starts_a_new_run_from_a_checkpoints_weights(compose_config
 
 
 # ----------------------------------------------------------------------------------------------- Optuna
-
-
-def test_optuna_search_continues_from_its_sqlite_storage(run, tmp_path):
-    import optuna
-
-    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    for search in ("first", "second"):
-        result = run(
-            "-m", "hparams_search=optuna", "model.reduction_ratio=choice(2,4)",  # width 4: ratios up to 4
-            hydra__sweeper__n_trials=1, hydra__sweeper__storage=storage, hydra__sweeper__study_name="study",
-            hydra__sweep__dir=tmp_path / search, test="false",
-            **{"+trainer__limit_train_batches": 2, "+trainer__limit_val_batches": 1},
-        )  # fmt: skip
-        assert succeeded(result)
-        assert len([job for job in (tmp_path / search).iterdir() if job.name.isdigit()]) == 1
-    # the second search added its trial to the first one's study
-    study = optuna.load_study(study_name="study", storage=storage)
-    assert [(trial.number, trial.state.name) for trial in study.trials] == [(0, "COMPLETE"), (1, "COMPLETE")]
 
 
 # ---------------------------------------------------------------------------------------------- bad input

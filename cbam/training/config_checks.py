@@ -133,10 +133,29 @@ def _check_fused(cfg: DictConfig) -> None:
         )
 
 
+def _checked_model(cfg: DictConfig, outputs: int) -> Any:
+    """The LightningModule of ``cfg.model``, built on the meta device: its constructors' checks without
+    allocating or initialising weights (even for ResNet152)."""
+    kind = OmegaConf.select(cfg, "model.attention_kind", default=DEFAULT_KIND)
+
+    def build():
+        return instantiate(cfg.model, num_classes=outputs, _recursive_=False, _convert_="all")
+
+    try:
+        with torch.device("meta"):
+            return _constructed("model", build, kind)
+    except InstantiationException as error:
+        if not isinstance(error.__cause__, NotImplementedError):
+            raise
+    # A builder that reads values back from tensors (torchvision's RegNets compute their widths so) cannot
+    # run on the meta device: such a network is checked on the CPU.
+    return _constructed("model", build, kind)
+
+
 def _check_forward(model: Any, size: tuple[int, int], outputs: int) -> None:
     """The network (on the meta device) maps two images of ``size`` to ``outputs`` logits each: a torchvision
     network may not take 32-pixel images, or may return more than logits."""
-    images = torch.empty(2, 3, *size, device="meta")
+    images = torch.zeros(2, 3, *size, device=next(model.net.parameters()).device)
     try:
         with torch.no_grad():
             logits = model.net.forward(images)  # (forward: never torch.compile's wrapper, with model.compile)
@@ -178,13 +197,7 @@ def check_config(cfg: DictConfig) -> None:
     outputs = num_classes(cfg, data)  # the data on disk are surveyed here, before any work
     if cfg.train:
         data.check_training_batch()
-    kind = OmegaConf.select(cfg, "model.attention_kind", default=DEFAULT_KIND)
-    with torch.device("meta"):  # the constructors' checks, without allocating or initialising weights
-        model = _constructed(
-            "model",
-            lambda: instantiate(cfg.model, num_classes=outputs, _recursive_=False, _convert_="all"),
-            kind,
-        )
+    model = _checked_model(cfg, outputs)
     size = data.source.declared_image_size()
     if size is not None:  # (an image folder of unknown size is checked when its first batch runs)
         _check_forward(model, size, outputs)
