@@ -167,7 +167,9 @@ def test_an_option_of_another_kind_is_accepted_at_its_default_only():
         {"attention_kind": "eca", "reduction_ratio": 16, "channel_pooling": "avg_max", "cbam_impl": "fused"}
     )
     assert eca["attention"] == {"kind": "eca", "kernel_size": None, "gamma": 2, "b": 1}
-    with pytest.raises(InvalidArgument, match="channel_pooling=max: an option of attention_kind=cbam"):
+    with pytest.raises(
+        TypeError, match="channel_pooling=max is an option of attention_kind=cbam; this network's is eca"
+    ):
         nest({"attention_kind": "eca", "channel_pooling": "max"})
     with pytest.raises(TypeError, match="arch=torchvision takes no argument 'width'"):
         nest({"arch": "torchvision", "width": 16})
@@ -219,6 +221,10 @@ def test_model_groups_compose_the_standard_networks(compose_config):
             "model.bam_combine=mean: accepted values are sum, product, max",
         ),
         (
+            ("attention=eca", "+model.kernel_size=5"),
+            "model: kernel_size=5 is an option of attention_kind=cbam; this network's is eca",
+        ),
+        (
             ("attention=bam", "cbam=block", "model.reduction_ratio=128"),
             "model.reduction_ratio=128: must be between 1 and 64",
         ),
@@ -231,6 +237,7 @@ def test_model_groups_compose_the_standard_networks(compose_config):
         "wrn_depth",
         "eca_kernel",
         "bam_combine",
+        "cbam_option_under_eca",
         "bam_ratio",
     ],
 )
@@ -264,3 +271,41 @@ def test_a_tracker_without_its_extra_is_one_line_with_the_install_command(
         match=rf'^logger={extra}: {extra} is not installed here; install it with pip install -e "\.\[{extra}\]"$',
     ):
         check_config(cfg)
+
+
+def test_torchvision_bam_before_the_classifier_passes_the_config_check(compose_config, tiny_cifar_folder):
+    """(BAM's BatchNorm1d: the shape probe of the classifier's attention runs in eval mode)"""
+    overrides = ("model=torchvision", "attention=bam", "cbam=both")
+    check_config(
+        compose_config(
+            f"data.root={tiny_cifar_folder}", "data.download=false", "data.val_size=20", *overrides
+        )
+    )
+    net = compose_model(compose_config, *overrides)
+    assert sorted(attention_modules(net)) == [
+        "avgpool.attention",
+        "layer1.attention",
+        "layer2.attention",
+        "layer3.attention",
+    ]
+    assert net.training  # the probe left the network in its mode
+
+
+def test_attention_map_sites_of_torchvision_networks_are_their_stages_and_the_classifier():
+    from cbam.analysis.gradcam import describe
+    from cbam.callbacks.attention_maps import find_cbam_sites
+    from cbam.training.lightning_module import CBAMResNetModule
+
+    resnet = on_meta(
+        {"arch": "torchvision", "name": "resnet18", "use_cbam_block": True, "use_cbam_class": True}
+    )
+    sites = find_cbam_sites(resnet)
+    assert [name for name, _ in sites] == ["layer1", "layer2", "layer3", "layer4", "classifier"]
+    assert sites[0][1] is resnet.layer1[1].bn2.attention and sites[-1][1] is resnet.avgpool.attention
+    mobilenet = on_meta(
+        {"arch": "torchvision", "name": "mobilenet_v2", "use_cbam_block": True, "use_cbam_class": True}
+    )
+    assert [name for name, _ in find_cbam_sites(mobilenet)] == ["features", "classifier"]
+    with torch.device("meta"):
+        module = CBAMResNetModule(net={"use_cbam_block": True, "attention_kind": "bam"})
+    assert describe(module) == "ResNet18 + BAM (stages)"

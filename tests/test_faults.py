@@ -169,7 +169,7 @@ def test_attention_without_placement_is_a_warning_and_the_run_goes_on(full_disk)
     warnings = stderr_lines(result, "warning: model.")
     expected = (
         "warning: model.channel_pooling=avg, model.use_spatial_gate=false configure a CBAM that no placement uses "
-        "(cbam=none): this run trains the plain ResNet. Place it with cbam=block|classifier|both"
+        "(cbam=none): this run trains ResNet18 without attention. Place it with cbam=block|classifier|both"
     )
     assert warnings == [expected], show(result)
     trained = load_checkpoint(full_disk["run_dir"] / "checkpoints" / "last.ckpt")

@@ -31,7 +31,13 @@ from torch import nn
 from cbam.callbacks._utils import new_figure, render
 from cbam.data import DataError, ImageArrays, normalize
 from cbam.errors import ConfigError, GradCamError, ProjectError, print_error
-from cbam.models.network_config import ATTENTION_DEFAULTS, IMPLEMENTATION_KEYS, flatten, network_name
+from cbam.models.network_config import (
+    ATTENTION_DEFAULTS,
+    IMPLEMENTATION_KEYS,
+    attention_options,
+    flatten,
+    network_name,
+)
 from cbam.models.resnet import ResNet
 from cbam.models.wide_resnet import WideResNet
 from cbam.training.lightning_module import CBAMResNetModule
@@ -87,9 +93,10 @@ def describe(module: CBAMResNetModule) -> str:
     net = module.hparams.net
     settings, kind = flatten(net), net["attention"]["kind"]
     network = network_name(net)
+    blocks = "stages" if attention_options(net).between_stages else "blocks"  # (BAM goes between stages)
     places = [
         name
-        for name, on in (("blocks", settings["use_cbam_block"]), ("classifier", settings["use_cbam_class"]))
+        for name, on in ((blocks, settings["use_cbam_block"]), ("classifier", settings["use_cbam_class"]))
         if on
     ]
     if not places:

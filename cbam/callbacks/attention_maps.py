@@ -34,20 +34,29 @@ log = logging.getLogger(__name__)
 
 
 def find_cbam_sites(net: nn.Module) -> list[tuple[str, CBAM]]:
-    """``[(name, cbam)]``: the last CBAM of each stage (``stage1``..``stage4``) and the classifier CBAM of
-    this project's networks; of any other network (torchvision's), the last CBAM of each top-level module
-    that holds one, under that module's name (``layer1``..``layer4``, ``avgpool``: the classifier's)."""
+    """``[(name, cbam)]``: the last CBAM of each stage (``stage1``..``stage4``) and the classifier CBAM.
+
+    Of a network without ``stages`` (torchvision's), the stages are its top-level modules, each named as it is
+    (``layer1``..``layer4``; all of MobileNetV2's blocks are in ``features``), and the classifier CBAM is the one
+    that :func:`cbam.models.torchvision_backbone.build_torchvision` put in its ``avgpool`` or ``features``.
+    """
     stages = getattr(net, "stages", None)
     if stages is not None:
         parts = [(f"stage{index}", stage) for index, stage in enumerate(stages, start=1)]
-        parts.append(("classifier", getattr(net, "attention", nn.Identity())))
+        classifier = getattr(net, "attention", None)
     else:
         parts = list(net.named_children())
+        holders = (getattr(net, "avgpool", None), getattr(net, "features", None))
+        classifier = next(
+            (h.attention for h in holders if isinstance(getattr(h, "attention", None), CBAM)), None
+        )
     sites = []
     for name, part in parts:
-        found = [module for module in part.modules() if isinstance(module, CBAM)]
+        found = [module for module in part.modules() if isinstance(module, CBAM) and module is not classifier]
         if found:
             sites.append((name, found[-1]))
+    if isinstance(classifier, CBAM):
+        sites.append(("classifier", classifier))
     return sites
 
 

@@ -88,7 +88,7 @@ def _choice(key: str, value: Any, accepted: Mapping[str, Any]) -> None:
 def nest(settings: Mapping[str, Any]) -> dict[str, Any]:
     """The whole network description of flat ``settings`` (keys of the model config; absent ones at their
     defaults). A key that the architecture does not know raises TypeError naming it, as a constructor would;
-    a changed option of another attention kind, :class:`InvalidArgument`."""
+    so does a changed option of another attention kind."""
     arch = settings.get("arch", DEFAULT_ARCH)
     kind = settings.get("attention_kind", DEFAULT_KIND)
     _choice("arch", arch, ARCHITECTURES)
@@ -101,8 +101,8 @@ def nest(settings: Mapping[str, Any]) -> dict[str, Any]:
         for key, default in defaults.items():
             value = settings.get(key, default)
             if key not in ATTENTION_DEFAULTS[kind] and key not in IMPLEMENTATION_KEYS and value != default:
-                raise InvalidArgument(
-                    key, value, f"an option of attention_kind={other}, and this network's is {kind}"
+                raise TypeError(
+                    f"{key}={value} is an option of attention_kind={other}; this network's is {kind}"
                 )
     fields = {
         field.name: settings.get(config_key(kind, field.name), field.default)

@@ -66,13 +66,18 @@ def _pooled_channels(model: nn.Module, site: nn.Module, output: bool) -> int:
     handle = site.register_forward_hook(
         lambda module, inputs, result: shapes.append((result if output else inputs[0]).shape[1])
     )
-    # The weights are swapped for meta tensors for the call: the network's own stay untouched.
+    # The weights are swapped for meta tensors for the call: the network's own stay untouched. In eval mode:
+    # one image in training mode would fail a BatchNorm1d (BAM's) on its (1, C) input.
     state = {key: torch.empty_like(tensor, device="meta") for key, tensor in model.state_dict().items()}
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
     try:
         with torch.no_grad():
             torch.func.functional_call(model, state, (torch.empty(1, 3, 224, 224, device="meta"),))
     finally:
         handle.remove()
+        for module, training in modes.items():
+            module.training = training
     return shapes[0]
 
 

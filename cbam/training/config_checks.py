@@ -22,10 +22,13 @@ from cbam.errors import ConfigError, InvalidArgument
 from cbam.models.network_config import (
     ATTENTION_DEFAULTS,
     DEFAULT_KIND,
+    FLAT_KEYS,
     IMPLEMENTATION_KEYS,
     PLACEMENT_KEYS,
     config_key,
     flatten,
+    nest,
+    network_name,
     network_of,
 )
 from cbam.runtime.checkpoints import check_checkpoint, read_checkpoint
@@ -223,7 +226,7 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def unplaced_attention_warning(cfg: DictConfig) -> str | None:
-    """A warning when ``cfg`` trains a model whose attention keys differ from their defaults while no CBAM
+    """A warning when ``cfg`` trains a model whose attention keys differ from their defaults while no attention
     is placed (``attention=se`` with ``cbam=none``): settings that change nothing. Not an error: a multirun
     crossing ``cbam=none`` with attention variants trains its baselines this way."""
     model = cfg.model
@@ -237,7 +240,8 @@ def unplaced_attention_warning(cfg: DictConfig) -> str | None:
     ]
     if not changed:
         return None
+    network = network_name(nest({key: value for key, value in model.items() if key in FLAT_KEYS}))
     return (
-        f"{', '.join(changed)} configure a CBAM that no placement uses (cbam=none): this run trains the plain "
-        f"ResNet. Place it with cbam=block|classifier|both"
+        f"{', '.join(changed)} configure a {kind.upper()} that no placement uses (cbam=none): this run trains "
+        f"{network} without attention. Place it with cbam=block|classifier|both"
     )
