@@ -69,6 +69,13 @@ def test_the_cifar_stem_keeps_the_resolution_of_other_families():
     assert shapes == [(2, 2048, 4, 4)]
 
 
+def test_googlenet_is_built_without_its_auxiliary_classifiers():
+    net = on_meta({"arch": "torchvision", "name": "googlenet"})
+    assert net.aux1 is None and net.aux2 is None
+    logits = net.train()(torch.empty(2, 3, 32, 32, device="meta"))  # in training too: the logits alone
+    assert isinstance(logits, torch.Tensor) and logits.shape == (2, 10)
+
+
 def test_torchvision_resnet50_with_cbam_everywhere_adds_the_formula_parameters():
     plain = count(on_meta({"arch": "torchvision", "name": "resnet50"}))
     net = on_meta({"arch": "torchvision", "name": "resnet50", "use_cbam_block": True, "use_cbam_class": True})

@@ -28,6 +28,9 @@ from cbam.models.resnet import STEMS, AttentionOptions
 
 #: the classification networks torchvision builds
 MODELS = tuple(torchvision.models.list_models(module=torchvision.models))
+#: networks that return auxiliary classifiers' logits too in training unless told not to (and warn unless
+#: their initialisation is chosen): built with ``aux_logits=False, init_weights=True``
+AUXILIARY_OUTPUTS = ("googlenet", "inception_v3")
 
 
 def _replace(model: nn.Module, dotted: str, module: nn.Module) -> None:
@@ -122,7 +125,8 @@ def build_torchvision(
     if stem not in STEMS:
         raise InvalidArgument("stem", stem, f"accepted values are {', '.join(STEMS)}")
     attention = attention if attention is not None else CBAMOptions()
-    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    options = {"aux_logits": False, "init_weights": True} if name in AUXILIARY_OUTPUTS else {}
+    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **options)
     if stem == "cifar":
         cifar_stem(model)
     if use_cbam_block:

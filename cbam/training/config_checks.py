@@ -169,10 +169,7 @@ def _check_forward(model: Any, size: tuple[int, int], outputs: int) -> None:
         ) from None
     if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (2, outputs):
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise ConfigError(
-            f"model: the network returns {shape} for 2 images, not (2, {outputs}) logits (a torchvision "
-            f"network with auxiliary outputs, such as googlenet or inception_v3, is not supported)"
-        )
+        raise ConfigError(f"model: the network returns {shape} for 2 images, not (2, {outputs}) logits")
 
 
 def check_config(cfg: DictConfig) -> None:
