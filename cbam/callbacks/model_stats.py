@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from cbam.callbacks._utils import data_input_size, plain_network
+from cbam.models.meta_pass import meta_forward
 from cbam.runtime.lightning_internals import call_uncompiled
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,6 @@ class _Eager(nn.Module):
         return call_uncompiled(self.net, inputs)
 
 
-@torch.no_grad()
 def count_flops(net: nn.Module, input_size: tuple[int, ...] = (3, 32, 32)) -> int:
     """FLOPs of one forward pass of one image, as ``torch.utils.flop_counter`` counts them (2 per
     multiply-accumulate of convolutions and matrix products; normalisations and activations are not
@@ -39,22 +39,10 @@ def count_flops(net: nn.Module, input_size: tuple[int, ...] = (3, 32, 32)) -> in
     call: FLOPs depend on shapes only, and this takes well under a second even for ResNet152, on any
     device, leaving the network untouched (every module's mode is restored).
     """
-    wrapper = _Eager(net)
-    state = {
-        name: torch.empty_like(tensor, device="meta")
-        for name, tensor in [*wrapper.named_parameters(), *wrapper.named_buffers()]
-    }
-    dtype = next(net.parameters()).dtype
-    modes = {module: module.training for module in net.modules()}
-    net.eval()
-    try:
-        counter = FlopCounterMode(display=False)
-        with counter:
-            image = torch.zeros(1, *input_size, device="meta", dtype=dtype)
-            torch.func.functional_call(wrapper, state, (image,))
-    finally:
-        for module, training in modes.items():
-            module.training = training
+    image = torch.zeros(1, *input_size, device="meta", dtype=next(net.parameters()).dtype)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        meta_forward(_Eager(net), image)
     return int(counter.get_total_flops())
 
 

@@ -24,6 +24,7 @@ from torch import nn
 from cbam.errors import InvalidArgument
 from cbam.models.attach import attach_options
 from cbam.models.cbam import CBAMOptions
+from cbam.models.meta_pass import meta_forward
 from cbam.models.resnet import STEMS, AttentionOptions
 
 #: the classification networks torchvision builds
@@ -64,23 +65,15 @@ def cifar_stem(model: nn.Module) -> None:
 
 def _pooled_channels(model: nn.Module, site: nn.Module, output: bool) -> int:
     """The channels of the feature map that ``site`` (a module of ``model``) takes in (or, with ``output``,
-    gives out), from one pass of a meta-device copy (shapes only; no memory, no computation)."""
+    gives out), from one pass on the meta device (:func:`~cbam.models.meta_pass.meta_forward`)."""
     shapes = []
     handle = site.register_forward_hook(
         lambda module, inputs, result: shapes.append((result if output else inputs[0]).shape[1])
     )
-    # The weights are swapped for meta tensors for the call: the network's own stay untouched. In eval mode:
-    # one image in training mode would fail a BatchNorm1d (BAM's) on its (1, C) input.
-    state = {key: torch.empty_like(tensor, device="meta") for key, tensor in model.state_dict().items()}
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
     try:
-        with torch.no_grad():
-            torch.func.functional_call(model, state, (torch.empty(1, 3, 224, 224, device="meta"),))
+        meta_forward(model, torch.empty(1, 3, 224, 224, device="meta"))
     finally:
         handle.remove()
-        for module, training in modes.items():
-            module.training = training
     return shapes[0]
 
 
