@@ -18,7 +18,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from cbam.errors import ConfigError
+from cbam.models.network_config import DEFAULT_ARCH, DEFAULT_KIND
 from cbam.runtime.atomic import write_atomically
+from cbam.training.lightning_module import MOVED_TARGETS, renamed_target
 
 METRICS_FILE = "metrics.json"
 #: the config's parts that decide a run's numbers
@@ -29,15 +31,10 @@ NOT_DIGESTED = frozenset(
 )
 #: keys that configs gained after runs were recorded, at the value those runs had without them: left out at
 #: that value, so a run recorded before them still counts as finished with the same settings
-ADDED_KEYS = {"model.arch": "resnet", "model.attention_kind": "cbam"}
-#: the digested ``_target_`` paths as runs recorded before the package was grouped by concern name them
-#: (current prefix -> former): such a run, with the same settings, still counts as finished
-FORMER_TARGETS = {
-    "cbam.training.lightning_module.": "cbam.module.",
-    "cbam.training.schedules.": "cbam.schedules.",
-    "cbam.runtime.checkpoints.": "cbam.reliability.",
-    "cbam.runtime.distributed.": "cbam.distributed.",
-}
+ADDED_KEYS = {"model.arch": DEFAULT_ARCH, "model.attention_kind": DEFAULT_KIND}
+#: today's ``_target_`` prefixes -> those of runs recorded before the package was grouped by concern: such a
+#: run, with the same settings, still counts as finished
+FORMER_TARGETS = {current: former for former, current in MOVED_TARGETS.items()}
 
 
 def run_dir(cfg: DictConfig) -> Path:
@@ -52,10 +49,8 @@ def _former_targets(value: Any) -> Any:
     if not isinstance(value, dict):
         return value
     value = {key: _former_targets(item) for key, item in value.items()}
-    target = value.get("_target_")
-    for current, former in FORMER_TARGETS.items():
-        if isinstance(target, str) and target.startswith(current):
-            value["_target_"] = former + target.removeprefix(current)
+    if isinstance(value.get("_target_"), str):
+        value["_target_"] = renamed_target(value["_target_"], FORMER_TARGETS)
     return value
 
 

@@ -39,19 +39,30 @@ class ImageMeanLoss(MeanMetric):
         self.weight += images
 
 
-#: schedule and optimizer paths of checkpoints written before the package was grouped by concern
-MOVED_TARGETS = {"cbam.schedules.": "cbam.training.schedules."}
+#: ``_target_`` prefixes before the package was grouped by concern -> today's: what the optimizer and schedule
+#: configs of checkpoints written then name, and the settings of runs recorded then
+#: (:mod:`cbam.training.finished_jobs`)
+MOVED_TARGETS = {
+    "cbam.module.": "cbam.training.lightning_module.",
+    "cbam.schedules.": "cbam.training.schedules.",
+    "cbam.reliability.": "cbam.runtime.checkpoints.",
+    "cbam.distributed.": "cbam.runtime.distributed.",
+}
+
+
+def renamed_target(target: str, renames: dict[str, str]) -> str:
+    """``target`` with the first prefix of ``renames`` it starts with replaced by that prefix's value."""
+    for old, new in renames.items():
+        if target.startswith(old):
+            return new + target.removeprefix(old)
+    return target
 
 
 def _current_targets(config: Any) -> Any:
     """``config`` (a saved optimizer or schedule config) with each moved ``_target_`` at its current path."""
     if not isinstance(config, dict) or not isinstance(config.get("_target_"), str):
         return config
-    target = config["_target_"]
-    for old, new in MOVED_TARGETS.items():
-        if target.startswith(old):
-            target = new + target.removeprefix(old)
-    return {**config, "_target_": target}
+    return {**config, "_target_": renamed_target(config["_target_"], MOVED_TARGETS)}
 
 
 class CBAMResNetModule(pl.LightningModule):
