@@ -39,6 +39,7 @@ from cbam.models.network_config import (
     network_name,
 )
 from cbam.models.resnet import ResNet
+from cbam.models.torchvision_backbone import final_map_site
 from cbam.models.wide_resnet import WideResNet
 from cbam.training.lightning_module import CBAMResNetModule
 
@@ -117,16 +118,15 @@ def feature_layer(net: nn.Module) -> tuple[nn.Module, bool]:
         return net.stages[-1], False
     if isinstance(net, WideResNet):
         return net.final, False
-    for site, of_input in ((getattr(net, "avgpool", None), True), (getattr(net, "features", None), False)):
-        if isinstance(site, nn.Module):
-            attention = getattr(site, "attention", None)  # the classifier attention build_torchvision placed
-            if isinstance(attention, nn.Module):
-                return attention, True
-            return site, of_input
-    raise GradCamError(
-        f"Grad-CAM needs the network's final feature map, and {type(net).__name__} has no stages, avgpool or "
-        f"features module to take it from"
-    )
+    site = final_map_site(net)
+    if site is None:
+        raise GradCamError(
+            f"Grad-CAM needs the network's final feature map, and {type(net).__name__} has no stages, avgpool "
+            f"or features module to take it from"
+        )
+    module, of_input = site
+    attention = getattr(module, "attention", None)  # the classifier attention build_torchvision placed
+    return (attention, True) if isinstance(attention, nn.Module) else (module, of_input)
 
 
 def grad_cam(

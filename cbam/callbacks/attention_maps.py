@@ -28,6 +28,7 @@ from cbam.callbacks._utils import (
 )
 from cbam.data import IGNORED_LABEL
 from cbam.models.cbam import CBAM
+from cbam.models.torchvision_backbone import final_map_site
 from cbam.runtime.lightning_internals import call_uncompiled
 
 log = logging.getLogger(__name__)
@@ -46,10 +47,8 @@ def find_cbam_sites(net: nn.Module) -> list[tuple[str, CBAM]]:
         classifier = getattr(net, "attention", None)
     else:
         parts = list(net.named_children())
-        holders = (getattr(net, "avgpool", None), getattr(net, "features", None))
-        classifier = next(
-            (h.attention for h in holders if isinstance(getattr(h, "attention", None), CBAM)), None
-        )
+        site = final_map_site(net)
+        classifier = getattr(site[0], "attention", None) if site is not None else None
     sites = []
     for name, part in parts:
         found = [module for module in part.modules() if isinstance(module, CBAM) and module is not classifier]

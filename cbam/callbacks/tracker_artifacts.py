@@ -30,11 +30,12 @@ class TrackerArtifacts(pl.Callback):
     """Log the run dir's figures and tables to every MLflow and W&B logger (see the module's docstring)."""
 
     def _publish(self, trainer: pl.Trainer) -> None:
-        if not trainer.is_global_zero:
+        trackers = [logger for logger in trainer.loggers if isinstance(logger, (MLFlowLogger, WandbLogger))]
+        if not trainer.is_global_zero or not trackers:
             return
         folder = run_dir(trainer)
         files = artifact_files(folder)
-        for logger in trainer.loggers:
+        for logger in trackers:
             if isinstance(logger, MLFlowLogger):
                 for path in files:
                     parent = path.parent.relative_to(folder).as_posix()

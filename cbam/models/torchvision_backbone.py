@@ -77,22 +77,33 @@ def _pooled_channels(model: nn.Module, site: nn.Module, output: bool) -> int:
     return shapes[0]
 
 
-def _attend_before_pooling(model: nn.Module, name: str, options: AttentionOptions) -> None:
-    pool = getattr(model, "avgpool", None)
-    features = getattr(model, "features", None)
+def final_map_site(net: nn.Module) -> tuple[nn.Module, bool] | None:
+    """Where a torchvision network's final feature map is: ``(avgpool, True)``, the module that takes it in,
+    else ``(features, False)``, the Sequential that gives it out; None for a network with neither. The
+    attention before the classifier is that module's ``attention``."""
+    pool, features = getattr(net, "avgpool", None), getattr(net, "features", None)
     if isinstance(pool, nn.Module):
-        channels = _pooled_channels(model, pool, output=False)
-        model.avgpool = nn.Sequential(OrderedDict(attention=options.build(channels), pool=pool))
-    elif isinstance(features, nn.Sequential):
-        channels = _pooled_channels(model, features, output=True)
-        features.add_module("attention", options.build(channels))
-    else:
+        return pool, True
+    if isinstance(features, nn.Sequential):
+        return features, False
+    return None
+
+
+def _attend_before_pooling(model: nn.Module, name: str, options: AttentionOptions) -> None:
+    site = final_map_site(model)
+    if site is None:
         raise InvalidArgument(
             "use_cbam_class",
             True,
             f"attention before the classifier goes in front of an avgpool module or after a features "
             f"Sequential; torchvision's {name} has neither",
         )
+    module, takes_it_in = site
+    attention = options.build(_pooled_channels(model, module, output=not takes_it_in))
+    if takes_it_in:
+        model.avgpool = nn.Sequential(OrderedDict(attention=attention, pool=module))
+    else:
+        module.add_module("attention", attention)
 
 
 def build_torchvision(
