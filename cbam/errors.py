@@ -10,6 +10,7 @@ with the error's :attr:`~ProjectError.exit_status`:
 3     divergence (a non-finite loss or weight)
 4     a write that failed: disk full, quota, read-only, no permission
 5     another process of the run died (a DDP rank, a DataLoader worker)
+6     a batch that never ended (the process was stuck, e.g. in a native kernel)
 ====  =====================================================================================
 
 (130 follows Ctrl-C after ``last.ckpt`` is saved: :class:`cbam.callbacks.last_checkpoint.StoppedBySigint`.)
@@ -28,6 +29,7 @@ BAD_INPUT_EXIT_STATUS = 2
 DIVERGED_EXIT_STATUS = 3
 WRITE_FAILED_EXIT_STATUS = 4
 PROCESS_DIED_EXIT_STATUS = 5
+STALLED_EXIT_STATUS = 6
 
 
 class ProjectError(Exception):
@@ -149,6 +151,20 @@ class ProcessDied(ProjectError, RuntimeError):
     def __init__(self, rank: int, kind: int, what: str, last_good: str, detail: str = "") -> None:
         self.rank, self.kind = rank, kind
         super().__init__(f"{what}{f' ({detail})' if detail else ''}; last good checkpoint: {last_good}")
+
+
+class RunStalled(ProjectError, RuntimeError):
+    """No batch ended for ``timeout`` seconds (:class:`cbam.callbacks.stall_watchdog.StallWatchdog`): what the
+    run was doing, for how long, and the last good checkpoint. Printed by the watchdog's thread, which then
+    ends the process (the stuck main thread cannot raise it)."""
+
+    exit_status = STALLED_EXIT_STATUS
+
+    def __init__(self, doing: str, seconds: float, timeout: float, last_good: str) -> None:
+        super().__init__(
+            f"the run is stuck: {doing} has not ended after {seconds:.0f} s "
+            f"(callbacks.stall_watchdog.timeout_s={timeout:g}); last good checkpoint: {last_good}"
+        )
 
 
 def end_progress_lines() -> None:

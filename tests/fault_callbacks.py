@@ -1,5 +1,5 @@
 """Test-only pieces for tests/test_faults.py and tests/test_ddp_eval.py: a file that fills up like a full disk,
-and two Lightning callbacks enabled in a train.py subprocess with ``+callbacks.<name>._target_=fault_callbacks.<Class>`` (``tests/`` on
+a training step that hangs, and two Lightning callbacks enabled in a train.py subprocess with ``+callbacks.<name>._target_=fault_callbacks.<Class>`` (``tests/`` on
 PYTHONPATH): one makes every checkpoint written from a given step on fail as on a full disk (where no small
 file system can be mounted), one records, on every DDP rank, which process holds the run dir's lock.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 
 import torch
 from pytorch_lightning.callbacks import Callback
@@ -67,3 +68,19 @@ class RecordRunDirHolder(Callback):
             outcome = str(error)
         with open(self.record, "a") as handle:
             handle.write(f"{trainer.global_rank} {os.getpid()} {os.getppid()} {outcome}\n")
+
+
+#: set by a test to let :class:`HangAtStep`'s step go on (the watchdog's exit was replaced by a recorder)
+hang_released = threading.Event()
+
+
+class HangAtStep(Callback):
+    """Training step ``step + 1`` waits up to ``seconds`` before it starts, without holding the GIL, as a
+    native kernel stuck in a loop does (or until :data:`hang_released` is set)."""
+
+    def __init__(self, step: int, seconds: float = 600) -> None:
+        self.step, self.seconds = step, seconds
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            hang_released.wait(self.seconds)

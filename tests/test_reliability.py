@@ -26,7 +26,7 @@ from PIL import Image
 
 import cbam.data.sources as data
 from cbam.callbacks.last_checkpoint import SIGINT_EXIT_STATUS
-from cbam.errors import ConfigError
+from cbam.errors import STALLED_EXIT_STATUS, ConfigError
 from cbam.runtime.atomic import _UMASK
 from cbam.runtime.checkpoints import PARTIAL_PREFIX, PARTIAL_SUFFIX, AtomicCheckpointIO, check_checkpoint
 from cbam.training.lightning_module import CBAMResNetModule
@@ -255,6 +255,35 @@ def test_divergence_stops_with_one_line_naming_step_and_last_good_checkpoint(
     good = load_checkpoint(last)
     assert 1 <= good["global_step"] <= step
     assert all(torch.isfinite(t).all() for t in good["state_dict"].values() if t.is_floating_point())
+
+
+def test_a_step_that_never_ends_stops_the_run_with_one_line_naming_it(runs, train_in_process, tmp_path, monkeypatch):
+    import fault_callbacks
+
+    import cbam.callbacks.stall_watchdog as watchdog
+
+    ended = []  # in this process the watchdog's os._exit is replaced by a recorder that lets the step go on
+
+    def record(status: int) -> None:
+        ended.append(status)
+        fault_callbacks.hang_released.set()
+
+    monkeypatch.setattr(watchdog, "end_process", record)
+    fault_callbacks.hang_released.clear()
+    run_dir = tmp_path / "stuck"
+    status, stderr, _ = train_in_process(
+        run_dir, f"data.root={runs['base'] / 'data'}", *TINY, "trainer.max_epochs=1", "test=false",
+        "+callbacks.hang._target_=fault_callbacks.HangAtStep", "+callbacks.hang.step=5",
+        "callbacks.stall_watchdog.timeout_s=1",
+    )  # fmt: skip
+    assert ended == [STALLED_EXIT_STATUS], stderr[-3000:]
+    last = run_dir / "checkpoints" / "last.ckpt"
+    pattern = (
+        r"error: the run is stuck: training step 6 \(epoch 0\) has not ended after \d+ s "
+        rf"\(callbacks.stall_watchdog.timeout_s=1\); last good checkpoint: {re.escape(str(last))} \(step 4\)"
+    )
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and re.fullmatch(pattern, errors[0][errors[0].index("error:") :]), errors
 
 
 def test_undecodable_image_is_one_error_line_naming_it(train_in_process, tmp_path):

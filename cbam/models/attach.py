@@ -32,6 +32,7 @@ from cbam.errors import InvalidArgument
 from cbam.models.bam import BAM, BAMOptions
 from cbam.models.cbam import CBAM, CBAMOptions
 from cbam.models.eca import ECA, ECAOptions
+from cbam.models.onednn_workaround import avoid_onednn_1x1_bug
 
 KINDS = ("cbam", "se", "eca", "bam")
 #: the blocks attach finds, as its error says them
@@ -129,14 +130,15 @@ def attach_options(model: nn.Module, options: CBAMOptions | ECAOptions | BAMOpti
             "model", type(model).__name__, f"no residual block found; attach knows {KNOWN_BLOCKS}"
         )
     if options.between_stages:
-        return _attach_bam(model, options)
-    for parent, name, channels in norms:
-        attention = _placed_like(options.build(channels), parent)
-        setattr(parent, name, Attended(getattr(parent, name), attention))
-    return model
+        _attach_bam(model, options)
+    else:
+        for parent, name, channels in norms:
+            attention = _placed_like(options.build(channels), parent)
+            setattr(parent, name, Attended(getattr(parent, name), attention))
+    return avoid_onednn_1x1_bug(model)  # a network of the caller's may have narrow strided shortcuts
 
 
-def _attach_bam(model: nn.Module, options: BAMOptions) -> nn.Module:
+def _attach_bam(model: nn.Module, options: BAMOptions) -> None:
     stages = [getattr(model, name, None) for name in BAM_STAGES]
     blocks = (BasicBlock, Bottleneck)
     if not all(isinstance(stage, nn.Sequential) and isinstance(stage[-1], blocks) for stage in stages):
@@ -151,4 +153,3 @@ def _attach_bam(model: nn.Module, options: BAMOptions) -> nn.Module:
         channels = (last.conv2 if isinstance(last, BasicBlock) else last.conv3).out_channels
         # Appended to the stage's Sequential: the blocks keep their keys, the BAM is ``layerN.attention``.
         stage.add_module("attention", _placed_like(options.build(channels), last))
-    return model

@@ -15,6 +15,7 @@ from torch import nn
 
 from cbam.errors import InvalidArgument
 from cbam.models.cbam import CBAMOptions
+from cbam.models.onednn_workaround import avoid_onednn_1x1_bug
 
 AttentionFactory = Callable[[int], nn.Module]
 
@@ -202,7 +203,7 @@ def build_resnet(
         raise TypeError("build_resnet takes attention or its fields, not both")
     attention = attention if attention is not None else CBAMOptions(**attention_fields)
     block, num_blocks = DEPTHS[depth]
-    return ResNet(
+    network = ResNet(
         block,
         num_blocks,
         width=width,
@@ -212,3 +213,4 @@ def build_resnet(
         classifier_attention=attention.build if use_cbam_class else None,
         stem=stem,
     )
+    return avoid_onednn_1x1_bug(network)  # the first strided shortcut below width 8

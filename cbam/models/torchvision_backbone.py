@@ -25,6 +25,7 @@ from cbam.errors import InvalidArgument
 from cbam.models.attach import attach_options
 from cbam.models.cbam import CBAMOptions
 from cbam.models.meta_pass import meta_forward
+from cbam.models.onednn_workaround import avoid_onednn_1x1_bug
 from cbam.models.resnet import STEMS, AttentionOptions
 
 #: the classification networks torchvision builds
@@ -140,4 +141,4 @@ def build_torchvision(
             raise InvalidArgument("use_cbam_block", True, f"{name}: {error.accepted}") from None
     if use_cbam_class:
         _attend_before_pooling(model, name, attention)
-    return model
+    return avoid_onednn_1x1_bug(model)
