@@ -31,7 +31,7 @@ NOT_DIGESTED = frozenset(
 )
 #: keys that configs gained after runs were recorded, at the value those runs had without them: left out at
 #: that value, so a run recorded before them still counts as finished with the same settings
-ADDED_KEYS = {"model.arch": DEFAULT_ARCH, "model.attention_kind": DEFAULT_KIND}
+ADDED_KEYS = {"model.arch": DEFAULT_ARCH, "model.attention_kind": DEFAULT_KIND, "model.test_time_flip": False}
 #: today's ``_target_`` prefixes -> those of runs recorded before the package was grouped by concern: such a
 #: run, with the same settings, still counts as finished
 FORMER_TARGETS = {current: former for former, current in MOVED_TARGETS.items()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytorch_lightning as pl
@@ -80,6 +81,8 @@ class CBAMResNetModule(pl.LightningModule):
         channels_last: run the network in NHWC memory format (faster convolutions on tensor cores).
         compile: wrap the network in ``torch.compile``.
         compile_mode: the ``torch.compile`` mode, one of :data:`COMPILE_MODES` (used only with ``compile``).
+        test_time_flip: validation and test score each image by the mean of the class probabilities of it and
+            its mirror image (:meth:`evaluation_logits`); training is unchanged.
         settings: the network as the model config's flat keys (``depth=50, use_cbam_block=True``, as
             ``conf/model/`` passes them and checkpoints of earlier versions hold them), on top of ``net``.
     """
@@ -93,6 +96,7 @@ class CBAMResNetModule(pl.LightningModule):
         channels_last: bool = False,
         compile: bool = False,
         compile_mode: str = "default",
+        test_time_flip: bool = False,
         **settings: Any,
     ) -> None:
         super().__init__()
@@ -112,6 +116,7 @@ class CBAMResNetModule(pl.LightningModule):
                 "channels_last": channels_last,
                 "compile": compile,
                 "compile_mode": compile_mode,
+                "test_time_flip": test_time_flip,
             }
         )
         self.net = build_network(net)
@@ -150,9 +155,20 @@ class CBAMResNetModule(pl.LightningModule):
             x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x)
 
+    def evaluation_logits(self, images: torch.Tensor, flip: bool | None = None) -> torch.Tensor:
+        """What validation and test score: the network's logits, or with ``flip`` (default: the
+        ``test_time_flip`` setting) the log of the mean of the softmax probabilities of ``images`` and of their
+        mirror images, whose softmax is that mean (so the loss and the accuracy score the averaged prediction)."""
+        logits = self(images)
+        if not (self.hparams.test_time_flip if flip is None else flip):
+            return logits
+        mirrored = self(images.flip(-1))
+        both = torch.stack((logits.log_softmax(dim=1), mirrored.log_softmax(dim=1)))
+        return torch.logsumexp(both, dim=0) - math.log(2)
+
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         images, labels = batch
-        logits = self(images)
+        logits = self(images) if stage == "train" else self.evaluation_logits(images)
         loss = self.criterion(logits, labels)  # the mean over the batch's real images
         # Accumulated on the device; read (and synchronised across ranks) once, at the epoch's end.
         # (Argument validation is off: it costs a host synchronisation every step.)
