@@ -25,13 +25,20 @@ from cbam.training.lightning_module import MOVED_TARGETS, renamed_target
 METRICS_FILE = "metrics.json"
 #: the config's parts that decide a run's numbers
 DIGESTED = ("seed", "model", "data", "optim", "scheduler", "trainer")
+#: settings outside them that decide a run's numbers where they are set (a run recorded before them had none)
+DIGESTED_WHERE_SET = ("callbacks.ema",)
 #: keys within them that only say where things are or how they are fetched
 NOT_DIGESTED = frozenset(
     {"data.root", "data.cache_dir", "data.download", "data.num_workers", "trainer.default_root_dir"}
 )
 #: keys that configs gained after runs were recorded, at the value those runs had without them: left out at
 #: that value, so a run recorded before them still counts as finished with the same settings
-ADDED_KEYS = {"model.arch": DEFAULT_ARCH, "model.attention_kind": DEFAULT_KIND, "model.test_time_flip": False}
+ADDED_KEYS = {
+    "model.arch": DEFAULT_ARCH,
+    "model.attention_kind": DEFAULT_KIND,
+    "model.test_time_flip": False,
+    "optim.exempt_norms_and_biases": False,
+}
 #: today's ``_target_`` prefixes -> those of runs recorded before the package was grouped by concern: such a
 #: run, with the same settings, still counts as finished
 FORMER_TARGETS = {current: former for former, current in MOVED_TARGETS.items()}
@@ -58,6 +65,7 @@ def config_digest(cfg: DictConfig, former_targets: bool = False) -> str:
     """A digest of the settings that decide the run's numbers (sorted JSON of :data:`DIGESTED`);
     ``former_targets``: as a run recorded before the package's regrouping computed it."""
     parts = {key: OmegaConf.select(cfg, key) for key in DIGESTED}
+    parts |= {key: value for key in DIGESTED_WHERE_SET if (value := OmegaConf.select(cfg, key)) is not None}
     parts = {
         key: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
         for key, v in parts.items()
@@ -95,7 +103,7 @@ def finished_metrics(cfg: DictConfig) -> dict[str, float] | None:
     if finished.get("config_digest") not in (config_digest(cfg), config_digest(cfg, former_targets=True)):
         raise ConfigError(
             f"skip_finished=true: {folder} holds a finished run with other settings than this command's (model, "
-            f"data, optim, scheduler, trainer or seed differ); give this study its own hydra.sweep.dir"
+            f"data, optim, scheduler, trainer, seed or callbacks.ema differ); give this study its own hydra.sweep.dir"
         )
     return {
         name: metrics[key]

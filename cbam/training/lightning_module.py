@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import pytorch_lightning as pl
@@ -64,6 +65,19 @@ def _current_targets(config: Any) -> Any:
     if not isinstance(config, dict) or not isinstance(config.get("_target_"), str):
         return config
     return {**config, "_target_": renamed_target(config["_target_"], MOVED_TARGETS)}
+
+
+def parameter_groups(net: nn.Module, exempt_norms_and_biases: bool) -> Iterable[nn.Parameter] | list[dict]:
+    """What the optimizer gets: all of ``net``'s parameters as one group, or with ``exempt_norms_and_biases``
+    two groups, the second (every parameter of at most one dimension: the scales and shifts of the norms, the
+    biases) without weight decay: decay keeps the weights that feed a normalisation at a scale where the
+    learning rate acts; on the norms' own scales and shifts and on biases it only pulls them towards zero."""
+    if not exempt_norms_and_biases:
+        return net.parameters()
+    decayed, exempt = [], []
+    for parameter in net.parameters():
+        (exempt if parameter.ndim <= 1 else decayed).append(parameter)
+    return [{"params": decayed}, {"params": exempt, "weight_decay": 0.0}]
 
 
 class CBAMResNetModule(pl.LightningModule):
@@ -247,6 +261,8 @@ class CBAMResNetModule(pl.LightningModule):
                 "data.batch_size: no full training batch (each process's share of the training images, after "
                 "data.val_size, is smaller than one batch); lower data.batch_size or data.val_size"
             )
-        optimizer = instantiate(self.hparams.optimizer)(self.net.parameters())
+        options = dict(self.hparams.optimizer)
+        exempt = options.pop("exempt_norms_and_biases", False)  # this module's key, not the optimizer's
+        optimizer = instantiate(options)(parameter_groups(self.net, exempt_norms_and_biases=exempt))
         scheduler = instantiate(self.hparams.scheduler)(optimizer, total_steps=total_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
