@@ -8,6 +8,8 @@ CPU, so it gets one CBAM residual block; aot_eager, cheap to compile, gets the w
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -15,6 +17,7 @@ from torch import nn
 
 from cbam import CBAM, build_resnet
 from cbam.analysis.compile_check import compare_steps, compiled_copy, training_step
+from cbam.models.compiled_attention import VARIANTS_PER_LAYER, compile_attention_layers
 from cbam.models.resnet import BasicBlock
 from cbam.runtime.lightning_internals import is_compiled
 from cbam.training.lightning_module import COMPILE_MODES
@@ -85,6 +88,20 @@ def test_compiled_step_matches_eager(networks, backend, dtype):
     assert report["max_relative_error"] <= parameter_tolerance, (report["worst_parameter"], report)
     # Every parameter took part: a comparison of two all-zero gradients would prove nothing.
     assert all(gradient.any() for gradient in expected.gradients.values())
+
+
+def test_compiled_attention_layers_train_as_eager(networks):
+    """model.compile_attention: only the CBAM is compiled, its step agrees with eager, and torch.compile
+    may keep enough variants for every stage's shape in training and evaluation."""
+    eager, _, images, labels = networks("inductor")
+    partly = copy.deepcopy(eager)
+    assert compile_attention_layers(partly) == VARIANTS_PER_LAYER * 1
+    assert [type(m) for m in partly.modules() if is_compiled(m)] == [CBAM]
+    report = compare_steps(training_step(eager, images, labels, None), training_step(partly, images, labels, None))
+    global_tolerance, parameter_tolerance, loss_tolerance = TOLERANCES[torch.float32]
+    assert report["non_finite"] == [] and report["zeroed"] == [], report
+    assert report["loss_relative_error"] <= loss_tolerance, report
+    assert report["max_relative_error"] <= parameter_tolerance, (report["worst_parameter"], report)
 
 
 def test_comparison_catches_broken_gradients():

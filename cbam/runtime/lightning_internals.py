@@ -90,6 +90,14 @@ def avoid_inductor_gradient_bugs() -> None:
         inductor_config.triton.mix_order_reduction = False
 
 
+def allow_compiled_variants(count: int) -> None:
+    """Let torch.compile keep at least ``count`` compiled variants of one function before it falls back to
+    eager code (Dynamo's ``recompile_limit``, 8 by default)."""
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, count)
+
+
 def cpu_has_native_bf16() -> bool:
     """True where this CPU computes bf16 in hardware (x86: AVX512-BF16 or AMX; Arm: the BF16 extension).
     Elsewhere oneDNN emulates bf16, slower than fp32."""

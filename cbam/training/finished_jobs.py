@@ -37,6 +37,7 @@ ADDED_KEYS = {
     "model.arch": DEFAULT_ARCH,
     "model.attention_kind": DEFAULT_KIND,
     "model.test_time_flip": False,
+    "model.compile_attention": False,
     "optim.exempt_norms_and_biases": False,
 }
 #: today's ``_target_`` prefixes -> those of runs recorded before the package was grouped by concern: such a

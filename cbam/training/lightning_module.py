@@ -18,7 +18,12 @@ from cbam.data.batches import IGNORED_LABEL
 from cbam.errors import ConfigError, InvalidArgument
 from cbam.models.network_config import build_network, flatten, nest
 from cbam.runtime.checkpoints import check_checkpoint
-from cbam.runtime.lightning_internals import attached_trainer, avoid_inductor_gradient_bugs
+from cbam.models.compiled_attention import compile_attention_layers
+from cbam.runtime.lightning_internals import (
+    allow_compiled_variants,
+    attached_trainer,
+    avoid_inductor_gradient_bugs,
+)
 
 #: torch.compile's modes (``model.compile_mode``): ``reduce-overhead`` and ``max-autotune`` replay the
 #: network's forward and backward as CUDA graphs on a GPU (on a CPU Inductor compiles and skips the graphs)
@@ -94,6 +99,8 @@ class CBAMResNetModule(pl.LightningModule):
         label_smoothing: cross-entropy label smoothing.
         channels_last: run the network in NHWC memory format (faster convolutions on tensor cores).
         compile: wrap the network in ``torch.compile``.
+        compile_attention: ``torch.compile`` only the network's attention layers
+            (:mod:`cbam.models.compiled_attention`); implied by ``compile``.
         compile_mode: the ``torch.compile`` mode, one of :data:`COMPILE_MODES` (used only with ``compile``).
         test_time_flip: validation and test score each image by the mean of the class probabilities of it and
             its mirror image (:meth:`evaluation_logits`); training is unchanged.
@@ -111,6 +118,7 @@ class CBAMResNetModule(pl.LightningModule):
         compile: bool = False,
         compile_mode: str = "default",
         test_time_flip: bool = False,
+        compile_attention: bool = False,
         **settings: Any,
     ) -> None:
         super().__init__()
@@ -131,15 +139,19 @@ class CBAMResNetModule(pl.LightningModule):
                 "compile": compile,
                 "compile_mode": compile_mode,
                 "test_time_flip": test_time_flip,
+                "compile_attention": compile_attention,
             }
         )
         self.net = build_network(net)
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
-        if compile:
+        if compile or compile_attention:
             avoid_inductor_gradient_bugs()
+        if compile:
             # In place: the state_dict keeps its plain keys, so checkpoints load with or without compile.
             self.net.compile(mode=compile_mode)
+        elif compile_attention:
+            allow_compiled_variants(compile_attention_layers(self.net))
         # The rows that fill up a short evaluation batch (cbam.data.batches.fill_batch) are labelled
         # IGNORED_LABEL: the loss and the evaluation metrics leave them out. Training batches are never
         # filled up (the last partial one is dropped), so their metrics skip the masking.
