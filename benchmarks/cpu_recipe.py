@@ -3,10 +3,13 @@
 Part 1, a bare PyTorch loop (SGD, cross-entropy, random images): one training step of each arm under each
 option, side by side in one process and timed round-robin, so that a busy neighbour slows every variant
 alike; the median over rounds is reported. Options: precision (fp32, bf16 autocast), memory format
-(contiguous, channels_last), torch.compile, intra-op threads.
+(contiguous, channels_last), torch.compile (of the attention layers only, or of the whole network), intra-op
+threads.
 
 Part 2, ``train.py`` itself: ``--train-steps`` timed steps (after ``--warmup``) of each configuration in
-``TRAIN_CONFIGS`` on the real data, against the bare fp32 eager loop's steps of part 1.
+``TRAIN_CONFIGS`` for each of ``--train-arms`` on the real data, against the bare fp32 eager loop's steps of
+part 1 and against the plain arm's train.py steps; the runs alternate over arms and configurations
+``--train-repeats`` times (the median of the repeats is reported), so that drift slows every arm alike.
 
 Part 3 (``--learn-epochs N``): does the recipe learn as fp32 does? ``train.py experiment=cpu_study`` (a
 single run of the study's recipe, shortened to N epochs) of the ``--learn-arm`` in the recipe's precision and
@@ -55,25 +58,31 @@ ARM_OVERRIDES = {
 #: part 2: name -> train.py overrides on top of trainer=cpu and the study's network
 TRAIN_CONFIGS = {
     "trainer=cpu (the recipe)": [],
-    "trainer=cpu, fp32 contiguous": ["trainer.precision=32-true", "model.channels_last=false"],
+    "trainer=cpu, attention eager": ["model.compile_attention=false"],
     "trainer=cpu, contiguous": ["model.channels_last=false"],
     "trainer=cpu, workers loader": ["data.loader=workers", "data.num_workers=2"],
     "trainer=cpu, compiled": ["model.compile=true"],
 }
+#: part 1's torch.compile options: none, the attention layers (model.compile_attention), the whole network
+COMPILE_OPTIONS = ("eager", "attention", "network")
 
 
-def bare_step(arm: str, width: int, batch: int, bf16: bool, channels_last: bool, compiled: bool):
-    """One training step of the arm's ResNet18 on a fixed random batch, as a function."""
+def bare_step(arm: str, width: int, batch: int, bf16: bool, channels_last: bool, compiled: str):
+    """One training step of the arm's ResNet18 on a fixed random batch, as a function; ``compiled``: one of
+    :data:`COMPILE_OPTIONS`. The images are channels_last, as the device loader gives them."""
     from cbam import build_resnet
+    from cbam.models.compiled_attention import compile_attention_layers
 
     net = build_resnet(18, width=width, **ARMS[arm])
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     net = net.to(memory_format=fmt)
-    run = torch.compile(net) if compiled else net
+    if compiled == "attention":
+        compile_attention_layers(net)
+    run = torch.compile(net) if compiled == "network" else net
     optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
     criterion = torch.nn.CrossEntropyLoss()
     generator = torch.Generator().manual_seed(0)
-    images = torch.randn(batch, 3, 32, 32, generator=generator).contiguous(memory_format=fmt)
+    images = torch.randn(batch, 3, 32, 32, generator=generator).contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, 10, (batch,), generator=generator)
 
     def step() -> None:
@@ -93,12 +102,14 @@ def measure_bare(args) -> list[dict]:
     torch._dynamo.config.recompile_limit = 64
     variants = []
     for arm, threads, bf16, channels_last, compiled in itertools.product(
-        args.arms, args.threads, (False, True), (False, True), (False, True) if args.compile else (False,)
+        args.arms, args.threads, args.precisions, (False, True), args.compile
     ):
         variants.append(
             {"arm": arm, "threads": threads, "precision": "bf16" if bf16 else "fp32",
              "channels_last": channels_last, "compile": compiled}
         )  # fmt: skip
+        if compiled == "attention" and arm == "none":
+            variants.pop()  # no attention to compile
     steps = []
     for variant in variants:
         torch.set_num_threads(variant["threads"])
@@ -155,6 +166,42 @@ def measure_train_py(args, name: str, overrides: list[str], scratch: Path, arm: 
     }
 
 
+def measure_all_train_py(args, bare_rows: list[dict]) -> list[dict]:
+    """Part 2: every (arm, configuration) ``--train-repeats`` times, alternating; the median of the repeats,
+    its ratio to the plain arm's train.py step in the same configuration and the bare loop's speed-up."""
+    threads = torch.get_num_threads()
+    pairs = [
+        (arm, name, overrides)
+        for name, overrides in TRAIN_CONFIGS.items()
+        for arm in args.train_arms.split(",")
+        if not ("model.compile=true" in overrides and "network" not in args.compile)
+    ]
+    measured: dict[tuple[str, str], list[dict]] = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for repeat in range(args.train_repeats):
+            for arm, name, overrides in pairs:
+                row = measure_train_py(args, name, overrides, Path(scratch), arm)
+                measured.setdefault((arm, name), []).append(row)
+                print(json.dumps({"repeat": repeat, **row}), flush=True)
+    rows = []
+    for (arm, name), repeats in measured.items():
+        row = dict(repeats[0])
+        row["step_ms_repeats"] = [r["step_ms"] for r in repeats]
+        row["step_ms"] = round(statistics.median(row["step_ms_repeats"]), 1)
+        row["process_s_repeats"] = [r["process_s"] for r in repeats]
+        rows.append(row)
+    for row in rows:
+        plain = next((r["step_ms"] for r in rows if r["arm"] == "none" and r["config"] == row["config"]), None)
+        row["ratio_vs_plain"] = round(row["step_ms"] / plain, 3) if plain else None
+        bare = next(
+            (r["step_ms"] for r in bare_rows if r["arm"] == row["arm"] and r["threads"] == threads
+             and r["precision"] == "fp32" and not r["channels_last"] and r["compile"] == "eager"),
+            None,
+        )  # fmt: skip
+        row["speedup_vs_bare_fp32_eager"] = round(bare / row["step_ms"], 3) if bare else None
+    return rows
+
+
 def learn(args, arm: str, precision: str, seed: int, scratch: Path) -> dict:
     """Part 3: one shortened study run; its curves (curves.csv) and final numbers (metrics.json)."""
     folder = scratch / f"learn-{arm}-{precision}-{seed}"
@@ -196,7 +243,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--data", help="CIFAR-10 folder for part 2 (train.py); part 2 is skipped without it")
     parser.add_argument("--cache-dir", help="where train.py's decoded cache goes (default beside the data)")
     parser.add_argument("--arms", default="none,block,classifier,se", help="comma list of " + ",".join(ARMS))
-    parser.add_argument("--train-arms", default="block", help="the arms part 2 runs train.py for")
+    parser.add_argument("--train-arms", default="none,block,classifier,se", help="the arms part 2 runs train.py for")
+    parser.add_argument("--train-repeats", type=int, default=2, help="part 2's runs of each arm and configuration")
+    parser.add_argument("--precisions", help="comma list of fp32, bf16 (part 1; default: bf16 only on a bf16 CPU)")
     parser.add_argument("--threads", default=str(torch.get_num_threads()), help="comma list (part 1)")
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=128)
@@ -204,7 +253,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--steps-per-round", type=int, default=3)
     parser.add_argument("--train-steps", type=int, default=80, help="timed train.py steps (part 2)")
-    parser.add_argument("--no-compile", dest="compile", action="store_false", help="part 1 without compile")
+    parser.add_argument("--compile", default=",".join(COMPILE_OPTIONS), help="comma list of " + ",".join(COMPILE_OPTIONS))
     parser.add_argument("--no-bare", dest="bare", action="store_false", help="skip part 1")
     parser.add_argument("--no-train-py", dest="train_py", action="store_false", help="skip part 2")
     parser.add_argument("--learn-epochs", type=int, default=0, help="part 3's epochs (0: skip part 3)")
@@ -215,11 +264,16 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.quick:
         args.batch_size, args.warmup, args.rounds, args.steps_per_round = 8, 1, 1, 1
-        args.train_steps, args.arms, args.compile = 3, "none,block", False
+        args.train_steps, args.arms, args.compile, args.train_repeats = 3, "none,block", "eager,attention", 1
+        args.train_arms = "none,block"
         args.learn_epochs = min(args.learn_epochs, 1)
     args.arms = args.arms.split(",")
     args.threads = [int(n) for n in args.threads.split(",")]
+    args.compile = args.compile.split(",")
     from cbam.runtime.lightning_internals import cpu_has_native_bf16
+
+    precisions = (args.precisions or ("fp32,bf16" if cpu_has_native_bf16() else "fp32")).split(",")
+    args.precisions = [precision == "bf16" for precision in precisions]
     from cbam.runtime.provenance import describe_device, git_revision
 
     report = {
@@ -241,24 +295,8 @@ def main(argv=None) -> dict:
         print(json.dumps(row), flush=True)
     save()
     if args.data and args.train_py:
-        report["train_py"] = []
-        threads = torch.get_num_threads()
-        with tempfile.TemporaryDirectory() as scratch:
-            for arm, (name, overrides) in itertools.product(
-                args.train_arms.split(","), TRAIN_CONFIGS.items()
-            ):
-                if "model.compile=true" in overrides and not args.compile:
-                    continue
-                row = measure_train_py(args, name, overrides, Path(scratch), arm)
-                bare = next(
-                    (r["step_ms"] for r in report["bare"] if r["arm"] == arm and r["threads"] == threads
-                     and r["precision"] == "fp32" and not r["channels_last"] and not r["compile"]),
-                    None,
-                )  # fmt: skip
-                row["speedup_vs_bare_fp32_eager"] = round(bare / row["step_ms"], 3) if bare else None
-                report["train_py"].append(row)
-                print(json.dumps(row), flush=True)
-                save()
+        report["train_py"] = measure_all_train_py(args, report["bare"])
+        save()
     if args.data and args.learn_epochs:
         report["learning"] = []
         with tempfile.TemporaryDirectory() as scratch:
