@@ -129,7 +129,9 @@ class SpatialMapDrawing:
                 canvas[top : top + height, left : left + width] = tile
         return canvas
 
-    def figure(self, display: torch.Tensor, row_labels: list[str], gates: dict, what: str = "CBAM spatial attention"):
+    def figure(
+        self, display: torch.Tensor, row_labels: list[str], gates: dict, what: str = "CBAM spatial attention"
+    ):
         """The mosaic with a heading per column (the site and its map's size), a label per row and a caption
         (``what``, and whether the maps were stretched)."""
         # (here: cbam.callbacks imports this module, for the training callback)
@@ -150,7 +152,8 @@ class SpatialMapDrawing:
         centres = [c * (width + self.GAP) + width / 2 - 0.5 for c in range(columns)]
         axis.set_xticks(centres, headings, fontsize=7)
         axis.xaxis.tick_top()
-        axis.set_yticks([r * (height + self.GAP) + height / 2 - 0.5 for r in range(rows)], row_labels, fontsize=7)
+        middles = [r * (height + self.GAP) + height / 2 - 0.5 for r in range(rows)]
+        axis.set_yticks(middles, row_labels, fontsize=7)
         axis.tick_params(length=0)
         for spine in axis.spines.values():
             spine.set_visible(False)

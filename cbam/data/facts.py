@@ -1,9 +1,9 @@
 """What a trained network needs to know about its data to be used on other images: :class:`DataFacts`.
 
-``train.py``'s checkpoints record them under :data:`CHECKPOINT_KEY` (the LightningModule writes them from the
-data module on every save); ``python -m cbam.predict`` and ``python -m cbam.export`` read them back, so an image
-is prepared as the test images were (its size, the resize rule, the normalisation) and its prediction named
-with the data's own class names. A checkpoint written before they were recorded has none
+``train.py``'s checkpoints record them under :data:`CHECKPOINT_KEY` (the LightningModule writes them from
+the data module on every save); ``python -m cbam.predict`` and ``python -m cbam.export`` read them back, so an
+image is prepared as the test images were (its size, the resize rule, the normalisation) and its prediction
+named with the data's own class names. A checkpoint written before they were recorded has none
 (:func:`DataFacts.from_checkpoint` gives None); inference then asks for them (:mod:`cbam.inference.trained`).
 """
 
@@ -53,7 +53,8 @@ class DataFacts:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain lists, strings and numbers: what a checkpoint read with ``weights_only=True`` may hold."""
-        return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
+        fields = asdict(self)
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in fields.items()}
 
     @classmethod
     def from_dict(cls, fields: Mapping[str, Any]) -> DataFacts:
