@@ -1,9 +1,9 @@
 """Every error that ends one of the project's commands with one line, each with its exit status, and the one
 handler that prints that line (:func:`stop`, :func:`one_line_errors`).
 
-The commands (``train.py``, ``python -m cbam.report``, ``cbam.gradcam``, ``cbam.data``, the run-dir lock
-of a Hydra run) print ``error: <message>`` on a line of its own on stderr, with no traceback, and exit
-with the error's :attr:`~ProjectError.exit_status`:
+The commands (``train.py``, ``python -m cbam.report``, ``cbam.gradcam``, ``cbam.data``, ``cbam.predict``,
+``cbam.export``, the run-dir lock of a Hydra run) print ``error: <message>`` on a line of its own on stderr,
+with no traceback, and exit with the error's :attr:`~ProjectError.exit_status`:
 
 ====  =====================================================================================
 2     bad input: a config value, data, a checkpoint, a sweep, a run dir in use
@@ -11,6 +11,10 @@ with the error's :attr:`~ProjectError.exit_status`:
 4     a write that failed: disk full, quota, read-only, no permission
 5     another process of the run died (a DDP rank, a DataLoader worker)
 6     a batch that never ended (the process was stuck, e.g. in a native kernel)
+7     ``cbam.predict``: some input files were not readable images (each named in a line of its own, skipped);
+      the others were predicted
+8     ``cbam.export``: the network could not be exported, or the exported network's logits differ from eager
+      PyTorch's beyond the tolerance
 ====  =====================================================================================
 
 (130 follows Ctrl-C after ``last.ckpt`` is saved: :class:`cbam.callbacks.last_checkpoint.StoppedBySigint`.)
@@ -18,6 +22,7 @@ with the error's :attr:`~ProjectError.exit_status`:
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
 import sys
@@ -30,6 +35,8 @@ DIVERGED_EXIT_STATUS = 3
 WRITE_FAILED_EXIT_STATUS = 4
 PROCESS_DIED_EXIT_STATUS = 5
 STALLED_EXIT_STATUS = 6
+IMAGES_SKIPPED_EXIT_STATUS = 7
+EXPORT_FAILED_EXIT_STATUS = 8
 
 
 class ProjectError(Exception):
@@ -67,6 +74,13 @@ class ReportError(ProjectError, RuntimeError):
 
 class GradCamError(ProjectError, RuntimeError):
     """Input that Grad-CAM cannot draw; the message is one line."""
+
+
+class ExportFailed(ProjectError, RuntimeError):
+    """A network the exporter failed on, or whose exported outputs differ from the eager network's beyond the
+    tolerance; the message says which (nothing is written)."""
+
+    exit_status = EXPORT_FAILED_EXIT_STATUS
 
 
 class RunDirInUse(ProjectError):
@@ -197,6 +211,14 @@ def stop(error: BaseException | str, status: int | None = None) -> NoReturn:
     """:func:`print_error`, then exit with ``status`` (default: the error's exit status)."""
     printed = print_error(error)
     sys.exit(printed if status is None else status)
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose usage errors (an unknown flag, a bad value) are one ``error: ...`` line, exit
+    status 2, like every other bad input (argparse's own print the usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        stop(f"{self.prog}: {message} (--help lists the arguments)", BAD_INPUT_EXIT_STATUS)
 
 
 @contextlib.contextmanager

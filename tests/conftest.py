@@ -136,28 +136,21 @@ def quiet_trainer(tmp_path):
     return make
 
 
-@pytest.fixture
-def compose_config():
-    """``compose_config(*overrides)``: conf/train.yaml composed in-process, as train.py would (Hydra's
-    compose API; no run dir, no subprocess). ``hydra=True`` also returns the ``hydra`` node."""
+def compose_train(*overrides: str, hydra: bool = False):
+    """conf/train.yaml composed in-process, as train.py would (Hydra's compose API; no run dir, no
+    subprocess). ``hydra=True`` also returns the ``hydra`` node."""
     from hydra import compose, initialize_config_dir
 
     conf = Path(__file__).resolve().parents[1] / "conf"
-
-    def compose_train(*overrides: str, hydra: bool = False):
-        with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-            return compose(config_name="train", overrides=list(overrides), return_hydra_config=hydra)
-
-    return compose_train
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides), return_hydra_config=hydra)
 
 
-@pytest.fixture
-def train_in_process(compose_config, capsys):
-    """``train_in_process(run_dir, *overrides)``: what ``python train.py hydra.run.dir=<run_dir> <overrides>``
-    runs (``cbam.training.run.main``), in this process, with Hydra's runtime config set as a run sets it (no
-    Hydra job: no .hydra/ files, no logging set-up, no Hydra callbacks). Returns (exit status, stderr,
-    Lightning's log messages). For what needs no process of its own: a subprocess spends most of its time
-    importing torch and Lightning."""
+def train_here(run_dir: Path, *overrides: str) -> tuple[int, list[str]]:
+    """What ``python train.py hydra.run.dir=<run_dir> <overrides>`` runs (``cbam.training.run.main``), in this
+    process, with Hydra's runtime config set as a run sets it (no Hydra job: no .hydra/ files, no logging
+    set-up, no Hydra callbacks). Returns (exit status, Lightning's log messages). For fixtures of any scope;
+    tests take :func:`train_in_process`, which also returns stderr."""
     import logging
 
     from hydra.core.hydra_config import HydraConfig
@@ -165,24 +158,40 @@ def train_in_process(compose_config, capsys):
 
     from cbam.training.run import main
 
+    cfg = compose_train(*overrides, f"hydra.run.dir={run_dir}", hydra=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(run_dir)
+        HydraConfig.instance().set_config(cfg)
+        del cfg["hydra"]  # as train.py receives it
+    messages: list[str] = []
+    recorder = logging.Handler()
+    recorder.emit = lambda record: messages.append(record.getMessage())
+    lightning = logging.getLogger("pytorch_lightning")
+    lightning.addHandler(recorder)
+    try:
+        main(cfg)
+        status = 0
+    except SystemExit as stop:
+        status = stop.code
+    finally:
+        lightning.removeHandler(recorder)
+    return status, messages
+
+
+@pytest.fixture
+def compose_config():
+    """``compose_config(*overrides)``: :func:`compose_train`."""
+    return compose_train
+
+
+@pytest.fixture
+def train_in_process(capsys):
+    """``train_in_process(run_dir, *overrides)``: :func:`train_here`; returns (exit status, stderr,
+    Lightning's log messages). For what needs no process of its own: a subprocess spends most of its time
+    importing torch and Lightning."""
+
     def train(run_dir: Path, *overrides: str) -> tuple[int, str, list[str]]:
-        cfg = compose_config(*overrides, f"hydra.run.dir={run_dir}", hydra=True)
-        with open_dict(cfg):
-            cfg.hydra.runtime.output_dir = str(run_dir)
-            HydraConfig.instance().set_config(cfg)
-            del cfg["hydra"]  # as train.py receives it
-        messages: list[str] = []
-        recorder = logging.Handler()
-        recorder.emit = lambda record: messages.append(record.getMessage())
-        lightning = logging.getLogger("pytorch_lightning")
-        lightning.addHandler(recorder)
-        try:
-            main(cfg)
-            status = 0
-        except SystemExit as stop:
-            status = stop.code
-        finally:
-            lightning.removeHandler(recorder)
+        status, messages = train_here(run_dir, *overrides)
         return status, capsys.readouterr().err, messages
 
     return train
@@ -205,6 +214,7 @@ SLOW_FILES = (
     "test_compile.py",
     "test_benchmarks.py",
     "test_trackers.py",
+    "test_inference.py",  # (about 17 s, measured 2026-12-07 with the machine shared)
     "test_gradcam.py",
 )
 

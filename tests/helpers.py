@@ -75,6 +75,25 @@ def write_random_pngs(
     return Path(root)
 
 
+def write_colour_classes(
+    root: Path, train_per_class: int, test_per_class: int, test_suffix: str = ".png", seed: int = 0
+) -> Path:
+    """A CIFAR-10-shaped image folder that a network learns in a few steps: every image of a class is the
+    class's colour plus noise (10 colours far apart in RGB), ``train/class<N>/NNN.png`` and
+    ``test/class<N>/NNN<test_suffix>`` (a .jpg at quality 95)."""
+    rng = np.random.default_rng(seed)
+    corners = np.array([[r, g, b] for r in (40, 215) for g in (40, 215) for b in (40, 215)])
+    colours = np.concatenate([corners, [[128, 40, 128], [128, 215, 128]]])
+    for split, count, suffix in (("train", train_per_class, ".png"), ("test", test_per_class, test_suffix)):
+        for label, colour in enumerate(colours):
+            folder = Path(root) / split / f"class{label}"
+            folder.mkdir(parents=True)
+            for index in range(count):
+                image = np.clip(colour + rng.integers(-35, 36, (32, 32, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(image).save(folder / f"{index:03d}{suffix}", quality=95)
+    return Path(root)
+
+
 def conf_file(name: str) -> dict:
     """``conf/<name>``, e.g. ``conf_file("optim/sgd.yaml")``: the defaults as train.py gets them, for tests
     that build the module in Python."""

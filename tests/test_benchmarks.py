@@ -9,10 +9,8 @@ import json
 import math
 import sys
 
-import numpy as np
 import pytest
-from helpers import REPO
-from PIL import Image
+from helpers import REPO, write_colour_classes
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import throughput  # noqa: E402
@@ -21,20 +19,9 @@ import time_to_accuracy  # noqa: E402
 
 @pytest.fixture(scope="module")
 def learnable_cifar_folder(tmp_path_factory):
-    """A CIFAR-10-shaped image folder that a network learns in a few steps: every image of a class is the
-    class's colour plus noise (10 colours far apart in RGB). 24 training and 6 test images per class."""
-    root = tmp_path_factory.mktemp("learnable_cifar")
-    rng = np.random.default_rng(0)
-    corners = np.array([[r, g, b] for r in (40, 215) for g in (40, 215) for b in (40, 215)])
-    colours = np.concatenate([corners, [[128, 40, 128], [128, 215, 128]]])
-    for split, count in (("train", 24), ("test", 6)):
-        for label, colour in enumerate(colours):
-            folder = root / split / f"class{label}"
-            folder.mkdir(parents=True)
-            for index in range(count):
-                image = np.clip(colour + rng.integers(-35, 36, (32, 32, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(image).save(folder / f"{index:03d}.png")
-    return root
+    """A CIFAR-10-shaped image folder that a network learns in a few steps (:func:`write_colour_classes`): 24
+    training and 6 test images per class."""
+    return write_colour_classes(tmp_path_factory.mktemp("learnable_cifar"), 24, 6)
 
 
 def test_throughput_quick_writes_one_row_per_pipeline(tmp_path):

@@ -50,13 +50,13 @@ def assert_no_temporary_files(folder):
 def count_decodes(monkeypatch):
     """Counts the images decoded from an image folder (the expensive step the cache saves)."""
     calls = []
-    original = sources._decode_image
+    original = sources.decode_image
 
     def counting(path, *options):
         calls.append(path)
         return original(path, *options)
 
-    monkeypatch.setattr(sources, "_decode_image", counting)
+    monkeypatch.setattr(sources, "decode_image", counting)
     return calls
 
 

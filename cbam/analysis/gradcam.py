@@ -47,19 +47,14 @@ MISSING_CAPTUM = 'Grad-CAM needs captum, which is not installed: pip install -e 
 
 
 def load_model(path: Path) -> CBAMResNetModule:
+    """The checkpoint's module as inference loads it (:func:`cbam.inference.trained.load_trained`): eager and
+    on the reference code, since Grad-CAM's hooks need the layers' own forward, on any machine."""
+    from cbam.inference.trained import load_trained
+
     try:
-        # Eager and on the reference code: Grad-CAM's hooks need the layers' own forward, on any machine.
-        module = CBAMResNetModule.load_from_checkpoint(
-            path, map_location="cpu", cbam_impl="reference", compile=False
-        )
+        return load_trained(path)
     except ConfigError as error:  # missing, truncated, not a checkpoint, unsafe: one line naming the file
         raise GradCamError(str(error)) from None
-    except Exception as error:  # any unpickling or key failure: the file is someone else's checkpoint
-        reason = " ".join(str(error).split())  # one line, whatever the library's message
-        raise GradCamError(
-            f"checkpoint={path} is not a CBAM-ResNet checkpoint ({type(error).__name__}: {reason})"
-        ) from None
-    return module.eval()
 
 
 def run_data(checkpoint: Path) -> dict:

@@ -58,15 +58,21 @@ def render(figure, dpi: int = 100) -> np.ndarray:
     return np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
 
 
-def publish_figure(trainer: pl.Trainer, figure, path: Path, tag: str, dpi: int = 100) -> Path:
-    """Draw ``figure`` once, save it as the PNG ``path`` and log it to every TensorBoard logger as the
-    image ``tag`` (at the trainer's global step)."""
+def save_figure(figure, path: Path, dpi: int = 100) -> np.ndarray:
+    """Draw ``figure`` once and save it as the PNG ``path`` (atomically); returns the drawn image."""
     from PIL import Image
 
     image = render(figure, dpi)
     write_atomically(
         path, lambda file: Image.fromarray(image).save(file, format="PNG"), prefix=f".{path.name}."
     )
+    return image
+
+
+def publish_figure(trainer: pl.Trainer, figure, path: Path, tag: str, dpi: int = 100) -> Path:
+    """Draw ``figure`` once, save it as the PNG ``path`` and log it to every TensorBoard logger as the
+    image ``tag`` (at the trainer's global step)."""
+    image = save_figure(figure, path, dpi)
     for writer in tensorboard_writers(trainer):
         writer.add_image(tag, image, global_step=trainer.global_step, dataformats="HWC")
     return path

@@ -1,6 +1,7 @@
 """Image data sets for Lightning: their sources on disk and the uint8 cache (:mod:`cbam.data.sources`), the
 plans both loaders share (:mod:`cbam.data.batches`), the ``device`` loader (:mod:`cbam.data.device_loader`),
-the ``workers`` loader (:mod:`cbam.data.workers`) and the data modules (:mod:`cbam.data.datamodule`)."""
+the ``workers`` loader (:mod:`cbam.data.workers`), the data modules (:mod:`cbam.data.datamodule`) and what
+checkpoints record of their data (:mod:`cbam.data.facts`)."""
 
 from cbam.data.batches import IGNORED_LABEL, LoaderSpec, default_padding, fill_batch, normalize
 from cbam.data.datamodule import (
@@ -11,6 +12,7 @@ from cbam.data.datamodule import (
     split_train_val,
 )
 from cbam.data.device_loader import DeviceLoader
+from cbam.data.facts import DataFacts
 from cbam.data.sources import (
     CIFAR10,
     CIFAR10_MEAN,
@@ -39,6 +41,7 @@ __all__ = [
     "CIFAR10DataModule",
     "CIFAR100DataModule",
     "DataError",
+    "DataFacts",
     "DeviceLoader",
     "FolderSource",
     "ImageArrays",

@@ -13,6 +13,7 @@ import torch
 
 from cbam.data.batches import LoaderSpec, default_padding, fill_batch
 from cbam.data.device_loader import DeviceLoader
+from cbam.data.facts import DataFacts
 from cbam.data.sources import CIFAR10, CIFAR100, FolderSource, ImageArrays, Source, load_arrays
 from cbam.data.workers import WorkersLoader
 from cbam.errors import DataError, InvalidArgument
@@ -171,6 +172,23 @@ class ImageDataModule(pl.LightningDataModule):
             f"data: {self.description}: {len(self.classes)} classes ({names}); "
             f"{self.image_size[0]}x{self.image_size[1]} images, {sizes}; crop padding {self.padding}; "
             f"mean ({mean}), std ({std})"
+        )
+
+    def facts(self) -> DataFacts:
+        """What a network trained on these data needs to be used on other images (what checkpoints record):
+        after setup, from its attributes; before, from the decoded arrays (loaded, never downloaded)."""
+        if self.classes:
+            classes, image_size, mean, std = self.classes, self.image_size, self.mean, self.std
+        else:
+            arrays = self.load(download=False)
+            classes, image_size, mean, std = arrays.classes, arrays.image_size, arrays.mean, arrays.std
+        return DataFacts(
+            dataset=self.source.title,
+            classes=tuple(classes),
+            image_size=tuple(image_size),
+            resize=self.source.resize_rule(),
+            mean=tuple(mean),
+            std=tuple(std),
         )
 
     def class_counts(self) -> dict[str, list[int]]:

@@ -133,19 +133,42 @@ def tree_files(root: Path) -> list[Path]:
     )
 
 
-def _decode_image(path: Path, image_size: int | None) -> tuple[torch.Tensor, str]:
-    """The image as uint8 (H, W, 3) RGB (resized to ``image_size`` x ``image_size`` when given: shorter side
-    to that size, then the centre square), and the mode it was stored in."""
-    from PIL import Image
+#: how images of another size are brought to a data set's size: scaled so that they cover it (a square's
+#: shorter side to its side), then the centre cut out; ``data.image_size`` resizes a folder's images so, and
+#: inference (``python -m cbam.predict``) any image
+FIT_RULE = "shorter_side_then_center_crop"
+
+
+def fit_image(image, size: tuple[int, int]):
+    """The PIL ``image`` at ``size`` (height, width) by :data:`FIT_RULE` (unchanged when it has that size)."""
     from torchvision.transforms.v2 import functional as transforms
 
+    height, width = size
+    if image.size == (width, height):
+        return image
+    if height == width:  # (torchvision's rule for one size: the shorter side to it)
+        image = transforms.resize(image, height, antialias=True)
+    else:
+        scale = max(height / image.height, width / image.width)
+        covering = [max(height, round(image.height * scale)), max(width, round(image.width * scale))]
+        image = transforms.resize(image, covering, antialias=True)
+    return transforms.center_crop(image, [height, width])
+
+
+def decode_image(path: Path, size: int | tuple[int, int] | None = None) -> tuple[torch.Tensor, str]:
+    """The image as uint8 (H, W, 3) RGB, brought to ``size`` (S: S x S; or (height, width)) by
+    :func:`fit_image` when given, and the mode it was stored in. A file that is not a readable image (or a
+    truncated one) raises :class:`DataError` ``cannot decode image <path>: <reason>``."""
+    from PIL import Image
+
+    if isinstance(size, int):
+        size = (size, size)
     try:
         with Image.open(path) as image:
             mode = image.mode
             image = image.convert("RGB")
-            if image_size is not None and image.size != (image_size, image_size):
-                image = transforms.resize(image, image_size, antialias=True)
-                image = transforms.center_crop(image, image_size)
+            if size is not None:
+                image = fit_image(image, size)
             width, height = image.size
             pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
     except Exception as error:
@@ -164,7 +187,7 @@ class _TreeReader:
         self.converted_example: Path | None = None
 
     def __call__(self, path: Path) -> torch.Tensor:
-        pixels, mode = _decode_image(path, self.image_size)
+        pixels, mode = decode_image(path, self.image_size)
         if mode != "RGB":
             self.converted[mode] = self.converted.get(mode, 0) + 1
             self.converted_example = self.converted_example or path
@@ -224,6 +247,11 @@ class Source:
 
     def declared_image_size(self) -> tuple[int, int] | None:
         """(H, W) of every image, when known before any is decoded (CIFAR's 32x32, a resized folder's)."""
+        return None
+
+    def resize_rule(self) -> str | None:
+        """How images of other sizes were brought to the data set's size (:data:`FIT_RULE`), or None when
+        every image had that size."""
         return None
 
     def describe(self, root: Path) -> str:
@@ -393,6 +421,9 @@ class FolderSource(Source):
 
     def declared_image_size(self) -> tuple[int, int] | None:
         return (self.image_size, self.image_size) if self.image_size else None
+
+    def resize_rule(self) -> str | None:
+        return FIT_RULE if self.image_size else None
 
     def describe(self, root: Path) -> str:
         resized = f", resized to {self.image_size}x{self.image_size}" if self.image_size else ""

@@ -169,9 +169,10 @@ class ChannelAttention(nn.Module):
     def gate_from_descriptors(self, avg: torch.Tensor | None, mx: torch.Tensor | None) -> torch.Tensor:
         """The attention weights, (N, C, 1, 1) in (0, 1), from the pooled descriptors."""
         present = [d for d in (avg, mx) if d is not None]
-        # The descriptors in use go through the shared MLP as one batch (2N rows for avg_max).
-        logits = self.mlp(torch.cat(present, dim=0)).chunk(len(present), dim=0)
-        return torch.sigmoid(sum(logits[1:], logits[0]))[:, :, None, None]
+        # The descriptors in use go through the shared MLP as one batch (2N rows for avg_max), then their
+        # logits are summed. (unflatten, not chunk: torch.export cannot prove chunk's count for any batch size.)
+        logits = self.mlp(torch.cat(present, dim=0)).unflatten(0, (len(present), -1))
+        return torch.sigmoid(logits.sum(0))[:, :, None, None]
 
     def gate(self, x: torch.Tensor) -> torch.Tensor:
         """The attention weights of ``x``, shape (N, C, 1, 1), values in (0, 1)."""

@@ -80,7 +80,7 @@ def num_classes(cfg: DictConfig, data: Any) -> int:
     return found
 
 
-def _constructed(group: str, build, kind: str = DEFAULT_KIND) -> Any:
+def constructed(group: str, build, kind: str = DEFAULT_KIND) -> Any:
     """``build()``, with an :class:`InvalidArgument` of its constructor named by its config key (``kind``: the
     model's attention kind, whose options the key may name)."""
     try:
@@ -146,13 +146,13 @@ def _checked_model(cfg: DictConfig, outputs: int) -> Any:
 
     try:
         with torch.device("meta"):
-            return _constructed("model", build, kind)
+            return constructed("model", build, kind)
     except InstantiationException as error:
         if not isinstance(error.__cause__, NotImplementedError):
             raise
     # A builder that reads values back from tensors (torchvision's RegNets compute their widths so) cannot
     # run on the meta device: such a network is checked on the CPU.
-    return _constructed("model", build, kind)
+    return constructed("model", build, kind)
 
 
 def _check_forward(model: Any, size: tuple[int, int], outputs: int) -> None:
@@ -193,7 +193,7 @@ def check_config(cfg: DictConfig) -> None:
         _require(cfg, key, bool, "true or false")
     for key in ("model.use_channel_gate", "model.use_spatial_gate", "model.bam_branch_norm", "data.download"):
         _require(cfg, key, bool, "true or false", absent_ok=True)
-    data = _constructed("data", lambda: instantiate(cfg.data))
+    data = constructed("data", lambda: instantiate(cfg.data))
     outputs = num_classes(cfg, data)  # the data on disk are surveyed here, before any work
     if cfg.train:
         data.check_training_batch()
@@ -203,7 +203,7 @@ def check_config(cfg: DictConfig) -> None:
         _check_forward(model, size, outputs)
     strategy = OmegaConf.select(cfg, "trainer.strategy")
     if isinstance(strategy, DictConfig):  # this project's DDP strategy (trainer=ddp, ddp_sim) checks its keys
-        _constructed("trainer.strategy", lambda: instantiate(strategy))
+        constructed("trainer.strategy", lambda: instantiate(strategy))
     _check_gpu(cfg)
     _check_fused(cfg)
     _check_logger(cfg)

@@ -15,6 +15,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from cbam.data.batches import IGNORED_LABEL
+from cbam.data.facts import CHECKPOINT_KEY, DataFacts
 from cbam.errors import ConfigError, InvalidArgument
 from cbam.models.network_config import build_network, flatten, nest
 from cbam.runtime.checkpoints import check_checkpoint
@@ -106,6 +107,11 @@ class CBAMResNetModule(pl.LightningModule):
             its mirror image (:meth:`evaluation_logits`); training is unchanged.
         settings: the network as the model config's flat keys (``depth=50, use_cbam_block=True``, as
             ``conf/model/`` passes them and checkpoints of earlier versions hold them), on top of ``net``.
+
+    Every checkpoint it saves records what inference needs of the data (the trainer's data module's
+    :meth:`~cbam.data.ImageDataModule.facts`: class names, image size and resize rule, mean and std, the data
+    set's name) under :data:`cbam.data.facts.CHECKPOINT_KEY`; a module loaded from a checkpoint has them as
+    :attr:`data_facts` (None for a checkpoint written before they were recorded).
     """
 
     def __init__(
@@ -143,6 +149,8 @@ class CBAMResNetModule(pl.LightningModule):
             }
         )
         self.net = build_network(net)
+        #: the data this network was trained on, from the checkpoint it was loaded from (None: not recorded)
+        self.data_facts: DataFacts | None = None
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         if compile or compile_attention:
@@ -247,6 +255,17 @@ class CBAMResNetModule(pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainer = attached_trainer(self)
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+        # The data module's facts once it is set up (during fit); else those this module was loaded with.
+        facts = datamodule.facts() if getattr(datamodule, "classes", None) else self.data_facts
+        if facts is not None:
+            checkpoint[CHECKPOINT_KEY] = facts.to_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.data_facts = DataFacts.from_checkpoint(checkpoint)
 
     @classmethod
     def load_from_checkpoint(
