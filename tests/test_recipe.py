@@ -91,6 +91,8 @@ def test_the_flip_average_is_the_mean_of_the_two_passes_probabilities():
         model.validation_step((images, labels), 0)
         expected = nn.functional.cross_entropy(averaged, labels)
         torch.testing.assert_close(model.metrics["val_loss"].compute(), expected)
+        # what the test step hands the class report: the averaged prediction, not the mirror pass's logits
+        torch.testing.assert_close(model.test_step((images, labels), 0), averaged)
 
 
 def test_exempt_norms_and_biases_takes_weight_decay_off_exactly_the_one_dimensional_parameters():

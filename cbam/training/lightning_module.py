@@ -200,7 +200,8 @@ class CBAMResNetModule(pl.LightningModule):
         both = torch.stack((logits.log_softmax(dim=1), mirrored.log_softmax(dim=1)))
         return torch.logsumexp(both, dim=0) - math.log(2)
 
-    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's loss and the logits it scored."""
         images, labels = batch
         logits = self(images) if stage == "train" else self.evaluation_logits(images)
         loss = self.criterion(logits, labels)  # the mean over the batch's real images
@@ -209,7 +210,7 @@ class CBAMResNetModule(pl.LightningModule):
         self.metrics[f"{stage}_acc"].update(logits.detach(), labels)
         real_images = labels.numel() if stage == "train" else (labels != IGNORED_LABEL).sum()
         self.metrics[f"{stage}_loss"].update(loss.detach(), real_images)
-        return loss
+        return loss, logits
 
     def epoch_metrics(self, stage: str) -> dict[str, torch.Tensor]:
         """``{"loss": ..., "acc": ...}`` of the stage's epoch so far, synchronised across ranks.
@@ -231,7 +232,7 @@ class CBAMResNetModule(pl.LightningModule):
             self.metrics[f"{stage}_{name}"].reset()
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self._step(batch, "train")
+        loss, _ = self._step(batch, "train")
         # Logged only every trainer.log_every_n_steps steps: each self.log costs CPU time that a fast GPU
         # step cannot hide.
         trainer = attached_trainer(self)  # None when the step is called outside a Trainer
@@ -244,8 +245,10 @@ class CBAMResNetModule(pl.LightningModule):
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._step(batch, "val")
 
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "test")
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        # The logits the test scored (with test_time_flip, the flip average, not the last forward pass's):
+        # what the class report counts.
+        return self._step(batch, "test")[1].detach()
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train")
