@@ -142,7 +142,7 @@ def test_a_finished_job_with_other_settings_is_refused(study):
     line = result.stderr.strip().splitlines()[-1]
     assert line == (
         f"error: skip_finished=true: {study.plain} holds a finished run with other settings than this command's "
-        f"(model, data, optim, scheduler, trainer or seed differ); give this study its own hydra.sweep.dir"
+        f"(model, data, optim, scheduler, trainer, seed or callbacks.ema differ); give this study its own hydra.sweep.dir"
     )
 
 
