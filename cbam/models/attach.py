@@ -29,9 +29,10 @@ from torchvision.models.mobilenetv2 import InvertedResidual
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from cbam.errors import InvalidArgument
-from cbam.models.bam import BAM, BAMOptions
-from cbam.models.cbam import CBAM, CBAMOptions
-from cbam.models.eca import ECA, ECAOptions
+from cbam.models.bam import BAMOptions
+from cbam.models.cbam import CBAMOptions
+from cbam.models.compiled_attention import ATTENTION_LAYERS
+from cbam.models.eca import ECAOptions
 from cbam.models.onednn_workaround import avoid_onednn_1x1_bug
 
 KINDS = ("cbam", "se", "eca", "bam")
@@ -98,7 +99,7 @@ def _placed_like(attention: nn.Module, reference: nn.Module) -> nn.Module:
 
 def _already_attached(model: nn.Module) -> str | None:
     for name, module in model.named_modules():
-        if isinstance(module, (Attended, CBAM, ECA, BAM)):
+        if isinstance(module, (Attended, *ATTENTION_LAYERS)):
             return f"{name or 'the model'} is a {type(module).__name__}"
     return None
 

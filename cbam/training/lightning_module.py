@@ -17,9 +17,9 @@ from torchmetrics.classification import MulticlassAccuracy
 from cbam.data.batches import IGNORED_LABEL
 from cbam.data.facts import CHECKPOINT_KEY, DataFacts
 from cbam.errors import ConfigError, InvalidArgument
+from cbam.models.compiled_attention import compile_attention_layers
 from cbam.models.network_config import build_network, flatten, nest
 from cbam.runtime.checkpoints import check_checkpoint
-from cbam.models.compiled_attention import compile_attention_layers
 from cbam.runtime.lightning_internals import (
     allow_compiled_variants,
     attached_trainer,
