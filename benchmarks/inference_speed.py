@@ -14,8 +14,9 @@ input of 32x32 images, the CBAMs on their reference code (random weights: speed 
 * ``onnxruntime``: the ONNX model ``cbam.export`` writes (torch's dynamo exporter, checked against eager), in
   an ONNX Runtime CPU session with as many intra-op threads as torch uses.
 
-Each measurement calls the network on one fixed batch after two warm-up calls, at least 3 times and for at
-least ``--seconds``; the table gives the median call. The CPU's load average is recorded before and after:
+Each measurement calls the networks on one fixed batch after two warm-up calls, the plain and the CBAM
+network in turn (so that other work on the CPU slows both alike), each at least 3 times and for at least
+``--seconds``; the table gives the median call. The CPU's load average is recorded before and after:
 figures taken while other work shares the cores are noisy. Prints a Markdown table; ``--out`` writes the JSON.
 """
 
@@ -63,19 +64,24 @@ def build(cbam: str, width: int) -> torch.nn.Module:
     return module.net.eval()
 
 
-def timed(call, images: torch.Tensor, seconds: float) -> tuple[float, float]:
-    """(the first call's seconds, the median seconds of the calls after two warm-up calls)."""
-    started = time.perf_counter()
-    call(images)
-    first = time.perf_counter() - started
-    call(images)
-    times: list[float] = []
-    budget_end = time.perf_counter() + seconds
-    while len(times) < 3 or time.perf_counter() < budget_end:
+def timed(calls: dict[str, object], images: torch.Tensor, seconds: float) -> dict[str, tuple[float, float]]:
+    """Per name of ``calls``: (its first call's seconds, the median seconds of its calls after two warm-up
+    calls). The calls take turns (one of each, then again), so that other work on a shared CPU slows them
+    alike and their ratio holds better than their absolute times."""
+    first = {}
+    for name, call in calls.items():
         started = time.perf_counter()
         call(images)
-        times.append(time.perf_counter() - started)
-    return first, statistics.median(times)
+        first[name] = time.perf_counter() - started
+        call(images)
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    budget_end = time.perf_counter() + seconds * len(calls)
+    while min(map(len, times.values())) < 3 or time.perf_counter() < budget_end:
+        for name, call in calls.items():
+            started = time.perf_counter()
+            call(images)
+            times[name].append(time.perf_counter() - started)
+    return {name: (first[name], statistics.median(times[name])) for name in calls}
 
 
 def runners(net: torch.nn.Module, mode: str, threads: int):
@@ -171,13 +177,14 @@ def main(argv=None) -> dict:
 
         report["software"]["onnxruntime"] = onnxruntime.__version__
     batches = [int(size) for size in args.batches.split(",")]
-    for cbam in args.arms.split(","):
-        net = build(cbam, args.width)
-        for mode in args.modes.split(","):
-            make = runners(net, mode, args.threads)
-            for size in batches:
-                images = torch.randn(size, 3, 32, 32, generator=torch.Generator().manual_seed(size))
-                first, median = timed(make(), images, args.seconds)
+    arms = args.arms.split(",")
+    nets = {cbam: build(cbam, args.width) for cbam in arms}
+    for mode in args.modes.split(","):
+        makers = {cbam: runners(nets[cbam], mode, args.threads) for cbam in arms}
+        for size in batches:
+            images = torch.randn(size, 3, 32, 32, generator=torch.Generator().manual_seed(size))
+            measured = timed({cbam: make() for cbam, make in makers.items()}, images, args.seconds)
+            for cbam, (first, median) in measured.items():
                 row = {
                     "cbam": cbam,
                     "mode": mode,

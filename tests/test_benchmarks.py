@@ -13,6 +13,7 @@ import pytest
 from helpers import REPO, write_colour_classes
 
 sys.path.insert(0, str(REPO / "benchmarks"))
+import inference_speed  # noqa: E402
 import throughput  # noqa: E402
 import time_to_accuracy  # noqa: E402
 
@@ -22,6 +23,20 @@ def learnable_cifar_folder(tmp_path_factory):
     """A CIFAR-10-shaped image folder that a network learns in a few steps (:func:`write_colour_classes`): 24
     training and 6 test images per class."""
     return write_colour_classes(tmp_path_factory.mktemp("learnable_cifar"), 24, 6)
+
+
+def test_inference_speed_quick_writes_a_row_per_network_runtime_and_batch(tmp_path, capsys):
+    out = tmp_path / "inference.json"
+    inference_speed.main(["--quick", "--modes", "eager", "--seconds", "0", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["device"] and len(report["load_average_before"]) == 3 and report["software"]["torch"]
+    rows = report["results"]
+    arms = [(row["cbam"], row["batch_size"]) for row in rows]
+    assert arms == [("none", 1), ("block", 1), ("none", 8), ("block", 8)]  # the two networks take turns
+    for row in rows:
+        assert row["mode"] == "eager" and row["width"] == 4 and row["images_per_s"] > 0
+        assert math.isclose(row["images_per_s"] * row["ms_per_batch"] / 1000, row["batch_size"], rel_tol=0.01)
+    assert "| CBAM (every block) | eager | 8 |" in capsys.readouterr().out
 
 
 def test_throughput_quick_writes_one_row_per_pipeline(tmp_path):

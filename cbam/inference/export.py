@@ -170,7 +170,8 @@ def export(args) -> Path:
 
 
 def parser() -> OneLineArgumentParser:
-    parser = OneLineArgumentParser(prog="python -m cbam.export", description=__doc__.split("\n\n")[0])
+    description = __doc__.split("\n\n")[0].rstrip(":")
+    parser = OneLineArgumentParser(prog="python -m cbam.export", description=description)
     parser.add_argument("checkpoint", type=Path, metavar="CKPT", help="a checkpoint of train.py (.ckpt)")
     parser.add_argument("overrides", nargs="*", metavar="data=...", help="the data, as at training")
     parser.add_argument("--format", required=True, choices=tuple(FORMATS), help="onnx or exported-program")

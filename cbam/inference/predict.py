@@ -207,10 +207,15 @@ def predict(args) -> int:
 
 
 def parser() -> OneLineArgumentParser:
-    parser = OneLineArgumentParser(prog="python -m cbam.predict", description=__doc__.split("\n\n")[0])
+    description = __doc__.split("\n\n")[0].rstrip(":")
+    parser = OneLineArgumentParser(prog="python -m cbam.predict", description=description)
     parser.add_argument("checkpoint", type=Path, metavar="CKPT", help="a checkpoint of train.py (.ckpt)")
     parser.add_argument(
-        "inputs", nargs="+", metavar="IMAGE|FOLDER|GLOB", help="images, folders (recursive), glob patterns"
+        "inputs",
+        nargs="+",
+        metavar="IMAGE|FOLDER|GLOB",
+        help="images, folders (recursive), glob patterns; and data=... data.root=... as at training for a "
+        "checkpoint that does not record its data",
     )
     parser.add_argument("--top-k", type=int, default=5, help="classes per image (default 5)")
     parser.add_argument("--out", default="predictions.csv", help="the CSV (default predictions.csv)")
