@@ -18,6 +18,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from cbam.arguments import check_flag, check_integer
 from cbam.errors import ConfigError, InvalidArgument
 from cbam.models.network_config import (
     ATTENTION_DEFAULTS,
@@ -48,22 +49,6 @@ def changed_model_settings(hparams: dict[str, Any], path: str | Path) -> list[st
 
 
 # ------------------------------------------------------------------------------------------------ config
-
-
-_ABSENT = object()
-
-
-def _require(
-    cfg: DictConfig, key: str, kind: type, described: str, absent_ok: bool = False, null_ok: bool = False
-) -> None:
-    """``key`` holds a ``kind``; ``absent_ok``: or the config has no such key (``data.download`` of a data
-    set that is never downloaded); ``null_ok``: or it is null (``model.num_classes``: the data's count)."""
-    value = OmegaConf.select(cfg, key, default=_ABSENT)
-    if (absent_ok and value is _ABSENT) or (null_ok and value is None):
-        return
-    # bool is a subclass of int: true is not a batch size
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ConfigError(f"{key}={None if value is _ABSENT else value}: must be {described}")
 
 
 def num_classes(cfg: DictConfig, data: Any) -> int:
@@ -174,25 +159,9 @@ def _check_forward(model: Any, size: tuple[int, int], outputs: int) -> None:
 
 def check_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` for the first unusable value of ``cfg``."""
-    for key in ("data.batch_size", "data.num_workers", "data.val_size"):
-        _require(cfg, key, int, "an integer")
-    # (each architecture and attention kind has its own keys: only those present are checked)
-    for key in (
-        "model.depth",
-        "model.width",
-        "model.widen_factor",
-        "model.kernel_size",
-        "model.reduction_ratio",
-    ):
-        _require(cfg, key, int, "an integer", absent_ok=True)
-    for key in ("model.num_classes", "model.eca_kernel_size", "data.image_size", "data.crop_padding"):
-        _require(cfg, key, int, "an integer or null", absent_ok=True, null_ok=True)
-    for key in ("model.use_cbam_block", "model.use_cbam_class", "model.channels_last", "model.compile"):
-        _require(cfg, key, bool, "true or false")
+    check_integer("seed", cfg.seed)
     for key in ("train", "test", "skip_finished"):
-        _require(cfg, key, bool, "true or false")
-    for key in ("model.use_channel_gate", "model.use_spatial_gate", "model.bam_branch_norm", "data.download"):
-        _require(cfg, key, bool, "true or false", absent_ok=True)
+        check_flag(key, cfg.get(key))
     data = _constructed("data", lambda: instantiate(cfg.data))
     outputs = num_classes(cfg, data)  # the data on disk are surveyed here, before any work
     if cfg.train:
