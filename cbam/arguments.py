@@ -8,7 +8,7 @@ its arguments with these, so that one kind of rule reads and fails the same way 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from cbam.errors import InvalidArgument
@@ -65,22 +65,25 @@ def check_number(
     above: float | None = None,
     minimum: float | None = None,
     below: float | None = None,
+    maximum: float | None = None,
     unit: str | None = None,
     null_ok: bool = False,
     null_means: str | None = None,
 ) -> None:
     """``value`` is a real number (an int or a float, not a bool) ``> above`` or ``>= minimum``, and
-    ``< below``; or None where ``null_ok``."""
+    ``< below`` or ``<= maximum``; or None where ``null_ok``."""
     if null_ok and value is None:
         return
     kind = f"a number of {unit}" if unit else "a number"
-    if minimum is not None and below is not None:
-        accepted = f"must be {kind} in [{minimum:g}, {below:g})"
+    if minimum is not None and (below is not None or maximum is not None):
+        upper = f"{below:g})" if below is not None else f"{maximum:g}]"
+        accepted = f"must be {kind} in [{minimum:g}, {upper}"
     else:
         bounds = [
             f"> {above:g}" if above is not None else "",
             f">= {minimum:g}" if minimum is not None else "",
             f"< {below:g}" if below is not None else "",
+            f"<= {maximum:g}" if maximum is not None else "",
         ]
         accepted = " ".join([f"must be {kind}", *(bound for bound in bounds if bound)])
     fits = (
@@ -90,6 +93,7 @@ def check_number(
         and (above is None or value > above)
         and (minimum is None or value >= minimum)
         and (below is None or value < below)
+        and (maximum is None or value <= maximum)
     )
     if not fits:
         raise InvalidArgument(argument, value, _or_null(accepted, null_ok, null_means))
@@ -106,3 +110,15 @@ def check_flag(argument: str, value: Any) -> None:
     """``value`` is true or false (a YAML ``no`` or ``"yes"`` is a string, not a switch)."""
     if not isinstance(value, bool):
         raise InvalidArgument(argument, value, "must be true or false")
+
+
+def check_names(argument: str, value: Any, accepted: Iterable[str] | None = None) -> None:
+    """``value`` is a non-empty list of names (strings), each one of ``accepted`` where given."""
+    names = None if accepted is None else tuple(accepted)
+    listed = isinstance(value, Sequence) and not isinstance(value, str) and len(value) > 0
+    if not listed or not all(isinstance(name, str) and name for name in value):
+        described = f"out of {', '.join(names)}" if names else "(strings)"
+        raise InvalidArgument(argument, value, f"must be a list of names {described}")
+    if names is not None:
+        for name in value:
+            check_choice(argument, name, names)

@@ -14,10 +14,9 @@ channel-wise max and mean maps. The switches answer the paper's design questions
 
 ``impl`` picks how the default CBAM runs: ``reference`` (plain PyTorch), ``fused`` (Triton kernels of
 ``cbam.models.fused``: the whole layer, gate math included, in three launches forward and three backward; same
-parameters and state_dict keys) or ``auto``: fused on CUDA under ``torch.compile``, the reference code
-elsewhere. (An earlier fused layer, which left the gate math to about 80 small PyTorch operations per
-block, made an eager CBAM-ResNet18 step slower on an H100; whether ``auto`` should pick the current one
-eager too waits for a GPU measurement, see docs/benchmarks.md.)
+parameters and state_dict keys) or ``auto``: fused on CUDA under ``torch.compile`` (where Triton is
+installed), the reference code elsewhere, eager CUDA included (docs/benchmarks.md has the measurements that
+decide where ``auto`` fuses).
 """
 
 from __future__ import annotations

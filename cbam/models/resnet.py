@@ -8,13 +8,12 @@ One generic :class:`ResNet`; the depths are rows of :data:`DEPTHS`, the stems of
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from cbam.arguments import check_choice, check_flag, check_integer
-from cbam.errors import InvalidArgument
 from cbam.models.attention_options import (
     AttentionFactory,
     AttentionOptions,

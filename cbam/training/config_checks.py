@@ -1,10 +1,11 @@
 """Checks of a resolved config before any work starts: each failure is one line naming the key.
 
-The rules for the model's and the data's arguments live in their constructors, which raise
-:class:`cbam.errors.InvalidArgument`; here the model is built on the meta device (no memory, no
-computation, even for ResNet152) and the data module is constructed, and their errors are mapped to the
-config key they came from. This module adds only what no constructor can know: YAML value types, the
-data on disk, the machine's GPUs, checkpoint files and combinations of top-level keys.
+The rules for the arguments of the model, the data, the callbacks and the DDP strategy live in their
+constructors, which check them with :mod:`cbam.arguments` and raise :class:`cbam.errors.InvalidArgument`;
+here the model is built on the meta device (no memory, no computation, even for ResNet152), the data module
+and every callback are constructed, and their errors are mapped to the config key they came from. This
+module adds only what no constructor can know: the top-level keys, a sweep's need of a validation split,
+the data on disk, the machine's GPUs, checkpoint files and combinations of keys.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from cbam.arguments import check_flag, check_integer
 from cbam.errors import ConfigError, InvalidArgument
@@ -33,6 +36,7 @@ from cbam.models.network_config import (
     network_of,
 )
 from cbam.runtime.checkpoints import check_checkpoint, read_checkpoint
+from cbam.training.sweep_checks import in_sweep, sweep_refusal
 
 
 def changed_model_settings(hparams: dict[str, Any], path: str | Path) -> list[str]:
@@ -65,19 +69,41 @@ def num_classes(cfg: DictConfig, data: Any) -> int:
     return found
 
 
-def _constructed(group: str, build, kind: str = DEFAULT_KIND) -> Any:
+def _constructed(group: str, build, kind: str | None = None, own_checks: tuple[type, ...] = ()) -> Any:
     """``build()``, with an :class:`InvalidArgument` of its constructor named by its config key (``kind``: the
-    model's attention kind, whose options the key may name)."""
+    model's attention kind, whose options the key may name); ``own_checks``: the errors by which another
+    library's constructor (Lightning's callbacks) refuses an argument, said in one line naming ``group``."""
     try:
         return build()
     except InstantiationException as error:  # Hydra's wrapper around the constructor's own error
         cause = error.__cause__
         if isinstance(cause, InvalidArgument):
-            key = config_key(kind, cause.argument)
+            key = cause.argument if kind is None else config_key(kind, cause.argument)
             raise ConfigError(f"{group}.{key}={cause.value}: {cause.accepted}") from None
-        if isinstance(cause, TypeError):  # a key the constructor has no argument for (+model.foo=1)
-            raise ConfigError(f"{group}: {cause}") from None
+        if isinstance(cause, (TypeError, *own_checks)):  # e.g. a key it has no argument for (+model.foo=1)
+            reason = " ".join(str(cause).split()) or type(cause).__name__
+            raise ConfigError(f"{group}: {reason}") from None
         raise
+
+
+def _check_callbacks(cfg: DictConfig) -> None:
+    """Each callback of ``cfg.callbacks`` constructed, as the trainer's will be: this project's check every
+    argument (:mod:`cbam.arguments`), Lightning's their own. Only for a run's config (Hydra's runtime config
+    set, as train.py has it): the callbacks' folders name the run dir, which a config composed by a tool
+    (``python -m cbam.data``) does not have."""
+    if not HydraConfig.initialized():
+        return
+    for name, callback in (cfg.get("callbacks") or {}).items():
+        if callback is not None:
+            lightning_checks = (MisconfigurationException, ValueError)
+            _constructed(f"callbacks.{name}", lambda: instantiate(callback), own_checks=lightning_checks)
+
+
+def _check_sweep(cfg: DictConfig) -> None:
+    """A job of a sweep: what the sweep needs of it (:mod:`cbam.training.sweep_checks`)."""
+    refusal = sweep_refusal(cfg) if in_sweep() else None
+    if refusal is not None:
+        raise ConfigError(refusal)
 
 
 def _check_gpu(cfg: DictConfig) -> None:
@@ -162,6 +188,8 @@ def check_config(cfg: DictConfig) -> None:
     check_integer("seed", cfg.seed)
     for key in ("train", "test", "skip_finished"):
         check_flag(key, cfg.get(key))
+    _check_sweep(cfg)
+    _check_callbacks(cfg)
     data = _constructed("data", lambda: instantiate(cfg.data))
     outputs = num_classes(cfg, data)  # the data on disk are surveyed here, before any work
     if cfg.train:

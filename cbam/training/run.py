@@ -28,8 +28,9 @@ from cbam.training.config_checks import (
     num_classes,
     unplaced_attention_warning,
 )
-from cbam.training.finished_jobs import finished_metrics, mark_finished, run_dir
+from cbam.training.finished_jobs import finished_metrics, mark_finished
 from cbam.training.lightning_module import CBAMResNetModule
+from cbam.training.run_files import VAL_METRIC, run_dir
 
 
 def build_model(cfg: DictConfig, data: ImageDataModule) -> CBAMResNetModule:
@@ -106,7 +107,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     run (a DDP rank, a DataLoader worker) raises :class:`ProcessDied`, whatever error it caused here; a
     write that fails (disk full, read-only, no permission) raises :class:`WriteFailed` naming the file and
     the newest intact checkpoint. With ``skip_finished``, a run dir that holds this run finished returns
-    its metrics without any work (:mod:`cbam.finished_jobs`)."""
+    its metrics without any work (:mod:`cbam.training.finished_jobs`)."""
     if cfg.get("skip_finished") is True:
         finished = finished_metrics(cfg)
         if finished is not None:
@@ -184,6 +185,12 @@ def fit_and_test(
         trainer.test(model, datamodule=datamodule, ckpt_path=best_checkpoint(trainer) if cfg.train else None)
     metrics.update(trainer.callback_metrics)
     return {key: float(value) for key, value in metrics.items()}
+
+
+def sweep_objective(metrics: dict[str, float]) -> float | None:
+    """What train.py returns to a Hydra sweeper: the validation accuracy, never the test accuracy. A sweep's
+    jobs have a validation split (:mod:`cbam.training.sweep_checks`); a single run without one gets None."""
+    return metrics.get(VAL_METRIC)
 
 
 def main(cfg: DictConfig) -> dict[str, float]:
