@@ -28,7 +28,7 @@ measured), averaged over seeds; a run whose step times spread widely (p90 over m
 that number and named, not averaged in unremarked. Runs recorded before those measurements show none.
 
 The files travel: the report writes no absolute path of the machine that ran the sweep (each one is cut to
-``…/<its last part>``: :func:`cbam.analysis.report_files.portable`), also in the runs it keeps. The runs'
+``.../<its last part>``: :func:`cbam.analysis.report_files.portable`), also in the runs it keeps. The runs'
 revision is checked against this checkout: one that is not an ancestor of HEAD (a rebased branch, code
 never committed) or a tree with uncommitted changes is warned of; ``--landed`` names the landed commit that
 carries the code such runs ran, recorded in the provenance.

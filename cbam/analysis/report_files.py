@@ -21,8 +21,9 @@ ACCURACIES = ((BEST_VAL_ACC, "best val acc (%)"), (TEST_ACC, "test acc (%)"))
 DASH = "–"
 #: beside a train step measured by a loaded or uneven run (cbam.analysis.report.cost_flags)
 FLAGGED = "⚠"
-#: what stands for the machine's part of a path that :func:`portable` cuts
-ELIDED = "…"
+#: what stands for the machine's part of a path that :func:`portable` cuts (ASCII: a kept override, e.g.
+#: ``data.root=.../cifar10-jpeg``, stays one that Hydra parses)
+ELIDED = "..."
 #: an absolute path: a ``/`` at the start of a word (or after ``=``, a quote, a bracket or a comma), then
 #: folders, and a last part that is kept
 _ABSOLUTE_PATH = re.compile(
@@ -32,8 +33,8 @@ _ABSOLUTE_PATH = re.compile(
 
 def portable(text: str) -> str:
     """``text`` with each absolute path cut to its last part (``/tmp/data/cifar10-jpeg`` ->
-    ``…/cifar10-jpeg``): the folders of the machine that ran a study say nothing to a reader of its results
-    (the command's ``data.root=…/cifar10-jpeg`` still names the data's folder). Relative paths, URLs and
+    ``.../cifar10-jpeg``): the folders of the machine that ran a study say nothing to a reader of its results
+    (the command's ``data.root=.../cifar10-jpeg`` still names the data's folder). Relative paths, URLs and
     metric names (``val/acc``) are left as they are; a cut text is cut no further."""
     return _ABSOLUTE_PATH.sub(lambda match: f"{ELIDED}/{match.group(1)}", text)
 
@@ -172,7 +173,7 @@ def markdown(table: Table) -> str:
         f"configuration's baseline (no attention, same network, same other settings), in points, with a "
         f"{CONFIDENCE:.0%} Welch t interval over seeds. FLOPs are counted by torch.utils.flop_counter for "
         f"one image; train step is the median wall-clock time of a run's training steps (its batch's loading "
-        f"included), epoch time that of fit (validation included) per epoch, as a ratio to the baseline's "
+        f"included; {DASH} for runs that did not record it), epoch time that of fit (validation included) per epoch, as a ratio to the baseline's "
         f"beside it, and train time that of the whole fit, all means over seeds. A train step marked "
         f"{FLAGGED} comes from a run whose step times are no clean measurement, named below the table."
     )
