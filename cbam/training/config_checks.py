@@ -2,8 +2,9 @@
 
 The rules for the arguments of the model, the data, the callbacks and the DDP strategy live in their
 constructors, which check them with :mod:`cbam.arguments` and raise :class:`cbam.errors.InvalidArgument`;
-here the model is built on the meta device (no memory, no computation, even for ResNet152), the data module
-and every callback are constructed, and their errors are mapped to the config key they came from. This
+here the model is built on the meta device (no memory, no computation, even for ResNet152) and the data module
+is constructed, and their errors are mapped to the config key they came from; the callbacks, constructed
+once for the trainer (:func:`checked_callbacks`), are named the same way, before any work. This
 module adds only what no constructor can know: the top-level keys, a sweep's need of a validation split,
 the data on disk, the machine's GPUs, checkpoint files and combinations of keys.
 """
@@ -15,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -86,17 +86,17 @@ def _constructed(group: str, build, kind: str | None = None, own_checks: tuple[t
         raise
 
 
-def _check_callbacks(cfg: DictConfig) -> None:
-    """Each callback of ``cfg.callbacks`` constructed, as the trainer's will be: this project's check every
-    argument (:mod:`cbam.arguments`), Lightning's their own. Only for a run's config (Hydra's runtime config
-    set, as train.py has it): the callbacks' folders name the run dir, which a config composed by a tool
-    (``python -m cbam.data``) does not have."""
-    if not HydraConfig.initialized():
-        return
-    for name, callback in (cfg.get("callbacks") or {}).items():
-        if callback is not None:
-            lightning_checks = (MisconfigurationException, ValueError)
-            _constructed(f"callbacks.{name}", lambda: instantiate(callback), own_checks=lightning_checks)
+def checked_callbacks(cfg: DictConfig) -> list[Any]:
+    """The trainer's callbacks, each of ``cfg.callbacks`` constructed once (a callback's constructor may
+    start something, e.g. a test's kill thread), with a bad setting said in one line naming its key:
+    this project's callbacks check every argument (:mod:`cbam.arguments`), Lightning's their own.
+    :func:`cbam.training.run.build_trainer` calls it, after :func:`check_config` and before any work."""
+    lightning_checks = (MisconfigurationException, ValueError)
+    return [
+        _constructed(f"callbacks.{name}", lambda: instantiate(callback), own_checks=lightning_checks)
+        for name, callback in (cfg.get("callbacks") or {}).items()
+        if callback is not None
+    ]
 
 
 def _check_sweep(cfg: DictConfig) -> None:
@@ -189,7 +189,6 @@ def check_config(cfg: DictConfig) -> None:
     for key in ("train", "test", "skip_finished"):
         check_flag(key, cfg.get(key))
     _check_sweep(cfg)
-    _check_callbacks(cfg)
     data = _constructed("data", lambda: instantiate(cfg.data))
     outputs = num_classes(cfg, data)  # the data on disk are surveyed here, before any work
     if cfg.train:

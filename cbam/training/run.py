@@ -25,6 +25,7 @@ from cbam.runtime.write_failures import silence_failed_writes_in_threads, write_
 from cbam.training.config_checks import (
     changed_model_settings,
     check_config,
+    checked_callbacks,
     num_classes,
     unplaced_attention_warning,
 )
@@ -77,7 +78,7 @@ def cpu_precision(cfg: DictConfig) -> str | None:
 
 
 def build_trainer(cfg: DictConfig) -> pl.Trainer:
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    callbacks = checked_callbacks(cfg)  # a bad setting: one line naming its key
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     precision = cpu_precision(cfg)
     options = {"precision": precision} if precision else {}
