@@ -10,11 +10,9 @@ from omegaconf import DictConfig
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def train(cfg: DictConfig) -> float | None:
     # Imported here: --help, --cfg and a sweep's parent process then never pay for importing Lightning.
-    from cbam.training.run import main
+    from cbam.training.run import main, sweep_objective
 
-    metrics = main(cfg)
-    # Returned for Hydra sweepers (hparams_search=optuna maximises it).
-    return metrics.get("val/acc", metrics.get("test/acc"))
+    return sweep_objective(main(cfg))  # what a Hydra sweeper optimises (hparams_search=optuna maximises it)
 
 
 if __name__ == "__main__":

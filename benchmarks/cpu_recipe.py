@@ -216,9 +216,11 @@ def learn(args, arm: str, precision: str, seed: int, scratch: Path) -> dict:
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise SystemExit(f"learn {arm} {precision} seed {seed}: train.py failed:\n{result.stderr[-3000:]}")
-    with open(folder / "curves.csv", newline="") as handle:
+    from cbam.training.run_files import CURVES_TABLE, read_metrics
+
+    with open(folder / CURVES_TABLE, newline="") as handle:
         curves = list(csv.DictReader(handle))
-    metrics = json.loads((folder / "metrics.json").read_text())
+    metrics = read_metrics(folder)
     return {
         "arm": arm,
         "precision": precision,
@@ -274,14 +276,15 @@ def main(argv=None) -> dict:
 
     precisions = (args.precisions or ("fp32,bf16" if cpu_has_native_bf16() else "fp32")).split(",")
     args.precisions = [precision == "bf16" for precision in precisions]
-    from cbam.runtime.provenance import describe_device, git_revision
+    from cbam.runtime.provenance import describe_device, git_state
 
     report = {
         "device": describe_device(torch.device("cpu")),
         "cpu": platform.processor() or platform.machine(),
         "native_bf16": cpu_has_native_bf16(),
         "torch": torch.__version__,
-        "git_revision": git_revision(),
+        "git_revision": git_state()[0],
+        "git_clean": git_state()[1],
         "date": time.strftime("%Y-%m-%d"),
         "args": {k: v for k, v in vars(args).items() if k != "out"},
     }

@@ -233,7 +233,7 @@ def test_model_groups_compose_the_standard_networks(compose_config):
         ),
         (
             ("attention=bam", "cbam=block", "model.reduction_ratio=128"),
-            "model.reduction_ratio=128: must be between 1 and 64",
+            "model.reduction_ratio=128: must be an integer between 1 and 64",
         ),
     ],
     ids=[

@@ -4,7 +4,6 @@ weight decay on norms and biases reaches the optimizer; each switch off leaves a
 
 from __future__ import annotations
 
-import pytest
 import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf

@@ -21,6 +21,8 @@ import yaml
 from helpers import REPO, conf_file, load_checkpoint, run_python, subprocess_env, write_random_pngs
 from PIL import Image
 
+from cbam.runtime.provenance import git_state
+
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 RUN_TIMEOUT = 180
 
@@ -296,8 +298,11 @@ def test_metrics_record_step_time_and_where_the_run_ran(block_run, data_root):
     assert metrics["precision"] == "32-true"
     assert metrics["data"] == f"CIFAR-10 image folder (train/, test/) at {data_root}"
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
-    if head.returncode == 0:  # a git checkout: the revision is this commit (+dirty with local changes)
-        assert metrics["git_revision"].split("+")[0] == head.stdout.strip()
+    if head.returncode == 0:  # a git checkout: the revision is this commit, and whether its tree was clean
+        assert metrics["git_revision"] == head.stdout.strip() and isinstance(metrics["git_clean"], bool)
+    steps = metrics["train_step_s"]  # each training step's wall-clock time, as the report's cost
+    assert steps["steps"] == 5 and 0 < steps["p10"] <= steps["median"] <= steps["p90"]
+    assert metrics["cpus"] == os.cpu_count() and metrics["load_average"]["samples"] >= 1
     age = datetime.now(timezone.utc) - datetime.fromisoformat(metrics["date"])
     assert 0 <= age.total_seconds() < 3600
     assert not list(folder.glob(".metrics.json*"))  # the atomic write left no temporary file
@@ -541,7 +546,8 @@ def fake_job(job: Path, overrides: list[str], model: dict, seed: int, metrics: d
         record = {
             "device": "NVIDIA H100 80GB HBM3",
             "torch_version": "2.14.1",
-            "git_revision": "abc123",
+            "git_revision": HEAD,  # a commit of this history: the report warns of no other revision
+            "git_clean": True,
             "precision": "bf16-mixed",
             "data": "CIFAR-10 image folder (train/, test/) at /data/c10",
             "date": f"2026-01-0{seed + 1}T10:00:00+00:00",
@@ -553,6 +559,10 @@ def fake_job(job: Path, overrides: list[str], model: dict, seed: int, metrics: d
             "step_time_s": 0.1,
         }
         (job / "metrics.json").write_text(json.dumps({**record, **metrics}))
+
+
+#: this checkout's commit (None outside a git checkout)
+HEAD = git_state()[0]
 
 
 def fake_sweep(folder: Path, configurations: list[tuple[list[str], dict, list[float]]], command: list[str]):
@@ -641,8 +651,11 @@ def test_report_compares_each_backbone_with_its_own_baseline(tmp_path):
     sweep = fake_sweep(tmp_path / "sweep", configurations, ["model=resnet18,wide_resnet"])
     report(sweep)
     rows = {(row["model"], row["cbam"]): row for row in read_rows(sweep / "results.csv")}
-    assert rows[("resnet18", "block")]["baseline"] == "model=resnet18, cbam=none, attention=cbam"
-    assert rows[("wide_resnet", "block")]["baseline"] == "model=wide_resnet, cbam=none, attention=cbam"
+    # a configuration without attention names no attention kind, in its row or as a baseline
+    assert rows[("resnet18", "block")]["baseline"] == "model=resnet18, cbam=none"
+    assert rows[("wide_resnet", "block")]["baseline"] == "model=wide_resnet, cbam=none"
+    assert rows[("resnet18", "none")]["attention"] == rows[("wide_resnet", "none")]["attention"] == "none"
+    assert rows[("resnet18", "block")]["attention"] == "eca"
     assert float(rows[("resnet18", "block")]["test_acc_diff"]) == pytest.approx(0.03)
     assert float(rows[("wide_resnet", "block")]["test_acc_diff"]) == pytest.approx(0.055)
 
@@ -686,11 +699,13 @@ def test_report_writes_results_and_provenance_into_out(tmp_path):
     assert len([path for path in (out / "runs").iterdir() if (path / "metrics.json").is_file()]) == 6
     assert not (sweep / "results.csv").exists()
     provenance = json.loads((out / "provenance.json").read_text())
-    assert provenance["command"] == [
-        f"python train.py -m hydra.sweep.dir={sweep} experiment=ablation seed=0,1,2"
-    ]
+    # no absolute path of this machine: the sweep's folder is cut to its name
+    command = "python train.py -m hydra.sweep.dir=.../sweep experiment=ablation seed=0,1,2"
+    assert provenance["command"] == [command]
+    assert provenance["sweep_dir"] == ".../sweep"
     assert provenance["device"] == ["NVIDIA H100 80GB HBM3"] and provenance["torch_version"] == ["2.14.1"]
-    assert provenance["git_revision"] == ["abc123"] and provenance["precision"] == ["bf16-mixed"]
+    assert provenance["git_revision"] == [HEAD] and provenance["git_tree_clean"] == [True]
+    assert provenance["precision"] == ["bf16-mixed"]
     assert provenance["data"] == ["CIFAR-10 JPEG copy, quality 75"]
     assert provenance["dates"] == ["2026-01-01T10:00:00+00:00", "2026-01-03T10:00:00+00:00"]
     assert provenance["runs"] == provenance["runs_finished"] == 6
@@ -751,3 +766,155 @@ def test_differences_figure_draws_each_comparison_with_the_interval_of_results_c
     # a sweep with no comparison still gets the file, saying so
     alone = fake_sweep(tmp_path / "alone", PLACEMENT_BY_DEPTH[:1], ["experiment=ablation"])
     assert report(alone)["differences"].stat().st_size > 1000
+
+
+#: the cpu_study's arms: a baseline that overrides no attention kind, CBAM in two places, SE
+CPU_STUDY_ARMS = [
+    (["cbam=none"], {}, [0.84, 0.85]),
+    (["cbam=block"], BLOCK, [0.84, 0.83]),
+    (["cbam=classifier"], CLASSIFIER, [0.84, 0.84]),
+    (["attention=se", "cbam=block"], BLOCK, [0.85, 0.84]),
+]
+
+
+def test_a_no_attention_arm_shows_no_attention_kind(tmp_path):
+    """The jobs of the other arms override attention=...: the baseline's row, label, comparisons and figure
+    name none for it (it ran no attention), not the attention=cbam it was composed with."""
+    from cbam.analysis.report import report, tabulate
+    from cbam.analysis.report_files import plot_differences
+
+    sweep = fake_sweep(tmp_path / "sweep", CPU_STUDY_ARMS, ["experiment=cpu_study"])
+    report(sweep)
+    rows = read_rows(sweep / "results.csv")
+    assert [(row["cbam"], row["attention"]) for row in rows] == [
+        ("none", "none"), ("block", "cbam"), ("classifier", "cbam"), ("block", "se")
+    ]  # fmt: skip
+    assert {row["baseline"] for row in rows[1:]} == {"cbam=none"}
+    markdown = (sweep / "results.md").read_text()
+    assert "attention=cbam vs cbam=none:" in markdown and "cbam=none, attention" not in markdown
+    assert "| none | none | 2 |" in markdown
+    table = tabulate(sweep, set(), None)
+    assert table.labels[0] == "cbam=none"
+    axis = plot_differences(tmp_path / "differences.png", table).axes[0]
+    assert "vs cbam=none (points)" in axis.get_xlabel()
+
+
+def test_the_report_writes_no_path_of_the_machine_that_ran_the_study(tmp_path, capsys):
+    """Title, common settings, provenance and every kept run's files: absolute paths cut to their last
+    part, here and in runs/ kept before (a report rebuilt from its own runs/ cuts them in place)."""
+    from cbam.analysis.report import main
+
+    data = ["data.root=/tmp/data/cifar10-jpeg", "data.cache_dir=/tmp/cache"]
+    arms = [([*overrides, *data], model, accuracies) for overrides, model, accuracies in CPU_STUDY_ARMS]
+    sweep = fake_sweep(tmp_path / "machine" / "sweep", arms, ["experiment=cpu_study", *data])
+    for job in sweep.iterdir():
+        if (job / "metrics.json").is_file():
+            metrics = json.loads((job / "metrics.json").read_text())
+            metrics["data"] = "CIFAR-10 image folder (train/, test/) at /tmp/data/cifar10-jpeg"
+            (job / "metrics.json").write_text(json.dumps(metrics))
+            hydra = yaml.safe_load((job / ".hydra" / "hydra.yaml").read_text())
+            hydra["hydra"]["runtime"]["cwd"] = "/home/someone/cbam"
+            hydra["hydra"]["runtime"]["output_dir"] = str(job)
+            (job / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(hydra))
+    out = tmp_path / "results" / "cpu_study"
+
+    def machine_paths() -> list[str]:
+        pattern = re.compile(rf"{re.escape(str(tmp_path))}|/tmp/|/home/")
+        return [str(path) for path in out.rglob("*") if path.is_file() and pattern.search(
+            path.read_bytes().decode(errors="replace"))]  # fmt: skip
+
+    assert main([str(sweep), "--out", str(out)]) == 0
+    assert machine_paths() == []
+    markdown = (out / "results.md").read_text()
+    assert markdown.startswith("# Results of cpu_study\n")
+    assert "`data.root=.../cifar10-jpeg`" in markdown and "data.cache_dir=.../cache" in markdown
+    provenance = json.loads((out / "provenance.json").read_text())
+    assert provenance["data"] == ["CIFAR-10 image folder (train/, test/) at .../cifar10-jpeg"]
+    kept = json.loads((out / "runs" / "0" / "metrics.json").read_text())
+    assert kept["data"] == provenance["data"][0] and kept["test_acc"] == 0.84
+    assert "cwd: .../cbam" in (out / "runs" / "0" / ".hydra" / "hydra.yaml").read_text()
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    kept_overrides = yaml.safe_load((out / "runs" / "0" / ".hydra" / "overrides.yaml").read_text())
+    assert "data.root=.../cifar10-jpeg" in kept_overrides
+    OverridesParser.create().parse_overrides(kept_overrides)  # still overrides that Hydra parses
+    # runs/ kept by an earlier report, paths and all: rebuilt from them, they are cut in place
+    shutil.rmtree(out)
+    shutil.copytree(sweep, out / "runs")
+    capsys.readouterr()
+    assert main([str(out / "runs"), "--out", str(out), "--data", "CIFAR-10 JPEG copy"]) == 0
+    assert machine_paths() == []
+    assert json.loads((out / "provenance.json").read_text())["data"] == ["CIFAR-10 JPEG copy"]
+    assert read_rows(out / "results.csv")[0]["attention"] == "none"
+
+
+def test_the_report_warns_of_code_outside_this_history_and_records_the_landed_commit(tmp_path, capsys):
+    from cbam.analysis.report import main
+
+    if HEAD is None:
+        pytest.skip("not a git checkout")
+    sweep = fake_sweep(tmp_path / "sweep", CPU_STUDY_ARMS[:2], ["experiment=cpu_study"])
+    for number, revision in enumerate(["744616328a13ebab43203ae975d763241ed58be1", f"{HEAD}+dirty"]):
+        metrics = json.loads((sweep / str(number) / "metrics.json").read_text())
+        del metrics["git_clean"]  # as runs recorded before git_clean: +dirty marks changes
+        (sweep / str(number) / "metrics.json").write_text(json.dumps({**metrics, "git_revision": revision}))
+    assert main([str(sweep)]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 2
+    assert "git revision 744616328a13ebab43203ae975d763241ed58be1, which is not an ancestor" in warnings[0]
+    assert "uncommitted changes" in warnings[1]
+    provenance = json.loads((sweep / "provenance.json").read_text())
+    assert provenance["git_revision"] == sorted([HEAD, "744616328a13ebab43203ae975d763241ed58be1"])
+    assert provenance["git_tree_clean"] == [False, True]
+    # the landed commit that carries the code: recorded, and the first warning no longer said
+    assert main([str(sweep), "--landed", HEAD[:10], "--landed-check", "its tree is the runs' tree"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "uncommitted changes" in warnings[0]
+    provenance = json.loads((sweep / "provenance.json").read_text())
+    assert provenance["landed_revision"] == HEAD
+    assert provenance["landed_revision_check"] == "its tree is the runs' tree"
+    assert main([str(sweep), "--landed", "0123456789abcdef"]) == 2
+    assert capsys.readouterr().err == (
+        "error: --landed 0123456789abcdef: not a commit of this checkout's history (git log HEAD)\n"
+    )
+
+
+def test_the_cost_of_a_loaded_or_uneven_run_is_flagged_not_averaged_unremarked(tmp_path):
+    from cbam.analysis.report import report
+
+    steps = {"median": 0.2, "p10": 0.19, "p90": 0.22, "steps": 100}
+    quiet = {"train_step_s": steps, "load_average": {"mean": 1.5, "max": 2.0, "samples": 5}, "cpus": 2}
+    runs = {
+        0: ([], {}, quiet),
+        1: ([], {}, {**quiet, "train_step_s": {**steps, "p90": 0.4}}),  # spread: p90/median 2.0
+        2: (["cbam=block"], BLOCK, quiet),
+        3: (["cbam=block"], BLOCK, {**quiet, "load_average": {"mean": 3.1, "max": 4.0, "samples": 5}}),
+        4: (["cbam=classifier"], CLASSIFIER, {}),  # a run recorded before these measurements
+    }
+    for number, (overrides, model, cost) in runs.items():
+        fake_job(tmp_path / "sweep" / str(number), ["cbam=none", *overrides][-1:], model, number % 2,
+                 {"test_acc": 0.9, "best_val_acc": 0.9, **cost})  # fmt: skip
+    report(tmp_path / "sweep")
+    rows = {row["cbam"]: row for row in read_rows(tmp_path / "sweep" / "results.csv")}
+    assert float(rows["none"]["train_step_s_median"]) == pytest.approx(0.2)
+    assert rows["none"]["cost_flags"] == "1: step times spread (p90/median 2.00)"
+    assert rows["block"]["cost_flags"] == "3: load average 3.1 on 2 cores"
+    assert rows["classifier"]["train_step_s_median"] == rows["classifier"]["cost_flags"] == ""
+    markdown = (tmp_path / "sweep" / "results.md").read_text()
+    assert markdown.count("| 200.0 ms ⚠ |") == 2 and "| – | 10.0 s |" in markdown
+    assert "⚠ Train step of a loaded or uneven run" in markdown
+    assert "3: load average 3.1 on 2 cores" in markdown
+
+
+def test_step_summary_and_old_run_records():
+    from cbam.callbacks.run_metrics import step_summary
+    from cbam.runtime.provenance import recorded_revision
+
+    summary = step_summary([0.1] * 8 + [0.5, 1.0])
+    assert summary["median"] == pytest.approx(0.1) and summary["steps"] == 10
+    assert summary["p10"] == pytest.approx(0.1) and summary["p90"] == pytest.approx(0.55)
+    assert step_summary([]) is None and step_summary([0.3])["p90"] == 0.3
+    assert recorded_revision({"git_revision": "abc+dirty"}) == ("abc", False)
+    assert recorded_revision({"git_revision": "abc"}) == ("abc", True)
+    assert recorded_revision({"git_revision": "abc", "git_clean": False}) == ("abc", False)
+    assert recorded_revision({}) == (None, None)

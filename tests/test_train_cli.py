@@ -435,3 +435,93 @@ def test_trainer_cpu_trains_in_bf16_where_the_cpu_has_it_and_in_fp32_with_one_li
             "info: this CPU has no bf16 arithmetic (AVX512-BF16, AMX or Arm BF16): trainer.precision=bf16-mixed "
             "trains in fp32 (32-true) here\n"
         )
+
+
+# ------------------------------------------------------------------------------------- callback settings
+
+#: a bounded setting of each callback, given a value out of its bounds -> the start of the error line
+BAD_CALLBACK_SETTINGS = {
+    "divergence.check_every_n_steps=0": "callbacks.divergence.check_every_n_steps=0: must be an integer >= 1",
+    "divergence.check_every_n_steps=1.5": "callbacks.divergence.check_every_n_steps=1.5: must be an integer",
+    "attention_maps.every_n_epochs=0": "callbacks.attention_maps.every_n_epochs=0: must be an integer >= 1",
+    "attention_maps.num_images=0": "callbacks.attention_maps.num_images=0: must be an integer >= 1",
+    "attention_maps.alpha=1.5": "callbacks.attention_maps.alpha=1.5: must be a number in [0, 1]",
+    "attention_maps.normalize=maybe": "callbacks.attention_maps.normalize=maybe: must be true or false",
+    "attention_maps.cmap=nocolours": "callbacks.attention_maps.cmap=nocolours: must be a matplotlib colormap",
+    "last_checkpoint.every_n_train_steps=-1": "callbacks.last_checkpoint.every_n_train_steps=-1: must be an "
+    "integer >= 0, or null",
+    "last_checkpoint.save_on_sigterm=sometimes": "callbacks.last_checkpoint.save_on_sigterm=sometimes: must "
+    "be true or false",
+    "stall_watchdog.timeout_s=0": "callbacks.stall_watchdog.timeout_s=0: must be a number of seconds > 0",
+    "class_report.annotate_up_to=-1": "callbacks.class_report.annotate_up_to=-1: must be an integer >= 0",
+    "class_report.print_up_to=1": "callbacks.class_report.print_up_to=1: must be an integer >= 2",
+    "training_curves.stages=[train,test]": "callbacks.training_curves.stages=test: accepted values are train",
+    "model_stats.input_size=[3,32]": "callbacks.model_stats.input_size=[3, 32]: must be [C, H, W]",
+    # Lightning's own callbacks: their own check, in one line naming the entry
+    "periodic_checkpoint.every_n_epochs=-2": "callbacks.periodic_checkpoint: Invalid value for every_n",
+    "lr_monitor.logging_interval=sometimes": "callbacks.lr_monitor: logging_interval should be",
+    # the run files' names are fixed (cbam/training/run_files.py): no callback takes one
+    "+run_metrics.filename=other.json": "callbacks.run_metrics: RunMetrics.__init__() got an unexpected "
+    "keyword argument 'filename'",
+}
+
+
+@pytest.mark.parametrize("setting", sorted(BAD_CALLBACK_SETTINGS))
+def test_a_bad_callback_setting_is_one_line_naming_the_key(
+    setting, train_in_process, tiny_cifar_folder, tmp_path
+):
+    """Checked with the rest of the config, before any work: nothing is trained, no run dir is written."""
+    override = f"+callbacks.{setting[1:]}" if setting.startswith("+") else f"callbacks.{setting}"
+    settings = {**TINY, "data.root": tiny_cifar_folder}
+    status, stderr, _ = train_in_process(
+        tmp_path / "run", *(f"{key}={value}" for key, value in settings.items()), override
+    )
+    assert status == 2, stderr[-3000:]
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: " + BAD_CALLBACK_SETTINGS[setting]), lines
+    assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------ sweeps and validation
+
+
+def test_a_sweep_without_validation_split_stops_before_any_job(run, tmp_path):
+    """An Optuna search would maximise the test accuracy: one line, status 2, no job, no sweep dir."""
+    sweep = tmp_path / "sweep"
+    result = run(
+        "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2", data__val_size=0, hydra__sweep__dir=sweep
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.splitlines() == [
+        "error: data.val_size=0: a sweep (-m) compares and optimises validation accuracy, and its jobs would "
+        "have no validation split; give data.val_size > 0 (e.g. 5000), or run the job as a single run"
+    ]
+    assert not sweep.exists()
+
+
+def test_a_sweep_job_without_validation_split_is_refused(train_in_process, tiny_cifar_folder, tmp_path):
+    """A sweep that chooses data.val_size per job (data.val_size=0,40): each job checks it again."""
+    settings = {**TINY, "data.root": tiny_cifar_folder, "data.val_size": 0}
+    status, stderr, _ = train_in_process(
+        tmp_path / "run", *(f"{key}={value}" for key, value in settings.items()), "hydra.mode=MULTIRUN"
+    )
+    assert status == 2 and stderr.strip().startswith("error: data.val_size=0: a sweep (-m)"), stderr
+
+
+def test_a_single_run_without_validation_split_trains_and_tests(
+    train_in_process, tiny_cifar_folder, tmp_path
+):
+    from cbam.training.run import sweep_objective
+
+    settings = {**TINY, "data.root": tiny_cifar_folder, "data.val_size": 0}
+    status, stderr, _ = train_in_process(
+        tmp_path / "run",
+        *(f"{key}={value}" for key, value in settings.items()),
+        "callbacks.best_checkpoint.monitor=null",
+    )
+    assert status == 0, stderr[-3000:]
+    metrics = yaml.safe_load((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["best_val_acc"] is None and metrics["test_acc"] is not None and metrics["finished"]
+    # what a sweeper would be given: the validation accuracy, never the test accuracy
+    assert sweep_objective({"test/acc": 0.5}) is None
+    assert sweep_objective({"val/acc": 0.4, "test/acc": 0.5}) == 0.4

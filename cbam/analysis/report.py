@@ -15,11 +15,23 @@ several), and the sweep dir (or ``--out``) receives:
 * ``results.png``: best val acc and test acc per configuration, mean with std error bars;
 * ``differences.png``: a forest plot of each configuration's difference of mean test acc from its
   baseline, with its 95% interval and a line at zero;
-* ``provenance.json``: the sweep's command and what its runs recorded (see :mod:`cbam.provenance`).
+* ``provenance.json``: the sweep's command and what its runs recorded (see :mod:`cbam.runtime.provenance`).
 
 A configuration's baseline is the configuration without attention (resolved ``model.use_cbam_block`` and
 ``model.use_cbam_class`` both false) of the same network and data set whose other overrides are the same,
-attention keys (:data:`ATTENTION_KEYS`) aside.
+attention keys (:data:`ATTENTION_KEYS`) aside. A configuration without attention names no attention kind:
+its attention keys (:data:`KIND_KEYS`) read ``none``, and its label leaves them out.
+
+A run's cost is the median wall-clock time of its training steps (what :class:`cbam.callbacks.RunMetrics`
+measured), averaged over seeds; a run whose step times spread widely (p90 over median above
+:data:`SPREAD_LIMIT`) or whose machine's load average exceeded its cores while it trained is flagged beside
+that number and named, not averaged in unremarked. Runs recorded before those measurements show none.
+
+The files travel: the report writes no absolute path of the machine that ran the sweep (each one is cut to
+``.../<its last part>``: :func:`cbam.analysis.report_files.portable`), also in the runs it keeps. The runs'
+revision is checked against this checkout: one that is not an ancestor of HEAD (a rebased branch, code
+never committed) or a tree with uncommitted changes is warned of; ``--landed`` names the landed commit that
+carries the code such runs ran, recorded in the provenance.
 
 A job without ``metrics.json`` is unfinished: it is counted, not averaged. A missing folder, a folder with
 no job and a sweep with no finished job end with a one-line error and exit status 2.
@@ -29,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -37,29 +48,35 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from cbam.analysis.report_files import ACCURACIES, METRICS_FILE, Table, short_value, write_all
+from cbam.analysis.report_files import ACCURACIES, Table, portable, short_value, write_all
 from cbam.analysis.statistics import Difference, in_words, welch_difference
-from cbam.errors import ProjectError, ReportError, print_error
+from cbam.errors import ProjectError, ReportError, print_error, say
 from cbam.models.network_config import OPTION_KEYS, PLACEMENT_KEYS
 from cbam.runtime.atomic import write_atomically
-from cbam.runtime.provenance import sweep_provenance
+from cbam.runtime.provenance import full_commit, in_history, recorded_revision, sweep_provenance
+from cbam.training import run_files
 
 #: overrides that choose the attention only: a configuration and its baseline may differ in these
 ATTENTION_KEYS = frozenset(
     ["cbam", "attention", "model.attention_kind"]
     + [f"model.{key}" for key in (*PLACEMENT_KEYS, *sorted(OPTION_KEYS))]
 )
+#: of those, the ones that choose what kind of attention and its options, not where it goes: a configuration
+#: without attention shows none of them (:data:`NO_ATTENTION`)
+KIND_KEYS = ATTENTION_KEYS - {"cbam", *(f"model.{key}" for key in PLACEMENT_KEYS)}
+NO_ATTENTION = "none"
 #: overrides that choose the network: a configuration's baseline has the same network (:func:`network`)
 NETWORK_OVERRIDES = frozenset({"model", "model.arch", "model.depth", "model.widen_factor", "model.name"})
+#: a run's step times spread widely when their 90th percentile exceeds the median by this factor
+SPREAD_LIMIT = 1.5
 
-
-#: a run's curves (cbam.callbacks.TrainingCurves)
-CURVES_FILE = "curves.csv"
 #: the files of each job that ``--out`` keeps under ``<out>/runs/<job>/``: its config, numbers and small figures
 KEPT_FILES = (
-    ".hydra/config.yaml", ".hydra/overrides.yaml", ".hydra/hydra.yaml", METRICS_FILE, "per_class_accuracy.csv",
-    CURVES_FILE, "curves.png", "confusion_matrix.png",
+    *run_files.HYDRA_FILES, run_files.METRICS_FILE, run_files.CLASS_TABLE, run_files.CURVES_TABLE,
+    run_files.CURVES_FIGURE, run_files.CONFUSION_FIGURE,
 )  # fmt: skip
+#: the kept files that are text, whose absolute paths are cut (:func:`portable`)
+TEXT_SUFFIXES = (".yaml", ".json", ".csv")
 
 #: the column of the data set, when the jobs of a sweep used more than one
 DATA_SET = "data set"
@@ -162,13 +179,7 @@ def read_job(path: Path, sweep: Path) -> Job:
     overrides_file = path / ".hydra" / "overrides.yaml"
     overrides = OmegaConf.load(overrides_file) if overrides_file.is_file() else []
     config = OmegaConf.load(path / ".hydra" / "config.yaml")
-    metrics = None
-    metrics_file = path / METRICS_FILE
-    if metrics_file.is_file():
-        try:
-            metrics = json.loads(metrics_file.read_text())
-        except (OSError, ValueError):
-            metrics = None  # half-written or damaged: the job counts as unfinished
+    metrics = run_files.read_metrics(path)  # None: not written yet, half-written or damaged (unfinished)
     name = str(path.relative_to(sweep)) if path != sweep else path.name
     model = config.get("model") or {}
     has_attention = bool(model.get("use_cbam_block", True) or model.get("use_cbam_class", True))
@@ -178,7 +189,7 @@ def read_job(path: Path, sweep: Path) -> Job:
     return Job(
         name, overrides, config.get("seed"), metrics, network(config), has_attention, data_set(config),
         choices=dict(OmegaConf.select(hydra, "hydra.runtime.choices") or {}), config=config,
-        curves=read_curves(path / CURVES_FILE), number=OmegaConf.select(hydra, "hydra.job.num"),
+        curves=read_curves(path / run_files.CURVES_TABLE), number=OmegaConf.select(hydra, "hydra.job.num"),
     )  # fmt: skip
 
 
@@ -214,10 +225,13 @@ def curve_means(group: Group) -> dict[str, list[tuple[int, float, float]]]:
 def fill_settings(jobs: list[Job], ignore: set[str]) -> None:
     """Where some jobs override a key and others do not (``attention=se`` in the SE jobs only), give the
     others the value they ran with (``attention=cbam``): jobs are then grouped and labelled by what they
-    ran, not by what their command line said."""
+    ran, not by what their command line said. A job without attention is given no attention kind or option
+    (:data:`KIND_KEYS`): it ran none."""
     keys = {key for job in jobs for key in job.overrides if not excluded(key, ignore)}
     for job in jobs:
         for key in sorted(keys - job.overrides.keys()):
+            if key in KIND_KEYS and not job.has_attention:
+                continue
             value = job.setting(key)
             if value is not None:
                 job.overrides[key] = value
@@ -270,25 +284,53 @@ def compare(group: Group, baseline: Group | None, column: str) -> Difference | N
     return welch_difference(values, reference) if values and reference else None
 
 
-def label(group: Group, keys: list[str]) -> str:
-    """The configuration in a few words: its varied overrides (all of them when none varies)."""
+def shown_settings(group: Group, keys: list[str]) -> dict[str, str]:
+    """The group's overrides as its row shows them: a configuration without attention has
+    :data:`NO_ATTENTION` for each attention kind or option key (:data:`KIND_KEYS`) it has or that varies."""
     settings = dict(group.overrides)
+    if not group.jobs[0].has_attention:
+        settings.update({key: NO_ATTENTION for key in [*settings, *keys] if key in KIND_KEYS})
+    return settings
+
+
+def label(group: Group, keys: list[str]) -> str:
+    """The configuration in a few words: its varied overrides (all of them when none varies). A
+    configuration without attention is labelled without its attention kind and options (``cbam=none``),
+    unless they are all that varies (``attention=none``)."""
+    settings = shown_settings(group, keys)
     if keys:
-        return ", ".join(f"{key}={short_value(settings[key])}" for key in keys if key in settings)
+        shown = [key for key in keys if key in settings]
+        if not group.jobs[0].has_attention and any(key not in KIND_KEYS for key in shown):
+            shown = [key for key in shown if key not in KIND_KEYS]
+        return ", ".join(f"{key}={short_value(settings[key])}" for key in shown)
     return " ".join(f"{k}={v}" for k, v in group.overrides) or "(defaults)"
 
 
 def epoch_time(group: Group) -> float | None:
     """The mean over the finished seeds of the fit's wall-clock time per epoch (validation included)."""
+    time, epochs = run_files.TRAIN_TIME, run_files.EPOCHS
     return mean_std(
-        [job.metrics["train_time_s"] / job.metrics["epochs"] for job in group.finished
-         if job.metrics.get("train_time_s") and job.metrics.get("epochs")]
+        [job.metrics[time] / job.metrics[epochs] for job in group.finished
+         if job.metrics.get(time) and job.metrics.get(epochs)]
     )[0]  # fmt: skip
+
+
+def cost_flags(metrics: dict) -> list[str]:
+    """Why a run's step times are not a clean measurement of its cost: steps that spread widely, or a
+    machine loaded beyond its cores while it trained (nothing for a run that measured neither)."""
+    flags = []
+    steps = metrics.get(run_files.TRAIN_STEP) or {}
+    if steps.get("median") and steps.get("p90") and steps["p90"] / steps["median"] > SPREAD_LIMIT:
+        flags.append(f"step times spread (p90/median {steps['p90'] / steps['median']:.2f})")
+    load, cpus = metrics.get(run_files.LOAD_AVERAGE) or {}, metrics.get(run_files.CPUS)
+    if load.get("mean") is not None and cpus and load["mean"] > cpus:
+        flags.append(f"load average {load['mean']:.1f} on {cpus} cores")
+    return flags
 
 
 def summarise(group: Group, keys: list[str], baseline: Group | None, baseline_label: str) -> dict:
     finished = group.finished
-    settings = dict(group.overrides)
+    settings = shown_settings(group, keys)
     row: dict = {key: settings.get(key, "") for key in keys}
     row["n"] = len(finished)
     row["seeds"] = " ".join(str(job.seed) for job in finished)
@@ -304,8 +346,14 @@ def summarise(group: Group, keys: list[str], baseline: Group | None, baseline_la
     for column in ("params", "flops_per_image"):
         values = [job.metrics.get(column) for job in finished if job.metrics.get(column) is not None]
         row[column] = round(statistics.fmean(values)) if values else None
-    row["step_time_s_mean"] = mean_std([job.metrics.get("step_time_s") for job in finished])[0]
-    row["train_time_s_mean"] = mean_std([job.metrics.get("train_time_s") for job in finished])[0]
+    row["step_time_s_mean"] = mean_std([job.metrics.get(run_files.STEP_TIME) for job in finished])[0]
+    row["train_step_s_median"] = mean_std(
+        [(job.metrics.get(run_files.TRAIN_STEP) or {}).get("median") for job in finished]
+    )[0]
+    row["cost_flags"] = "; ".join(
+        f"{job.name}: {', '.join(flags)}" for job in finished if (flags := cost_flags(job.metrics))
+    )
+    row["train_time_s_mean"] = mean_std([job.metrics.get(run_files.TRAIN_TIME) for job in finished])[0]
     row["epoch_time_s_mean"] = epoch_time(group)
     reference = epoch_time(baseline) if baseline else None
     row["epoch_time_vs_baseline"] = (
@@ -316,8 +364,44 @@ def summarise(group: Group, keys: list[str], baseline: Group | None, baseline_la
     return row
 
 
-def tabulate(sweep: Path, ignore: set[str], data: str | None) -> Table:
-    """Read the sweep and compute every row, comparison and the provenance."""
+def check_revisions(provenance: dict, metrics: list[dict], landed: str | None, how: str | None) -> list[str]:
+    """The warnings about the code the runs recorded (a revision that is not an ancestor of this
+    checkout's HEAD, a tree with uncommitted changes); with ``landed`` (a commit of this history that
+    carries that code, found as ``how`` says), that commit is recorded in ``provenance`` instead of the
+    first warning. Raises :class:`ReportError` for a ``landed`` that is not in this history."""
+    warnings = []
+    revisions = {recorded_revision(record) for record in metrics}
+    outside = sorted({commit for commit, _ in revisions if commit and in_history(commit) is False})
+    if landed is not None:
+        commit = full_commit(landed)
+        if commit is None or not in_history(commit):
+            raise ReportError(f"--landed {landed}: not a commit of this checkout's history (git log HEAD)")
+        provenance["landed_revision"] = commit
+        provenance["landed_revision_check"] = how or "not said"
+    elif outside:
+        warnings.append(
+            f"the runs recorded git revision {', '.join(outside)}, which is not an ancestor of this "
+            f"checkout's HEAD: no checkout of this history holds that code; run studies from committed code "
+            f"that lands, or name the landed commit that carries it with --landed"
+        )
+    if any(clean is False for _, clean in revisions):
+        warnings.append(
+            "some runs ran on a tree with uncommitted changes: their recorded revision does not hold all of "
+            "their code"
+        )
+    return warnings
+
+
+def tabulate(
+    sweep: Path,
+    ignore: set[str],
+    data: str | None,
+    study: str | None = None,
+    landed: str | None = None,
+    landed_check: str | None = None,
+) -> Table:
+    """Read the sweep and compute every row, comparison and the provenance; ``study`` names it in the
+    title (default: the sweep's folder), ``landed`` and ``landed_check`` as :func:`check_revisions`."""
     if not sweep.is_dir():
         raise ReportError(f"{sweep}: no such directory")
     job_dirs = find_job_dirs(sweep)
@@ -337,8 +421,8 @@ def tabulate(sweep: Path, ignore: set[str], data: str | None) -> Table:
     finished = [job.metrics for job in jobs if job.metrics is not None]
     if not finished:
         raise ReportError(
-            f"none of the {len(jobs)} jobs in {sweep} has finished (no {METRICS_FILE} yet): rerun the report "
-            f"when a job has ended"
+            f"none of the {len(jobs)} jobs in {sweep} has finished (no {run_files.METRICS_FILE} yet): rerun "
+            f"the report when a job has ended"
         )
     groups = [group for group in group_jobs(jobs, ignore) if group.finished]
     keys = varied_keys(groups)
@@ -357,8 +441,10 @@ def tabulate(sweep: Path, ignore: set[str], data: str | None) -> Table:
             sentences.append(in_words(text, label_of[id(baseline)], result, row["n"], baseline_n))
     dropped = ", ".join(["seed", "hydra*", *sorted(ignore)])
     compared_with = {id(baseline) for baseline in baselines if baseline is not None}
+    provenance = sweep_provenance(sweep, job_dirs, finished, data)
+    warnings = check_revisions(provenance, finished, landed, landed_check)
     return Table(
-        title=f"Results of {sweep}",
+        title=f"Results of {study or sweep.resolve().name}",
         rows=rows,
         labels=labels,
         keys=keys,
@@ -368,37 +454,54 @@ def tabulate(sweep: Path, ignore: set[str], data: str | None) -> Table:
         f"by all their overrides except {dropped})",
         unfinished=[job.name for job in jobs if job.metrics is None],
         sentences=sentences,
-        provenance=sweep_provenance(sweep, job_dirs, finished, data),
+        provenance=provenance,
         curves={text: curve_means(group) for text, group in zip(labels, groups)},
+        warnings=warnings,
     )
 
 
 def keep_runs(sweep: Path, folder: Path) -> None:
     """Copy the sweep's small files (:data:`KEPT_FILES` of every job, ``multirun.yaml``) into ``folder``,
-    each job under its own name: what the report rebuilds the same tables from, without checkpoints."""
-    if folder.resolve() == sweep.resolve():
-        return
+    each job under its own name: what the report rebuilds the same tables from, without checkpoints. The
+    text files' absolute paths are cut (:func:`portable`); a ``folder`` that is the sweep itself (a report
+    rebuilt from the runs it kept) has its files' paths cut in place."""
+    in_place = folder.resolve() == sweep.resolve()
     for path in [
         sweep / "multirun.yaml",
         *(job / name for job in find_job_dirs(sweep) for name in KEPT_FILES),
     ]:
-        if path.is_file():
-            target = folder / path.relative_to(sweep)
-            content = path.read_bytes()
-            target.parent.mkdir(parents=True, exist_ok=True)
-            write_atomically(target, lambda file: file.write(content), prefix=f".{target.name}.")
+        if not path.is_file():
+            continue
+        content = path.read_bytes()
+        if path.suffix in TEXT_SUFFIXES:
+            content = portable(content.decode()).encode()
+        if in_place and content == path.read_bytes():
+            continue
+        target = folder / path.relative_to(sweep)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(target, lambda file: file.write(content), prefix=f".{target.name}.")
 
 
 def report(
-    sweep: str | Path, ignore: set[str] = frozenset(), out: str | Path | None = None, data: str | None = None
+    sweep: str | Path,
+    ignore: set[str] = frozenset(),
+    out: str | Path | None = None,
+    data: str | None = None,
+    landed: str | None = None,
+    landed_check: str | None = None,
 ) -> dict[str, Path]:
     """Write results.csv, results.md, results.png, differences.png and provenance.json into ``out``
-    (default: the sweep dir); returns their paths. ``data`` describes the data when the runs' record is not enough."""
+    (default: the sweep dir), titled by its folder's name (the study's); returns their paths. ``data``
+    describes the data when the runs' record is not enough; ``landed``: :func:`check_revisions`. Its
+    warnings are said on stderr."""
     sweep = Path(sweep)
-    table = tabulate(sweep, set(ignore), data)
+    folder = Path(out) if out is not None else sweep
+    table = tabulate(sweep, set(ignore), data, folder.resolve().name, landed, landed_check)
+    for warning in table.warnings:
+        say(f"warning: {warning}")
     if out is not None:
-        keep_runs(sweep, Path(out) / "runs")
-    return write_all(Path(out) if out is not None else sweep, table)
+        keep_runs(sweep, folder / "runs")
+    return write_all(folder, table)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -420,9 +523,22 @@ def main(argv: list[str] | None = None) -> int:
         help='describe the data in the provenance, e.g. "CIFAR-10 JPEG copy, quality 75" (default: what the '
         "runs recorded: the kind of data and its folder)",
     )
+    parser.add_argument(
+        "--landed",
+        metavar="REV",
+        help="the commit of this history that carries the code the runs ran, when the revision they recorded "
+        "is not in it (a rebased branch): recorded in the provenance",
+    )
+    parser.add_argument(
+        "--landed-check",
+        metavar="TEXT",
+        help="how --landed was found to carry that code, recorded with it",
+    )
     args = parser.parse_args(argv)
     try:
-        paths = report(args.sweep_dir, set(args.ignore), args.out, args.data)
+        paths = report(
+            args.sweep_dir, set(args.ignore), args.out, args.data, args.landed, args.landed_check
+        )
     except (
         ProjectError
     ) as error:  # a sweep that cannot be reported; a failed write (the files there are intact)

@@ -1,22 +1,52 @@
 """What ``python -m cbam.report`` writes: results.csv, results.md, results.png, differences.png and
-provenance.json, from the :class:`Table` that :mod:`cbam.report` computes (this module formats, it computes
-no statistics)."""
+provenance.json, from the :class:`Table` that :mod:`cbam.analysis.report` computes (this module formats, it
+computes no statistics), with no absolute path of the machine that ran the study (:func:`portable`)."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cbam.analysis.statistics import CONFIDENCE
 from cbam.runtime.atomic import write_atomically
+from cbam.training.run_files import BEST_VAL_ACC, METRICS_FILE, TEST_ACC
 
 #: (key in metrics.json and column of results.csv, heading in results.md)
-ACCURACIES = (("best_val_acc", "best val acc (%)"), ("test_acc", "test acc (%)"))
+ACCURACIES = ((BEST_VAL_ACC, "best val acc (%)"), (TEST_ACC, "test acc (%)"))
 DASH = "–"
-METRICS_FILE = "metrics.json"
+#: beside a train step measured by a loaded or uneven run (cbam.analysis.report.cost_flags)
+FLAGGED = "⚠"
+#: what stands for the machine's part of a path that :func:`portable` cuts (ASCII: a kept override, e.g.
+#: ``data.root=.../cifar10-jpeg``, stays one that Hydra parses)
+ELIDED = "..."
+#: an absolute path: a ``/`` at the start of a word (or after ``=``, a quote, a bracket or a comma), then
+#: folders, and a last part that is kept
+_ABSOLUTE_PATH = re.compile(
+    r"""(?:(?<=^)|(?<=[\s=\"'(\[,]))/(?:[^\s\"'()\[\],]+/)*([^\s\"'()\[\],/]+)/?""", re.M
+)
+
+
+def portable(text: str) -> str:
+    """``text`` with each absolute path cut to its last part (``/tmp/data/cifar10-jpeg`` ->
+    ``.../cifar10-jpeg``): the folders of the machine that ran a study say nothing to a reader of its results
+    (the command's ``data.root=.../cifar10-jpeg`` still names the data's folder). Relative paths, URLs and
+    metric names (``val/acc``) are left as they are; a cut text is cut no further."""
+    return _ABSOLUTE_PATH.sub(lambda match: f"{ELIDED}/{match.group(1)}", text)
+
+
+def _portable(value):
+    if isinstance(value, str):
+        return portable(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_portable(item) for item in value)
+    if isinstance(value, dict):
+        return {_portable(key): _portable(item) for key, item in value.items()}
+    return value
 
 
 @dataclass
@@ -35,6 +65,14 @@ class Table:
     provenance: dict
     #: per configuration label: {curve: [(epoch, mean, std), ...]} over its finished seeds (may be empty)
     curves: dict = field(default_factory=dict)
+    #: what the report warns of (said on stderr, not written): e.g. a revision outside this history
+    warnings: list[str] = field(default_factory=list)
+
+    def portable(self) -> Table:
+        """This table with every absolute path cut (:func:`portable`)."""
+        return dataclasses.replace(
+            self, **{item.name: _portable(getattr(self, item.name)) for item in dataclasses.fields(self)}
+        )
 
 
 # -------------------------------------------------------------------------------------------- formatting
@@ -122,6 +160,7 @@ def markdown(table: Table) -> str:
         f"Δ test acc vs baseline [{CONFIDENCE:.0%} CI]",
         "params",
         "FLOPs/image",
+        "train step",
         "epoch time",
         "epoch time vs baseline",
         "train time",
@@ -133,8 +172,10 @@ def markdown(table: Table) -> str:
         f"accuracy at its end (best checkpoint). Δ is the difference of mean test accuracy from the "
         f"configuration's baseline (no attention, same network, same other settings), in points, with a "
         f"{CONFIDENCE:.0%} Welch t interval over seeds. FLOPs are counted by torch.utils.flop_counter for "
-        f"one image; epoch time is the wall-clock time of fit (validation included) per epoch, as a ratio to "
-        f"the baseline's beside it, and train time that of the whole fit, all means over seeds."
+        f"one image; train step is the median wall-clock time of a run's training steps (its batch's loading "
+        f"included; {DASH} for runs that did not record it), epoch time that of fit (validation included) per epoch, as a ratio to the baseline's "
+        f"beside it, and train time that of the whole fit, all means over seeds. A train step marked "
+        f"{FLAGGED} comes from a run whose step times are no clean measurement, named below the table."
     )
     if table.common:
         lines += ["", "Common to every configuration: " + " ".join(f"`{item}`" for item in table.common)]
@@ -148,11 +189,19 @@ def markdown(table: Table) -> str:
             "baseline" if is_baseline else _difference(row, "test_acc"),
             _si(row["params"]),
             _si(row["flops_per_image"]),
+            _duration(row["train_step_s_median"]) + (f" {FLAGGED}" if row["cost_flags"] else ""),
             _duration(row["epoch_time_s_mean"]),
             _ratio(row["epoch_time_vs_baseline"]),
             _duration(row["train_time_s_mean"]),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    flagged = [row["cost_flags"] for row in table.rows if row["cost_flags"]]
+    if flagged:
+        lines += [
+            "",
+            f"{FLAGGED} Train step of a loaded or uneven run (its time per step is not the configuration's cost "
+            f"alone): {'; '.join(flagged)}",
+        ]
     if table.unfinished:
         lines += ["", f"Unfinished jobs (no {METRICS_FILE}, not counted): {', '.join(table.unfinished)}"]
     lines += ["", "## Against the baseline (test accuracy)", ""]
@@ -311,6 +360,7 @@ def _contains_zero(row: dict, column: str) -> bool:
 def write_all(folder: Path, table: Table) -> dict[str, Path]:
     """results.csv, results.md, results.png, differences.png, provenance.json and (where the runs wrote
     curves) curves.png into ``folder`` (created); their paths."""
+    table = table.portable()
     folder.mkdir(parents=True, exist_ok=True)
     paths = {name: folder / f"results.{name}" for name in ("csv", "md", "png")}
     paths["differences"] = folder / "differences.png"

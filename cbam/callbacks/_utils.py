@@ -1,4 +1,4 @@
-"""Helpers shared by the callbacks: where files go, which TensorBoard writers exist, class names, figures."""
+"""Helpers shared by the callbacks: which TensorBoard writers exist, class names, figures."""
 
 from __future__ import annotations
 
@@ -11,11 +11,6 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
 
 from cbam.runtime.atomic import write_atomically
-
-
-def run_dir(trainer: pl.Trainer) -> Path:
-    """The run's folder: ``trainer.default_root_dir``, which conf/trainer sets to the Hydra run dir."""
-    return Path(trainer.default_root_dir)
 
 
 def plain_network(pl_module: nn.Module) -> nn.Module:

@@ -22,15 +22,11 @@ from cbam.analysis.attention_maps import (  # noqa: F401 (find_cbam_sites, to_di
     find_cbam_sites,
     to_display,
 )
-from cbam.callbacks._utils import (
-    class_names,
-    new_figure,
-    plain_network,
-    publish_figure,
-    run_dir,
-    tensorboard_writers,
-)
+from cbam.arguments import check_flag, check_integer, check_number
+from cbam.callbacks._utils import class_names, new_figure, plain_network, publish_figure, tensorboard_writers
 from cbam.data import IGNORED_LABEL
+from cbam.errors import InvalidArgument
+from cbam.training.run_files import ATTENTION_DIR, run_dir
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +39,10 @@ class AttentionMaps(pl.Callback):
         every_n_epochs: draw after every N-th validation epoch.
         num_images: the first N images of the validation set (its loader does not shuffle).
         normalize: stretch each spatial map to [0, 1] before overlaying it (else the raw gate values).
-        alpha: opacity of the overlaid map.
+        alpha: opacity of the overlaid map, in [0, 1].
         cmap: matplotlib colormap of the overlay.
-        dirname: folder of the run dir receiving ``spatial_epochNNN.png`` and ``channel_epochNNN.png``.
+
+    The figures, ``spatial_epochNNN.png`` and ``channel_epochNNN.png``, go to the run dir's ``attention/``.
     """
 
     GAP = SpatialMapDrawing.GAP  # pixels between the tiles of the mosaic
@@ -57,14 +54,16 @@ class AttentionMaps(pl.Callback):
         normalize: bool = True,
         alpha: float = 0.5,
         cmap: str = "jet",
-        dirname: str = "attention",
     ) -> None:
-        if every_n_epochs < 1:
-            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
-        if num_images < 1:
-            raise ValueError(f"num_images must be >= 1, got {num_images}")
+        from matplotlib import colormaps
+
+        check_integer("every_n_epochs", every_n_epochs, 1)
+        check_integer("num_images", num_images, 1)
+        check_flag("normalize", normalize)
+        check_number("alpha", alpha, minimum=0.0, maximum=1.0)
+        if cmap not in colormaps:
+            raise InvalidArgument("cmap", cmap, "must be a matplotlib colormap, e.g. jet, viridis, inferno")
         self.every_n_epochs, self.num_images = every_n_epochs, num_images
-        self.normalize, self.alpha, self.cmap, self.dirname = normalize, alpha, cmap, dirname
         self.drawing = SpatialMapDrawing(normalize=normalize, alpha=alpha, cmap=cmap)
         self._images: list[torch.Tensor] = []
         self._labels: list[torch.Tensor] = []
@@ -119,7 +118,7 @@ class AttentionMaps(pl.Callback):
         images, labels = torch.cat(self._images), torch.cat(self._labels)
         gates = attention_gates(net, images, sites)
         names = class_names(trainer, int(getattr(pl_module, "num_classes", 0) or labels.max() + 1))
-        folder, epoch, step = run_dir(trainer) / self.dirname, trainer.current_epoch, trainer.global_step
+        folder, epoch, step = run_dir(trainer) / ATTENTION_DIR, trainer.current_epoch, trainer.global_step
         spatial_gates = {name: gate for name, gate in gates.items() if "spatial" in gate}
         if spatial_gates:
             datamodule = trainer.datamodule

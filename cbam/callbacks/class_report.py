@@ -17,9 +17,11 @@ import pytorch_lightning as pl
 import torch
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from cbam.callbacks._utils import class_names, new_figure, publish_figure, run_dir, tensorboard_writers
+from cbam.arguments import check_integer
+from cbam.callbacks._utils import class_names, new_figure, publish_figure, tensorboard_writers
 from cbam.data import IGNORED_LABEL
 from cbam.runtime.atomic import write_atomically
+from cbam.training.run_files import CLASS_TABLE, CONFUSION_FIGURE, run_dir
 
 
 def per_class_rows(matrix: torch.Tensor, names: list[str]) -> list[dict]:
@@ -66,8 +68,6 @@ class ClassReport(pl.Callback):
     """Per-class accuracy table (printed, CSV, TensorBoard text) and confusion-matrix figure of the test set.
 
     Args:
-        csv_name: file of the run dir receiving the table.
-        figure_name: file of the run dir receiving the confusion matrix.
         annotate_up_to: write the counts in the cells when there are at most this many classes.
         print_up_to: print every class's row when there are at most this many classes, else the lowest and
             highest ``print_up_to // 2`` (the CSV and TensorBoard hold all).
@@ -75,13 +75,12 @@ class ClassReport(pl.Callback):
 
     def __init__(
         self,
-        csv_name: str = "per_class_accuracy.csv",
-        figure_name: str = "confusion_matrix.png",
         annotate_up_to: int = 20,
         print_up_to: int = 20,
     ) -> None:
-        self.csv_name, self.figure_name, self.annotate_up_to = csv_name, figure_name, annotate_up_to
-        self.print_up_to = print_up_to
+        check_integer("annotate_up_to", annotate_up_to, 0)
+        check_integer("print_up_to", print_up_to, 2)
+        self.annotate_up_to, self.print_up_to = annotate_up_to, print_up_to
         self._matrix: MulticlassConfusionMatrix | None = None
         self._logits: torch.Tensor | None = None
         self._hook = None
@@ -119,7 +118,7 @@ class ClassReport(pl.Callback):
         correct, total = sum(r["correct"] for r in rows), sum(r["total"] for r in rows)
         folder = run_dir(trainer)
         print(f"\ntest/acc = {correct / max(total, 1):.4f} ({correct}/{total} test images)")
-        table = format_table(rows, self.print_up_to, str(folder / self.csv_name))
+        table = format_table(rows, self.print_up_to, str(folder / CLASS_TABLE))
         print("Per-class test accuracy:\n" + table + "\n", flush=True)
         text = io.StringIO(newline="")
         writer = csv.DictWriter(text, fieldnames=["class", "index", "correct", "total", "accuracy"])
@@ -128,12 +127,10 @@ class ClassReport(pl.Callback):
             accuracy = "" if row["accuracy"] is None else f"{row['accuracy']:.6f}"
             writer.writerow({**row, "accuracy": accuracy})
         write_atomically(
-            folder / self.csv_name,
-            lambda file: file.write(text.getvalue().encode()),
-            prefix=f".{self.csv_name}.",
+            folder / CLASS_TABLE, lambda file: file.write(text.getvalue().encode()), prefix=f".{CLASS_TABLE}."
         )
         figure = self._figure(matrix, names)
-        publish_figure(trainer, figure, folder / self.figure_name, "test/confusion_matrix")
+        publish_figure(trainer, figure, folder / CONFUSION_FIGURE, "test/confusion_matrix")
         for writer in tensorboard_writers(trainer):
             text = "\n".join(
                 ["| class | correct | total | accuracy |", "|---|---:|---:|---:|"]

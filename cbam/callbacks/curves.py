@@ -8,8 +8,13 @@ from pathlib import Path
 import pytorch_lightning as pl
 from matplotlib.ticker import MaxNLocator
 
-from cbam.callbacks._utils import new_figure, run_dir
+from cbam.arguments import check_names
+from cbam.callbacks._utils import new_figure
 from cbam.runtime.atomic import write_atomically
+from cbam.training.run_files import CURVES_FIGURE, CURVES_TABLE, run_dir
+
+#: the stages whose epoch metrics the curves can draw
+STAGES = ("train", "val")
 
 
 class TrainingCurves(pl.Callback):
@@ -17,17 +22,17 @@ class TrainingCurves(pl.Callback):
 
     Args:
         metrics: the logged metric names without the stage prefix, one panel each.
-        stages: the stage prefixes, one line each.
-        filename: file of the run dir receiving the figure.
+        stages: the stage prefixes (of :data:`STAGES`), one line each.
     """
 
     def __init__(
         self,
         metrics: tuple[str, ...] | list[str] = ("loss", "acc"),
-        stages: tuple[str, ...] | list[str] = ("train", "val"),
-        filename: str = "curves.png",
+        stages: tuple[str, ...] | list[str] = STAGES,
     ) -> None:
-        self.metrics, self.stages, self.filename = list(metrics), list(stages), filename
+        check_names("metrics", metrics)
+        check_names("stages", stages, STAGES)
+        self.metrics, self.stages = list(metrics), list(stages)
         # {"train/loss": {epoch: value}}; kept in checkpoints, so a resumed run keeps its earlier epochs
         self.history: dict[str, dict[int, float]] = {}
 
@@ -59,9 +64,9 @@ class TrainingCurves(pl.Callback):
                 values = trainer.callback_metrics
             self._record(trainer.current_epoch, "train", values)
         if trainer.is_global_zero and self.history:
-            path = run_dir(trainer) / self.filename
-            self.draw(path)
-            self.write_table(path.with_suffix(".csv"))
+            folder = run_dir(trainer)
+            self.draw(folder / CURVES_FIGURE)
+            self.write_table(folder / CURVES_TABLE)
 
     def write_table(self, path: Path) -> Path:
         """The curves' values as CSV (``epoch`` from 1, then one column per ``<stage>/<metric>``, empty where an

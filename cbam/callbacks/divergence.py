@@ -8,6 +8,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 
+from cbam.arguments import check_integer
 from cbam.errors import TrainingDiverged
 from cbam.runtime.checkpoints import newest_checkpoint
 
@@ -25,8 +26,13 @@ class DivergenceGuard(Callback):
     """
 
     def __init__(self, check_every_n_steps: int | None = None) -> None:
-        if check_every_n_steps is not None and check_every_n_steps < 1:
-            raise ValueError(f"check_every_n_steps must be >= 1 or null, got {check_every_n_steps}")
+        check_integer(
+            "check_every_n_steps",
+            check_every_n_steps,
+            1,
+            null_ok=True,
+            null_means="every step on the CPU, every trainer.log_every_n_steps steps on a GPU",
+        )
         self.check_every_n_steps = check_every_n_steps
         self._pending: list[tuple[int, torch.Tensor]] = []
         self._every = 1

@@ -14,6 +14,7 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from cbam.arguments import check_flag, check_integer
 from cbam.runtime.lightning_internals import last_saved_step, save_last_checkpoint
 
 #: exit status after Ctrl-C once last.ckpt is saved: the shell's convention for death by SIGINT (128 + 2)
@@ -63,9 +64,9 @@ class LastCheckpoint(ModelCheckpoint):
         every_n_train_steps: int | None = None,
         save_on_sigterm: bool = True,
     ) -> None:
-        steps = int(every_n_train_steps or 0)
-        if steps < 0:
-            raise ValueError(f"every_n_train_steps must be >= 0 or null, got {every_n_train_steps}")
+        check_integer("every_n_train_steps", every_n_train_steps, 0, null_ok=True, null_means="off, as 0 is")
+        check_flag("save_on_sigterm", save_on_sigterm)
+        steps = every_n_train_steps or 0
         super().__init__(
             dirpath=dirpath,
             save_top_k=0,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -10,7 +11,9 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from cbam.arguments import check_integer
 from cbam.callbacks._utils import data_input_size, plain_network
+from cbam.errors import InvalidArgument
 from cbam.models.meta_pass import meta_forward
 from cbam.runtime.lightning_internals import call_uncompiled
 
@@ -56,6 +59,12 @@ class ModelStats(pl.Callback):
     """
 
     def __init__(self, input_size: tuple[int, ...] | list[int] | None = None) -> None:
+        if input_size is not None:
+            if isinstance(input_size, str) or not isinstance(input_size, Sequence) or len(input_size) != 3:
+                accepted = "must be [C, H, W], or null (the data's size)"
+                raise InvalidArgument("input_size", input_size, accepted)
+            for size in input_size:
+                check_integer("input_size", size, 1)
         self.input_size = tuple(input_size) if input_size is not None else None
         self.params: int | None = None
         self.flops_per_image: int | None = None

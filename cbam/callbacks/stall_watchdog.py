@@ -10,6 +10,7 @@ import time
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 
+from cbam.arguments import check_number
 from cbam.errors import RunStalled, print_error
 from cbam.runtime.checkpoints import describe_checkpoint, newest_checkpoint
 
@@ -33,6 +34,7 @@ class StallWatchdog(Callback):
     """
 
     def __init__(self, timeout_s: float | None = 1800) -> None:
+        check_number("timeout_s", timeout_s, above=0, unit="seconds", null_ok=True, null_means="off")
         self.timeout_s = timeout_s
         self._trainer: pl.Trainer | None = None
         self._last_beat = time.monotonic()

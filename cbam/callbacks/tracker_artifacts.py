@@ -15,10 +15,10 @@ from pathlib import Path
 import pytorch_lightning as pl
 from pytorch_lightning.loggers import MLFlowLogger, WandbLogger
 
-from cbam.callbacks._utils import run_dir
+from cbam.training.run_files import ATTENTION_DIR, METRICS_FILE, run_dir
 
 #: the run dir's files that are artifacts
-PATTERNS = ("*.png", "*.csv", "metrics.json", "attention/*.png")
+PATTERNS = ("*.png", "*.csv", METRICS_FILE, f"{ATTENTION_DIR}/*.png")
 
 
 def artifact_files(folder: Path) -> list[Path]:

@@ -11,6 +11,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from cbam.arguments import check_choice, check_flag, check_integer
 from cbam.data.batches import LoaderSpec, default_padding, fill_batch
 from cbam.data.device_loader import DeviceLoader
 from cbam.data.facts import DataFacts
@@ -30,17 +31,14 @@ def check_val_size(val_size: int, num_train: int, data: str = "this data set") -
         )
 
 
-def split_train_val(num_train: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices of the train and validation subsets: a fixed random permutation, val = its tail."""
-    check_val_size(val_size, num_train)
+def split_train_val(
+    num_train: int, val_size: int, seed: int, data: str = "this data set"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the train and validation subsets: a fixed random permutation, val = its tail (``val_size``
+    checked against ``num_train``, the training images of ``data``)."""
+    check_val_size(val_size, num_train, data)
     order = torch.randperm(num_train, generator=torch.Generator().manual_seed(seed))
     return order[: num_train - val_size].sort().values, order[num_train - val_size :].sort().values
-
-
-def _require_integer(argument: str, value: Any, minimum: int) -> None:
-    # bool is a subclass of int: true is not a batch size
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise InvalidArgument(argument, value, f"must be an integer >= {minimum}")
 
 
 class ImageDataModule(pl.LightningDataModule):
@@ -85,13 +83,14 @@ class ImageDataModule(pl.LightningDataModule):
         cache_dir: str | None = None,
     ) -> None:
         super().__init__()
-        _require_integer("batch_size", batch_size, 1)
-        _require_integer("num_workers", num_workers, 0)
-        _require_integer("val_size", val_size, 0)
-        if crop_padding is not None:
-            _require_integer("crop_padding", crop_padding, 0)
-        if loader not in LOADERS:
-            raise InvalidArgument("loader", loader, f"accepted values are {', '.join(LOADERS)}")
+        check_integer("batch_size", batch_size, 1)
+        check_integer("num_workers", num_workers, 0)
+        check_integer("val_size", val_size, 0)
+        check_integer("split_seed", split_seed)
+        check_integer("seed", seed)
+        check_integer("crop_padding", crop_padding, 0, null_ok=True, null_means="1/8 of the image size")
+        check_flag("download", download)
+        check_choice("loader", loader, LOADERS)
         if not isinstance(root, (str, Path)):
             raise InvalidArgument("root", root, f"must be a folder holding {source.holds}")
         path = Path(root).expanduser()
@@ -215,8 +214,9 @@ class ImageDataModule(pl.LightningDataModule):
         self._prepared = None
         self.classes, self.image_size = arrays.classes, arrays.image_size
         self.mean, self.std = arrays.mean, arrays.std
-        check_val_size(self.val_size, len(arrays.train_labels), self.description)
-        train_idx, val_idx = split_train_val(len(arrays.train_labels), self.val_size, self.split_seed)
+        train_idx, val_idx = split_train_val(
+            len(arrays.train_labels), self.val_size, self.split_seed, self.description
+        )
         self._splits = {
             "train": (arrays.train_images[train_idx], arrays.train_labels[train_idx]),
             "val": (arrays.train_images[val_idx], arrays.train_labels[val_idx]),
@@ -316,6 +316,5 @@ class ImageFolderDataModule(ImageDataModule):
     size. ``options``: the arguments of :class:`ImageDataModule`."""
 
     def __init__(self, root: str | None = None, image_size: int | None = None, **options: Any) -> None:
-        if image_size is not None:
-            _require_integer("image_size", image_size, 1)
+        check_integer("image_size", image_size, 1, null_ok=True, null_means="the images' own size")
         super().__init__(FolderSource(image_size), root, **options)

@@ -28,21 +28,24 @@ from torch import nn
 from torchvision.models.mobilenetv2 import InvertedResidual
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from cbam.arguments import check_choice
 from cbam.errors import InvalidArgument
+from cbam.models.attention_options import ATTENTION_KINDS, stages_followed
 from cbam.models.bam import BAMOptions
 from cbam.models.cbam import CBAMOptions
 from cbam.models.compiled_attention import ATTENTION_LAYERS
 from cbam.models.eca import ECAOptions
 from cbam.models.onednn_workaround import avoid_onednn_1x1_bug
 
-KINDS = ("cbam", "se", "eca", "bam")
+#: the options kinds, and after ``cbam`` ``se``: a CBAM made an SE by :data:`SE_FIXED`
+KINDS = ("cbam", "se", *(kind for kind in ATTENTION_KINDS if kind != "cbam"))
 #: the blocks attach finds, as its error says them
 KNOWN_BLOCKS = (
     "torchvision's BasicBlock, Bottleneck (resnet*, resnext*, wide_resnet*) "
     "and InvertedResidual (mobilenet_v2)"
 )
-#: the stages of a torchvision ResNet that a BAM follows
-BAM_STAGES = ("layer1", "layer2", "layer3")
+#: the stages of a torchvision ResNet
+RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
 #: what ``se`` fixes, and the CBAMOptions fields it leaves to the caller
 SE_FIXED = {"channel_pooling": "avg", "use_spatial_gate": False}
 SE_OPTIONS = ("reduction_ratio", "impl")
@@ -65,7 +68,7 @@ def _options(kind: str, given: dict[str, Any]) -> CBAMOptions | ECAOptions | BAM
     if kind == "se":
         accepted, cls, fixed = SE_OPTIONS, CBAMOptions, SE_FIXED
     else:
-        cls = {"cbam": CBAMOptions, "eca": ECAOptions, "bam": BAMOptions}[kind]
+        cls = ATTENTION_KINDS[kind]
         accepted, fixed = tuple(field.name for field in dataclasses.fields(cls)), {}
     for name, value in given.items():
         if name not in accepted:
@@ -112,8 +115,7 @@ def attach(model: nn.Module, kind: str = "cbam", **options: Any) -> nn.Module:
     ``reduction_ratio`` and ``impl``). Raises :class:`~cbam.errors.InvalidArgument` for an unknown kind or
     option, a network without a known block, and a network that already has attention.
     """
-    if kind not in KINDS:
-        raise InvalidArgument("kind", kind, f"accepted values are {', '.join(KINDS)}")
+    check_choice("kind", kind, KINDS)
     return attach_options(model, _options(kind, options))
 
 
@@ -140,13 +142,14 @@ def attach_options(model: nn.Module, options: CBAMOptions | ECAOptions | BAMOpti
 
 
 def _attach_bam(model: nn.Module, options: BAMOptions) -> None:
-    stages = [getattr(model, name, None) for name in BAM_STAGES]
+    names = stages_followed(RESNET_STAGES)
+    stages = [getattr(model, name, None) for name in names]
     blocks = (BasicBlock, Bottleneck)
     if not all(isinstance(stage, nn.Sequential) and isinstance(stage[-1], blocks) for stage in stages):
         raise InvalidArgument(
             "kind",
             "bam",
-            "BAM follows layer1, layer2 and layer3 of a torchvision ResNet; "
+            f"BAM follows {', '.join(names[:-1])} and {names[-1]} of a torchvision ResNet; "
             f"{type(model).__name__} has no such stages",
         )
     for stage in stages:

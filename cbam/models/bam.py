@@ -28,23 +28,14 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from cbam.errors import InvalidArgument
+from cbam.arguments import check_choice, check_flag, check_integer
 
 COMBINES = ("sum", "product", "max")
 
 
-def _check_positive(argument: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidArgument(argument, value, "must be an integer >= 1")
-
-
 def _check_reduction_ratio(reduction_ratio: int, channels: int) -> None:
-    _check_positive("channels", channels)
-    _check_positive("reduction_ratio", reduction_ratio)
-    if reduction_ratio > channels:
-        raise InvalidArgument(
-            "reduction_ratio", reduction_ratio, f"must be between 1 and {channels}, the channels of this BAM"
-        )
+    check_integer("channels", channels, 1)
+    check_integer("reduction_ratio", reduction_ratio, 1, channels, maximum_is="the channels of this BAM")
 
 
 @dataclass(frozen=True)
@@ -68,12 +59,10 @@ class BAMOptions:
     branch_norm: bool = True
 
     def __post_init__(self) -> None:
-        _check_positive("reduction_ratio", self.reduction_ratio)
-        _check_positive("dilation", self.dilation)
-        if self.combine not in COMBINES:
-            raise InvalidArgument("combine", self.combine, f"accepted values are {', '.join(COMBINES)}")
-        if not isinstance(self.branch_norm, bool):
-            raise InvalidArgument("branch_norm", self.branch_norm, "must be true or false")
+        check_integer("reduction_ratio", self.reduction_ratio, 1)
+        check_integer("dilation", self.dilation, 1)
+        check_choice("combine", self.combine, COMBINES)
+        check_flag("branch_norm", self.branch_norm)
 
     def build(self, channels: int) -> BAM:
         """The layer for ``channels`` input channels."""

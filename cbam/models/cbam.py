@@ -14,10 +14,9 @@ channel-wise max and mean maps. The switches answer the paper's design questions
 
 ``impl`` picks how the default CBAM runs: ``reference`` (plain PyTorch), ``fused`` (Triton kernels of
 ``cbam.models.fused``: the whole layer, gate math included, in three launches forward and three backward; same
-parameters and state_dict keys) or ``auto``: fused on CUDA under ``torch.compile``, the reference code
-elsewhere. (An earlier fused layer, which left the gate math to about 80 small PyTorch operations per
-block, made an eager CBAM-ResNet18 step slower on an H100; whether ``auto`` should pick the current one
-eager too waits for a GPU measurement, see docs/benchmarks.md.)
+parameters and state_dict keys) or ``auto``: fused on CUDA under ``torch.compile`` (where Triton is
+installed), the reference code elsewhere, eager CUDA included (docs/benchmarks.md has the measurements that
+decide where ``auto`` fuses).
 """
 
 from __future__ import annotations
@@ -30,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cbam.arguments import check_choice, check_flag, check_integer
 from cbam.errors import InvalidArgument
 from cbam.models.running_statistics import move_running_statistics
 
@@ -41,25 +41,20 @@ GATE_ORDERS = ("channel_first", "spatial_first", "parallel")
 IMPLS = ("reference", "fused", "auto")
 
 
-def _choice(argument: str, value: str, accepted: tuple[str, ...]) -> None:
-    if value not in accepted:
-        raise InvalidArgument(argument, value, f"accepted values are {', '.join(accepted)}")
-
-
 def _check_reduction_ratio(reduction_ratio: int, channels: int | None = None) -> None:
-    if channels is not None and channels < 1:
-        raise InvalidArgument("channels", channels, "must be an integer >= 1")
-    if reduction_ratio < 1:
-        raise InvalidArgument("reduction_ratio", reduction_ratio, "must be an integer >= 1")
-    if channels is not None and reduction_ratio > channels:
-        raise InvalidArgument(
-            "reduction_ratio", reduction_ratio, f"must be between 1 and {channels}, the channels of this CBAM"
-        )
+    if channels is not None:
+        check_integer("channels", channels, 1)
+    check_integer(
+        "reduction_ratio",
+        reduction_ratio,
+        1,
+        channels,
+        maximum_is=None if channels is None else "the channels of this CBAM",
+    )
 
 
 def _check_kernel_size(kernel_size: int) -> None:
-    if kernel_size < 1 or kernel_size % 2 == 0:
-        raise InvalidArgument("kernel_size", kernel_size, "must be an odd integer >= 1")
+    check_integer("kernel_size", kernel_size, 1, odd=True)
 
 
 @dataclass(frozen=True)
@@ -99,10 +94,12 @@ class CBAMOptions:
     def __post_init__(self) -> None:
         _check_reduction_ratio(self.reduction_ratio)
         _check_kernel_size(self.kernel_size)
-        _choice("channel_pooling", self.channel_pooling, CHANNEL_POOLINGS)
-        _choice("spatial_pooling", self.spatial_pooling, SPATIAL_POOLINGS)
-        _choice("gate_order", self.gate_order, GATE_ORDERS)
-        _choice("impl", self.impl, IMPLS)
+        check_flag("use_channel_gate", self.use_channel_gate)
+        check_flag("use_spatial_gate", self.use_spatial_gate)
+        check_choice("channel_pooling", self.channel_pooling, CHANNEL_POOLINGS)
+        check_choice("spatial_pooling", self.spatial_pooling, SPATIAL_POOLINGS)
+        check_choice("gate_order", self.gate_order, GATE_ORDERS)
+        check_choice("impl", self.impl, IMPLS)
         if not (self.use_channel_gate or self.use_spatial_gate):
             raise InvalidArgument(
                 "use_spatial_gate",
@@ -153,7 +150,7 @@ class ChannelAttention(nn.Module):
     def __init__(self, channels: int, reduction_ratio: int = 16, pooling: str = "avg_max") -> None:
         super().__init__()
         _check_reduction_ratio(reduction_ratio, channels)
-        _choice("channel_pooling", pooling, CHANNEL_POOLINGS)
+        check_choice("channel_pooling", pooling, CHANNEL_POOLINGS)
         self.pooling = pooling
         hidden = channels // reduction_ratio
         self.mlp = nn.Sequential(
@@ -228,7 +225,7 @@ class SpatialAttention(nn.Module):
     def __init__(self, kernel_size: int = 7, pooling: str = "max_mean", channels: int | None = None) -> None:
         super().__init__()
         _check_kernel_size(kernel_size)
-        _choice("spatial_pooling", pooling, SPATIAL_POOLINGS)
+        check_choice("spatial_pooling", pooling, SPATIAL_POOLINGS)
         self.pooling = pooling
         if pooling == "conv":
             if channels is None or channels < 1:

@@ -15,24 +15,12 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from cbam.errors import InvalidArgument
-
-
-def _check_kernel_size(kernel_size: int) -> None:
-    if (
-        isinstance(kernel_size, bool)
-        or not isinstance(kernel_size, int)
-        or kernel_size < 1
-        or kernel_size % 2 == 0
-    ):
-        raise InvalidArgument("kernel_size", kernel_size, "must be an odd integer >= 1, or None (adaptive)")
+from cbam.arguments import check_integer
 
 
 def _check_gamma_b(gamma: int, b: int) -> None:
-    if isinstance(gamma, bool) or not isinstance(gamma, int) or gamma < 1:
-        raise InvalidArgument("gamma", gamma, "must be an integer >= 1")
-    if isinstance(b, bool) or not isinstance(b, int):
-        raise InvalidArgument("b", b, "must be an integer")
+    check_integer("gamma", gamma, 1)
+    check_integer("b", b)
 
 
 def eca_kernel_size(channels: int, gamma: int = 2, b: int = 1) -> int:
@@ -41,8 +29,7 @@ def eca_kernel_size(channels: int, gamma: int = 2, b: int = 1) -> int:
     As the authors compute it: ``t = int(abs((log2(C) + b) / gamma))``, then ``t`` if odd, else ``t + 1``
     (so C = 64, 128, 256, 512, 1024, 2048 give 3, 5, 5, 5, 5, 7 with gamma=2, b=1).
     """
-    if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
-        raise InvalidArgument("channels", channels, "must be an integer >= 1")
+    check_integer("channels", channels, 1)
     _check_gamma_b(gamma, b)
     t = int(abs((math.log2(channels) + b) / gamma))
     return t if t % 2 else t + 1
@@ -67,8 +54,7 @@ class ECAOptions:
     b: int = 1
 
     def __post_init__(self) -> None:
-        if self.kernel_size is not None:
-            _check_kernel_size(self.kernel_size)
+        check_integer("kernel_size", self.kernel_size, 1, odd=True, null_ok=True, null_means="adaptive")
         _check_gamma_b(self.gamma, self.b)
 
     def kernel_size_for(self, channels: int) -> int:

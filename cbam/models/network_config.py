@@ -27,7 +27,8 @@ from typing import Any, Callable
 
 from torch import nn
 
-from cbam.errors import InvalidArgument
+from cbam.arguments import check_choice
+from cbam.models.attention_options import ATTENTION_KINDS
 from cbam.models.bam import BAMOptions
 from cbam.models.cbam import CBAMOptions
 from cbam.models.eca import ECAOptions
@@ -41,8 +42,6 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "wide_resnet": build_wide_resnet,
     "torchvision": build_torchvision,
 }
-#: ``model.attention_kind`` -> its options class
-ATTENTION_KINDS = {"cbam": CBAMOptions, "eca": ECAOptions, "bam": BAMOptions}
 DEFAULT_ARCH, DEFAULT_KIND = "resnet", "cbam"
 #: per kind, the option fields whose config key differs from the field's name
 CONFIG_NAMES = {
@@ -80,19 +79,14 @@ def config_key(kind: str, argument: str) -> str:
     return CONFIG_NAMES.get(kind, {}).get(argument, argument)
 
 
-def _choice(key: str, value: Any, accepted: Mapping[str, Any]) -> None:
-    if value not in accepted:
-        raise InvalidArgument(key, value, f"accepted values are {', '.join(accepted)}")
-
-
 def nest(settings: Mapping[str, Any]) -> dict[str, Any]:
     """The whole network description of flat ``settings`` (keys of the model config; absent ones at their
     defaults). A key that the architecture does not know raises TypeError naming it, as a constructor would;
     so does a changed option of another attention kind."""
     arch = settings.get("arch", DEFAULT_ARCH)
     kind = settings.get("attention_kind", DEFAULT_KIND)
-    _choice("arch", arch, ARCHITECTURES)
-    _choice("attention_kind", kind, ATTENTION_KINDS)
+    check_choice("arch", arch, ARCHITECTURES)
+    check_choice("attention_kind", kind, ATTENTION_KINDS)
     network = NETWORK_DEFAULTS[arch]
     unknown = sorted(set(settings) - {"arch", "attention_kind", *network, *OPTION_KEYS})
     if unknown:

@@ -8,29 +8,20 @@ One generic :class:`ResNet`; the depths are rows of :data:`DEPTHS`, the stems of
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Protocol
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from cbam.errors import InvalidArgument
+from cbam.arguments import check_choice, check_flag, check_integer
+from cbam.models.attention_options import (
+    AttentionFactory,
+    AttentionOptions,
+    attention_factories,
+    stages_followed,
+)
 from cbam.models.cbam import CBAMOptions
 from cbam.models.onednn_workaround import avoid_onednn_1x1_bug
-
-AttentionFactory = Callable[[int], nn.Module]
-
-
-class AttentionOptions(Protocol):
-    """What the builders take as ``attention``: an options object of CBAM, ECA or BAM
-    (:class:`~cbam.models.cbam.CBAMOptions`, :class:`~cbam.models.eca.ECAOptions`,
-    :class:`~cbam.models.bam.BAMOptions`)."""
-
-    kind: ClassVar[str]
-    #: placed between stages (BAM) rather than in every residual block
-    between_stages: ClassVar[bool]
-
-    def build(self, channels: int) -> nn.Module: ...
-
 
 def _conv_bn(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1) -> list[nn.Module]:
     return [
@@ -141,7 +132,7 @@ class ResNet(nn.Module):
         super().__init__()
         self.stem = nn.Sequential(*STEMS[stem](width))
         in_channels = width
-        stages = []
+        stages = []  # (stage, its output channels)
         for index, blocks in enumerate(num_blocks):
             planes = width * 2**index
             strides = [1 if index == 0 else 2] + [1] * (blocks - 1)
@@ -149,11 +140,11 @@ class ResNet(nn.Module):
             for stride in strides:
                 layers.append(block(in_channels, planes, stride, block_attention))
                 in_channels = planes * block.expansion
-            stage = nn.Sequential(*layers)
-            if stage_attention and index < len(num_blocks) - 1:
-                stage.add_module("attention", stage_attention(in_channels))
-            stages.append(stage)
-        self.stages = nn.Sequential(*stages)
+            stages.append((nn.Sequential(*layers), in_channels))
+        if stage_attention:
+            for stage, channels in stages_followed(stages):
+                stage.add_module("attention", stage_attention(channels))
+        self.stages = nn.Sequential(*(stage for stage, _ in stages))
         self.attention = classifier_attention(in_channels) if classifier_attention else nn.Identity()
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(in_channels, num_classes)
@@ -191,14 +182,12 @@ def build_resnet(
             :class:`~cbam.models.cbam.CBAMOptions`), checked even when no attention is placed, so a sweep cannot carry an unusable value unnoticed;
             or its fields as keyword arguments (``build_resnet(50, use_cbam_block=True, reduction_ratio=8)``).
     """
-    if depth not in DEPTHS:
-        raise InvalidArgument("depth", depth, f"accepted depths are {', '.join(map(str, DEPTHS))}")
-    if width < 1:
-        raise InvalidArgument("width", width, "must be an integer >= 1")
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
-        raise InvalidArgument("num_classes", num_classes, "must be an integer >= 1")
-    if stem not in STEMS:
-        raise InvalidArgument("stem", stem, f"accepted values are {', '.join(STEMS)}")
+    check_choice("depth", depth, DEPTHS)
+    check_integer("width", width, 1)
+    check_integer("num_classes", num_classes, 1)
+    check_choice("stem", stem, STEMS)
+    check_flag("use_cbam_block", use_cbam_block)
+    check_flag("use_cbam_class", use_cbam_class)
     if attention is not None and attention_fields:
         raise TypeError("build_resnet takes attention or its fields, not both")
     attention = attention if attention is not None else CBAMOptions(**attention_fields)
@@ -208,9 +197,7 @@ def build_resnet(
         num_blocks,
         width=width,
         num_classes=num_classes,
-        block_attention=attention.build if use_cbam_block and not attention.between_stages else None,
-        stage_attention=attention.build if use_cbam_block and attention.between_stages else None,
-        classifier_attention=attention.build if use_cbam_class else None,
+        **attention_factories(attention, use_cbam_block, use_cbam_class),
         stem=stem,
     )
     return avoid_onednn_1x1_bug(network)  # the first strided shortcut below width 8

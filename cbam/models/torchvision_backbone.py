@@ -21,12 +21,14 @@ import torch
 import torchvision
 from torch import nn
 
+from cbam.arguments import check_choice, check_flag, check_integer
 from cbam.errors import InvalidArgument
 from cbam.models.attach import attach_options
+from cbam.models.attention_options import AttentionOptions
 from cbam.models.cbam import CBAMOptions
 from cbam.models.meta_pass import meta_forward
 from cbam.models.onednn_workaround import avoid_onednn_1x1_bug
-from cbam.models.resnet import STEMS, AttentionOptions
+from cbam.models.resnet import STEMS
 
 #: the classification networks torchvision builds
 MODELS = tuple(torchvision.models.list_models(module=torchvision.models))
@@ -125,10 +127,10 @@ def build_torchvision(
             "not a torchvision classification model; accepted: the names of "
             "torchvision.models.list_models(module=torchvision.models), e.g. resnet50, mobilenet_v2",
         )
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
-        raise InvalidArgument("num_classes", num_classes, "must be an integer >= 1")
-    if stem not in STEMS:
-        raise InvalidArgument("stem", stem, f"accepted values are {', '.join(STEMS)}")
+    check_integer("num_classes", num_classes, 1)
+    check_choice("stem", stem, STEMS)
+    check_flag("use_cbam_block", use_cbam_block)
+    check_flag("use_cbam_class", use_cbam_class)
     attention = attention if attention is not None else CBAMOptions()
     options = {"aux_logits": False, "init_weights": True} if name in AUXILIARY_OUTPUTS else {}
     model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **options)

@@ -13,9 +13,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cbam.arguments import check_flag, check_integer, check_number
 from cbam.errors import InvalidArgument
+from cbam.models.attention_options import (
+    AttentionFactory,
+    AttentionOptions,
+    attention_factories,
+    stages_followed,
+)
 from cbam.models.cbam import CBAMOptions
-from cbam.models.resnet import AttentionFactory, AttentionOptions
 
 
 class WideBlock(nn.Module):
@@ -70,18 +76,19 @@ class WideResNet(nn.Module):
         blocks_per_group = (depth - 4) // 6
         widths = [16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
         self.stem = nn.Conv2d(3, 16, 3, padding=1, bias=False)
-        groups, in_channels = [], 16
-        for group, (width, stride) in enumerate(zip(widths, (1, 2, 2))):
+        groups, in_channels = [], 16  # (group, its width)
+        for width, stride in zip(widths, (1, 2, 2)):
             blocks = nn.Sequential()
             for index in range(blocks_per_group):
                 blocks.append(
                     WideBlock(in_channels, width, stride if index == 0 else 1, dropout, block_attention)
                 )
                 in_channels = width
-            if stage_attention and group < len(widths) - 1:
+            groups.append((blocks, width))
+        if stage_attention:
+            for blocks, width in stages_followed(groups):
                 blocks.add_module("attention", stage_attention(width))
-            groups.append(blocks)
-        self.stages = nn.Sequential(*groups)
+        self.stages = nn.Sequential(*(blocks for blocks, _ in groups))
         self.final = nn.Sequential(nn.BatchNorm2d(in_channels), nn.ReLU(inplace=True))
         self.attention = classifier_attention(in_channels) if classifier_attention else nn.Identity()
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -109,17 +116,16 @@ def build_wide_resnet(
         raise InvalidArgument(
             "depth", depth, "a Wide ResNet's depth is 6n + 4 with n >= 1: 10, 16, 22, 28, 40, ..."
         )
-    if isinstance(widen_factor, bool) or not isinstance(widen_factor, int) or widen_factor < 1:
-        raise InvalidArgument("widen_factor", widen_factor, "must be an integer >= 1")
-    if not 0.0 <= dropout < 1.0:
-        raise InvalidArgument("dropout", dropout, "must be in [0, 1)")
+    check_integer("widen_factor", widen_factor, 1)
+    check_integer("num_classes", num_classes, 1)
+    check_number("dropout", dropout, minimum=0.0, below=1.0)
+    check_flag("use_cbam_block", use_cbam_block)
+    check_flag("use_cbam_class", use_cbam_class)
     attention = attention if attention is not None else CBAMOptions()
     return WideResNet(
         depth,
         widen_factor,
         num_classes,
         dropout,
-        block_attention=attention.build if use_cbam_block and not attention.between_stages else None,
-        stage_attention=attention.build if use_cbam_block and attention.between_stages else None,
-        classifier_attention=attention.build if use_cbam_class else None,
+        **attention_factories(attention, use_cbam_block, use_cbam_class),
     )

@@ -40,7 +40,8 @@ from lightning_fabric.plugins.environments import LightningEnvironment
 from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.trainer.states import TrainerStatus
 
-from cbam.errors import PROCESS_DIED_EXIT_STATUS, InvalidArgument, ProcessDied, say
+from cbam.arguments import check_number
+from cbam.errors import PROCESS_DIED_EXIT_STATUS, ProcessDied, say
 from cbam.runtime.checkpoints import describe_checkpoint, last_checkpoint, newest_checkpoint
 from cbam.runtime.lightning_internals import attached_trainer, launched_processes, stop_child_process_observer
 
@@ -261,8 +262,7 @@ class WatchedDDPStrategy(DDPStrategy):
     """
 
     def __init__(self, timeout_s: float = 600.0, **kwargs: Any) -> None:
-        if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
-            raise InvalidArgument("timeout_s", timeout_s, "must be a number of seconds > 0")
+        check_number("timeout_s", timeout_s, above=0, unit="seconds")
         self.timeout = timedelta(seconds=timeout_s)
         super().__init__(timeout=self.timeout, **kwargs)
         if "LOCAL_RANK" not in os.environ:  # the process Lightning's launcher may start the others from

@@ -69,7 +69,7 @@ def launched_processes(strategy: pl.strategies.Strategy) -> list[subprocess.Pope
 def stop_child_process_observer() -> None:
     """End the thread with which Lightning's launcher checks the processes it started every 5 s: when one
     exits with an error it SIGKILLs them all, itself included, before anyone can say which rank died or
-    what to resume from (cbam.distributed does that job). It ends at its next check, finding nothing
+    what to resume from (cbam.runtime.distributed does that job). It ends at its next check, finding nothing
     left to watch."""
     try:
         from lightning_fabric.strategies.launchers.subprocess_script import _ChildProcessObserver

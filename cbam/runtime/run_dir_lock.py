@@ -13,7 +13,7 @@ conf/train.yaml), takes it at the earliest moment Hydra offers: for a single run
 anything into the dir (``.hydra/``, the log file), so a refused process changes nothing there; for a
 multirun job when the job starts, after Hydra's writes for that job and before any of the run's own. Taking
 the lock is also the run's first write into its dir: a full disk, a read-only dir or one without
-permission stops the run there with one line (:mod:`cbam.write_failures`).
+permission stops the run there with one line (:mod:`cbam.runtime.write_failures`).
 """
 
 from __future__ import annotations

@@ -1,10 +1,12 @@
 """Checks of a resolved config before any work starts: each failure is one line naming the key.
 
-The rules for the model's and the data's arguments live in their constructors, which raise
-:class:`cbam.errors.InvalidArgument`; here the model is built on the meta device (no memory, no
-computation, even for ResNet152) and the data module is constructed, and their errors are mapped to the
-config key they came from. This module adds only what no constructor can know: YAML value types, the
-data on disk, the machine's GPUs, checkpoint files and combinations of top-level keys.
+The rules for the arguments of the model, the data, the callbacks and the DDP strategy live in their
+constructors, which check them with :mod:`cbam.arguments` and raise :class:`cbam.errors.InvalidArgument`;
+here the model is built on the meta device (no memory, no computation, even for ResNet152) and the data module
+is constructed, and their errors are mapped to the config key they came from; the callbacks, constructed
+once for the trainer (:func:`checked_callbacks`), are named the same way, before any work. This
+module adds only what no constructor can know: the top-level keys, a sweep's need of a validation split,
+the data on disk, the machine's GPUs, checkpoint files and combinations of keys.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
+from cbam.arguments import check_flag, check_integer
 from cbam.errors import ConfigError, InvalidArgument
 from cbam.models.network_config import (
     ATTENTION_DEFAULTS,
@@ -32,6 +36,7 @@ from cbam.models.network_config import (
     network_of,
 )
 from cbam.runtime.checkpoints import check_checkpoint, read_checkpoint
+from cbam.training.sweep_checks import in_sweep, sweep_refusal
 
 
 def changed_model_settings(hparams: dict[str, Any], path: str | Path) -> list[str]:
@@ -50,22 +55,6 @@ def changed_model_settings(hparams: dict[str, Any], path: str | Path) -> list[st
 # ------------------------------------------------------------------------------------------------ config
 
 
-_ABSENT = object()
-
-
-def _require(
-    cfg: DictConfig, key: str, kind: type, described: str, absent_ok: bool = False, null_ok: bool = False
-) -> None:
-    """``key`` holds a ``kind``; ``absent_ok``: or the config has no such key (``data.download`` of a data
-    set that is never downloaded); ``null_ok``: or it is null (``model.num_classes``: the data's count)."""
-    value = OmegaConf.select(cfg, key, default=_ABSENT)
-    if (absent_ok and value is _ABSENT) or (null_ok and value is None):
-        return
-    # bool is a subclass of int: true is not a batch size
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ConfigError(f"{key}={None if value is _ABSENT else value}: must be {described}")
-
-
 def num_classes(cfg: DictConfig, data: Any) -> int:
     """The classifier's outputs: the data's class count (``data.class_count()``, read before any image
     is decoded), which an explicit ``model.num_classes`` must equal. The one place this rule lives: the
@@ -80,19 +69,41 @@ def num_classes(cfg: DictConfig, data: Any) -> int:
     return found
 
 
-def constructed(group: str, build, kind: str = DEFAULT_KIND) -> Any:
+def constructed(group: str, build, kind: str | None = None, own_checks: tuple[type, ...] = ()) -> Any:
     """``build()``, with an :class:`InvalidArgument` of its constructor named by its config key (``kind``: the
-    model's attention kind, whose options the key may name)."""
+    model's attention kind, whose options the key may name); ``own_checks``: the errors by which another
+    library's constructor (Lightning's callbacks) refuses an argument, said in one line naming ``group``."""
     try:
         return build()
     except InstantiationException as error:  # Hydra's wrapper around the constructor's own error
         cause = error.__cause__
         if isinstance(cause, InvalidArgument):
-            key = config_key(kind, cause.argument)
+            key = cause.argument if kind is None else config_key(kind, cause.argument)
             raise ConfigError(f"{group}.{key}={cause.value}: {cause.accepted}") from None
-        if isinstance(cause, TypeError):  # a key the constructor has no argument for (+model.foo=1)
-            raise ConfigError(f"{group}: {cause}") from None
+        if isinstance(cause, (TypeError, *own_checks)):  # e.g. a key it has no argument for (+model.foo=1)
+            reason = " ".join(str(cause).split()) or type(cause).__name__
+            raise ConfigError(f"{group}: {reason}") from None
         raise
+
+
+def checked_callbacks(cfg: DictConfig) -> list[Any]:
+    """The trainer's callbacks, each of ``cfg.callbacks`` constructed once (a callback's constructor may
+    start something, e.g. a test's kill thread), with a bad setting said in one line naming its key:
+    this project's callbacks check every argument (:mod:`cbam.arguments`), Lightning's their own.
+    :func:`cbam.training.run.build_trainer` calls it, after :func:`check_config` and before any work."""
+    lightning_checks = (MisconfigurationException, ValueError)
+    return [
+        constructed(f"callbacks.{name}", lambda: instantiate(callback), own_checks=lightning_checks)
+        for name, callback in (cfg.get("callbacks") or {}).items()
+        if callback is not None
+    ]
+
+
+def _check_sweep(cfg: DictConfig) -> None:
+    """A job of a sweep: what the sweep needs of it (:mod:`cbam.training.sweep_checks`)."""
+    refusal = sweep_refusal(cfg) if in_sweep() else None
+    if refusal is not None:
+        raise ConfigError(refusal)
 
 
 def _check_gpu(cfg: DictConfig) -> None:
@@ -174,25 +185,10 @@ def _check_forward(model: Any, size: tuple[int, int], outputs: int) -> None:
 
 def check_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` for the first unusable value of ``cfg``."""
-    for key in ("data.batch_size", "data.num_workers", "data.val_size"):
-        _require(cfg, key, int, "an integer")
-    # (each architecture and attention kind has its own keys: only those present are checked)
-    for key in (
-        "model.depth",
-        "model.width",
-        "model.widen_factor",
-        "model.kernel_size",
-        "model.reduction_ratio",
-    ):
-        _require(cfg, key, int, "an integer", absent_ok=True)
-    for key in ("model.num_classes", "model.eca_kernel_size", "data.image_size", "data.crop_padding"):
-        _require(cfg, key, int, "an integer or null", absent_ok=True, null_ok=True)
-    for key in ("model.use_cbam_block", "model.use_cbam_class", "model.channels_last", "model.compile"):
-        _require(cfg, key, bool, "true or false")
+    check_integer("seed", cfg.seed)
     for key in ("train", "test", "skip_finished"):
-        _require(cfg, key, bool, "true or false")
-    for key in ("model.use_channel_gate", "model.use_spatial_gate", "model.bam_branch_norm", "data.download"):
-        _require(cfg, key, bool, "true or false", absent_ok=True)
+        check_flag(key, cfg.get(key))
+    _check_sweep(cfg)
     data = constructed("data", lambda: instantiate(cfg.data))
     outputs = num_classes(cfg, data)  # the data on disk are surveyed here, before any work
     if cfg.train:

@@ -12,17 +12,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from cbam.errors import ConfigError
 from cbam.models.network_config import DEFAULT_ARCH, DEFAULT_KIND
-from cbam.runtime.atomic import write_atomically
 from cbam.training.lightning_module import MOVED_TARGETS, renamed_target
-
-METRICS_FILE = "metrics.json"
+from cbam.training.run_files import (
+    CONFIG_DIGEST,
+    FINISHED,
+    LAST_VAL_ACC,
+    TEST_ACC,
+    VAL_METRIC,
+    read_metrics,
+    run_dir,
+    write_metrics,
+)
 #: the config's parts that decide a run's numbers
 DIGESTED = ("seed", "model", "data", "optim", "scheduler", "trainer")
 #: settings outside them that decide a run's numbers where they are set (a run recorded before them had none)
@@ -43,11 +49,6 @@ ADDED_KEYS = {
 #: today's ``_target_`` prefixes -> those of runs recorded before the package was grouped by concern: such a
 #: run, with the same settings, still counts as finished
 FORMER_TARGETS = {current: former for former, current in MOVED_TARGETS.items()}
-
-
-def run_dir(cfg: DictConfig) -> Path:
-    """The run's folder: ``trainer.default_root_dir``, which conf/trainer sets to the Hydra run dir."""
-    return Path(cfg.trainer.default_root_dir)
 
 
 def _former_targets(value: Any) -> Any:
@@ -85,30 +86,22 @@ def config_digest(cfg: DictConfig, former_targets: bool = False) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def read_metrics(folder: Path) -> dict | None:
-    """The run's ``metrics.json``, or None where there is none (or it cannot be read)."""
-    try:
-        return json.loads((folder / METRICS_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def finished_metrics(cfg: DictConfig) -> dict[str, float] | None:
     """The metrics of the run in ``cfg``'s run dir if it finished with these settings, else None. Raises
     :class:`ConfigError` for a run there that finished with other settings."""
     folder = run_dir(cfg)
     metrics = read_metrics(folder)
-    finished = (metrics or {}).get("finished")
+    finished = (metrics or {}).get(FINISHED)
     if not finished:
         return None
-    if finished.get("config_digest") not in (config_digest(cfg), config_digest(cfg, former_targets=True)):
+    if finished.get(CONFIG_DIGEST) not in (config_digest(cfg), config_digest(cfg, former_targets=True)):
         raise ConfigError(
             f"skip_finished=true: {folder} holds a finished run with other settings than this command's (model, "
             f"data, optim, scheduler, trainer, seed or callbacks.ema differ); give this study its own hydra.sweep.dir"
         )
     return {
         name: metrics[key]
-        for name, key in (("val/acc", "last_val_acc"), ("test/acc", "test_acc"))
+        for name, key in ((VAL_METRIC, LAST_VAL_ACC), ("test/acc", TEST_ACC))
         if metrics.get(key) is not None
     }
 
@@ -117,7 +110,5 @@ def mark_finished(cfg: DictConfig) -> None:
     """Record in the run dir's ``metrics.json`` (created if the run wrote none) that the run finished."""
     folder = run_dir(cfg)
     metrics = read_metrics(folder) or {}
-    metrics["finished"] = {"config_digest": config_digest(cfg)}
-    text = json.dumps(metrics, indent=2) + "\n"
-    path = folder / METRICS_FILE
-    write_atomically(path, lambda file: file.write(text.encode()), prefix=f".{path.name}.")
+    metrics[FINISHED] = {CONFIG_DIGEST: config_digest(cfg)}
+    write_metrics(folder, metrics)

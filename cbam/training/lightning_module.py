@@ -14,9 +14,10 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from cbam.arguments import check_choice, check_flag, check_number
 from cbam.data.batches import IGNORED_LABEL
 from cbam.data.facts import CHECKPOINT_KEY, DataFacts
-from cbam.errors import ConfigError, InvalidArgument
+from cbam.errors import ConfigError
 from cbam.models.compiled_attention import compile_attention_layers
 from cbam.models.network_config import build_network, flatten, nest
 from cbam.runtime.checkpoints import check_checkpoint
@@ -128,10 +129,12 @@ class CBAMResNetModule(pl.LightningModule):
         **settings: Any,
     ) -> None:
         super().__init__()
-        if compile_mode not in COMPILE_MODES:
-            raise InvalidArgument(
-                "compile_mode", compile_mode, f"accepted values are {', '.join(COMPILE_MODES)}"
-            )
+        check_choice("compile_mode", compile_mode, COMPILE_MODES)
+        check_flag("channels_last", channels_last)
+        check_flag("compile", compile)
+        check_flag("test_time_flip", test_time_flip)
+        check_flag("compile_attention", compile_attention)
+        check_number("label_smoothing", label_smoothing, minimum=0.0, below=1.0)
         net = nest({**flatten(_plain(net) or {}), **settings})
         # Plain dicts, so checkpoints hold no OmegaConf objects.
         optimizer, scheduler = (_current_targets(_plain(config)) for config in (optimizer, scheduler))

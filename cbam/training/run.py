@@ -25,11 +25,13 @@ from cbam.runtime.write_failures import silence_failed_writes_in_threads, write_
 from cbam.training.config_checks import (
     changed_model_settings,
     check_config,
+    checked_callbacks,
     num_classes,
     unplaced_attention_warning,
 )
-from cbam.training.finished_jobs import finished_metrics, mark_finished, run_dir
+from cbam.training.finished_jobs import finished_metrics, mark_finished
 from cbam.training.lightning_module import CBAMResNetModule
+from cbam.training.run_files import VAL_METRIC, run_dir
 
 
 def build_model(cfg: DictConfig, data: ImageDataModule) -> CBAMResNetModule:
@@ -76,7 +78,7 @@ def cpu_precision(cfg: DictConfig) -> str | None:
 
 
 def build_trainer(cfg: DictConfig) -> pl.Trainer:
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    callbacks = checked_callbacks(cfg)  # a bad setting: one line naming its key
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     precision = cpu_precision(cfg)
     options = {"precision": precision} if precision else {}
@@ -106,7 +108,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     run (a DDP rank, a DataLoader worker) raises :class:`ProcessDied`, whatever error it caused here; a
     write that fails (disk full, read-only, no permission) raises :class:`WriteFailed` naming the file and
     the newest intact checkpoint. With ``skip_finished``, a run dir that holds this run finished returns
-    its metrics without any work (:mod:`cbam.finished_jobs`)."""
+    its metrics without any work (:mod:`cbam.training.finished_jobs`)."""
     if cfg.get("skip_finished") is True:
         finished = finished_metrics(cfg)
         if finished is not None:
@@ -184,6 +186,12 @@ def fit_and_test(
         trainer.test(model, datamodule=datamodule, ckpt_path=best_checkpoint(trainer) if cfg.train else None)
     metrics.update(trainer.callback_metrics)
     return {key: float(value) for key, value in metrics.items()}
+
+
+def sweep_objective(metrics: dict[str, float]) -> float | None:
+    """What train.py returns to a Hydra sweeper: the validation accuracy, never the test accuracy. A sweep's
+    jobs have a validation split (:mod:`cbam.training.sweep_checks`); a single run without one gets None."""
+    return metrics.get(VAL_METRIC)
 
 
 def main(cfg: DictConfig) -> dict[str, float]:

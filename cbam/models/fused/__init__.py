@@ -11,7 +11,7 @@ import os
 import torch
 from torch import Tensor
 
-from cbam.errors import InvalidArgument
+from cbam.arguments import check_choice
 from cbam.models.running_statistics import move_running_statistics
 
 TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
@@ -63,8 +63,7 @@ def cbam_fused(
     Returns:
         ``x * g * s``, in x's dtype and memory layout.
     """
-    if channel_pooling not in _ops.DESCRIPTORS:
-        raise InvalidArgument("channel_pooling", channel_pooling, f"one of {', '.join(_ops.DESCRIPTORS)}")
+    check_choice("channel_pooling", channel_pooling, _ops.DESCRIPTORS)
     parameters = (w1, b1, w2, b2, conv_w, bn_w, bn_b)  # in the order of cbam.models.fused.ops.PARAMETERS
     if not torch.compiler.is_compiling():
         options, running = (
