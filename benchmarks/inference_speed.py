@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cbam.data.facts import DataFacts  # noqa: E402
-from cbam.runtime.provenance import git_revision  # noqa: E402
+from cbam.runtime.provenance import git_state  # noqa: E402
 from cbam.training.lightning_module import CBAMResNetModule  # noqa: E402
 
 MODES = ("eager", "compile", "onnxruntime")
@@ -166,7 +166,8 @@ def main(argv=None) -> dict:
         "device": cpu_model(),
         "threads": args.threads,
         "software": {"torch": torch.__version__, "python": platform.python_version()},
-        "git_revision": git_revision(),
+        "git_revision": git_state()[0],
+        "git_clean": git_state()[1],
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "load_average_before": os.getloadavg(),
         "args": {key: value for key, value in vars(args).items() if key != "out"},

@@ -482,6 +482,31 @@ def test_a_bad_callback_setting_is_one_line_naming_the_key(
     assert not (tmp_path / "run").exists()
 
 
+#: an optimiser or schedule setting torch or the schedule would fail on part-way -> the start of the error line
+BAD_OPTIMIZATION_SETTINGS = {
+    "scheduler=onecycle scheduler.final_lr_ratio=0": "scheduler.final_lr_ratio=0: must be a number > 0 <= 1",
+    "scheduler=onecycle scheduler.start_lr_ratio=2": "scheduler.start_lr_ratio=2: must be a number > 0 <= 1",
+    "scheduler=cosine scheduler.warmup_fraction=1.5": "scheduler.warmup_fraction=1.5: must be a number in [0, 1)",
+    "optim.lr=-1": "optim: Invalid learning rate: -1",
+    "optim.exempt_norms_and_biases=perhaps": "optim.exempt_norms_and_biases=perhaps: must be true or false",
+    "+scheduler.peak=3": "scheduler: warmup_cosine() got an unexpected keyword argument 'peak'",
+}
+
+
+@pytest.mark.parametrize("setting", sorted(BAD_OPTIMIZATION_SETTINGS))
+def test_a_bad_optimization_setting_is_one_line_before_any_work(
+    setting, train_in_process, tiny_cifar_folder, tmp_path
+):
+    settings = {**TINY, "data.root": tiny_cifar_folder}
+    status, stderr, _ = train_in_process(
+        tmp_path / "run", *(f"{key}={value}" for key, value in settings.items()), *setting.split()
+    )
+    assert status == 2, stderr[-3000:]
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: " + BAD_OPTIMIZATION_SETTINGS[setting]), lines
+    assert not (tmp_path / "run").exists()
+
+
 # ------------------------------------------------------------------------------ sweeps and validation
 
 

@@ -36,6 +36,7 @@ from cbam.models.network_config import (
     network_of,
 )
 from cbam.runtime.checkpoints import check_checkpoint, read_checkpoint
+from cbam.training.lightning_module import build_optimizer, build_scheduler
 from cbam.training.sweep_checks import in_sweep, sweep_refusal
 
 
@@ -75,8 +76,9 @@ def constructed(group: str, build, kind: str | None = None, own_checks: tuple[ty
     library's constructor (Lightning's callbacks) refuses an argument, said in one line naming ``group``."""
     try:
         return build()
-    except InstantiationException as error:  # Hydra's wrapper around the constructor's own error
-        cause = error.__cause__
+    except (InstantiationException, InvalidArgument, *own_checks) as error:
+        # (Hydra wraps a constructor's own error; a partial's call raises it directly)
+        cause = error.__cause__ if isinstance(error, InstantiationException) else error
         if isinstance(cause, InvalidArgument):
             key = cause.argument if kind is None else config_key(kind, cause.argument)
             raise ConfigError(f"{group}.{key}={cause.value}: {cause.accepted}") from None
@@ -84,6 +86,14 @@ def constructed(group: str, build, kind: str | None = None, own_checks: tuple[ty
             reason = " ".join(str(cause).split()) or type(cause).__name__
             raise ConfigError(f"{group}: {reason}") from None
         raise
+
+
+def _check_optimization(cfg: DictConfig) -> None:
+    """``optim`` and ``scheduler``, built as the module builds them, over a one-weight network."""
+    net = torch.nn.Linear(1, 1)
+    torch_checks = (TypeError, ValueError)  # a partial's call raises these directly (an unknown key, lr < 0)
+    optimizer = constructed("optim", lambda: build_optimizer(net, cfg.optim), own_checks=torch_checks)
+    constructed("scheduler", lambda: build_scheduler(optimizer, cfg.scheduler, 100), own_checks=torch_checks)
 
 
 def checked_callbacks(cfg: DictConfig) -> list[Any]:
@@ -200,6 +210,8 @@ def check_config(cfg: DictConfig) -> None:
     strategy = OmegaConf.select(cfg, "trainer.strategy")
     if isinstance(strategy, DictConfig):  # this project's DDP strategy (trainer=ddp, ddp_sim) checks its keys
         constructed("trainer.strategy", lambda: instantiate(strategy))
+    if cfg.train:
+        _check_optimization(cfg)
     _check_gpu(cfg)
     _check_fused(cfg)
     _check_logger(cfg)

@@ -87,6 +87,19 @@ def parameter_groups(net: nn.Module, exempt_norms_and_biases: bool) -> Iterable[
     return [{"params": decayed}, {"params": exempt, "weight_decay": 0.0}]
 
 
+def build_optimizer(net: nn.Module, config: dict) -> torch.optim.Optimizer:
+    """The optimizer of ``config`` (a partial, e.g. conf/optim/sgd.yaml) over ``net``'s parameters."""
+    options = dict(config)
+    exempt = options.pop("exempt_norms_and_biases", False)  # this module's key, not the optimizer's
+    check_flag("exempt_norms_and_biases", exempt)
+    return instantiate(options)(parameter_groups(net, exempt_norms_and_biases=exempt))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: dict, total_steps: int) -> Any:
+    """The schedule of ``config`` (a partial of :mod:`cbam.training.schedules`) over ``total_steps``."""
+    return instantiate(config)(optimizer, total_steps=total_steps)
+
+
 class CBAMResNetModule(pl.LightningModule):
     """A classifier around the network that ``net`` describes (:mod:`cbam.models.network_config`); what it
     is built from is saved, so a checkpoint alone rebuilds the model
@@ -298,8 +311,6 @@ class CBAMResNetModule(pl.LightningModule):
                 "data.batch_size: no full training batch (each process's share of the training images, after "
                 "data.val_size, is smaller than one batch); lower data.batch_size or data.val_size"
             )
-        options = dict(self.hparams.optimizer)
-        exempt = options.pop("exempt_norms_and_biases", False)  # this module's key, not the optimizer's
-        optimizer = instantiate(options)(parameter_groups(self.net, exempt_norms_and_biases=exempt))
-        scheduler = instantiate(self.hparams.scheduler)(optimizer, total_steps=total_steps)
+        optimizer = build_optimizer(self.net, self.hparams.optimizer)
+        scheduler = build_scheduler(optimizer, self.hparams.scheduler, total_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -12,6 +12,7 @@ import math
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, OneCycleLR
 
+from cbam.arguments import check_number
 from cbam.errors import ScheduleLengthChanged
 
 
@@ -47,6 +48,8 @@ def warmup_cosine(
 ) -> FixedLengthLambdaLR:
     """Linear warm-up from 0 over ``warmup_fraction`` of the steps, then cosine decay to
     ``final_lr_ratio`` times the base learning rate."""
+    check_number("warmup_fraction", warmup_fraction, minimum=0.0, below=1.0)
+    check_number("final_lr_ratio", final_lr_ratio, minimum=0.0, maximum=1.0)
     warmup = int(warmup_fraction * total_steps)
 
     def factor(step: int) -> float:
@@ -67,6 +70,10 @@ def one_cycle(
 ) -> FixedLengthOneCycleLR:
     """torch's one-cycle policy peaking at the optimizer's learning rate after ``warmup_fraction`` of
     the steps, with linear ramps and the optimizer's momentum left alone."""
+    check_number("warmup_fraction", warmup_fraction, above=0.0, below=1.0)
+    # (torch divides by both ratios: neither may be 0)
+    check_number("start_lr_ratio", start_lr_ratio, above=0.0, maximum=1.0)
+    check_number("final_lr_ratio", final_lr_ratio, above=0.0, maximum=1.0)
     peak = [group["lr"] for group in optimizer.param_groups]
     # torch divides by the number of steps of each phase minus one: keep both phases >= 2 steps long.
     if total_steps >= 4:
