@@ -59,7 +59,7 @@ ARM_OVERRIDES = {
 TRAIN_CONFIGS = {
     "trainer=cpu (the recipe)": [],
     "trainer=cpu, attention eager": ["model.compile_attention=false"],
-    "trainer=cpu, contiguous": ["model.channels_last=false"],
+    "trainer=cpu, channels_last network": ["model.channels_last=true"],
     "trainer=cpu, workers loader": ["data.loader=workers", "data.num_workers=2"],
     "trainer=cpu, compiled": ["model.compile=true"],
 }
@@ -147,7 +147,8 @@ def measure_train_py(args, name: str, overrides: list[str], scratch: Path, arm: 
         f"+trainer.max_steps={args.warmup + args.train_steps}", "trainer.max_epochs=-1", "test=false",
         "+trainer.limit_val_batches=0", f"hydra.run.dir={scratch / 'run'}", "callbacks.progress_bar=null",
         "++trainer.enable_progress_bar=false", "+callbacks.step_clock._target_=step_overhead.StepClock",
-        f"+callbacks.step_clock.out={out}", f"+callbacks.step_clock.warmup={args.warmup}", *overrides,
+        f"+callbacks.step_clock.out={out}", f"+callbacks.step_clock.warmup={args.warmup}",
+        *(["data.val_size=20"] if args.quick else []), *overrides,
     ]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(BENCHMARKS), os.environ.get("PYTHONPATH", "")]))
     started = time.perf_counter()
