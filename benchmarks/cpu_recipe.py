@@ -279,13 +279,14 @@ def main(argv=None) -> dict:
     args.precisions = [precision == "bf16" for precision in precisions]
     from cbam.runtime.provenance import describe_device, git_state
 
+    revision, clean = git_state()
     report = {
         "device": describe_device(torch.device("cpu")),
         "cpu": platform.processor() or platform.machine(),
         "native_bf16": cpu_has_native_bf16(),
         "torch": torch.__version__,
-        "git_revision": git_state()[0],
-        "git_clean": git_state()[1],
+        "git_revision": revision,
+        "git_clean": clean,
         "date": time.strftime("%Y-%m-%d"),
         "args": {k: v for k, v in vars(args).items() if k != "out"},
     }

@@ -162,12 +162,13 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     rows: list[dict] = []
+    revision, clean = git_state()
     report = {
         "device": cpu_model(),
         "threads": args.threads,
         "software": {"torch": torch.__version__, "python": platform.python_version()},
-        "git_revision": git_state()[0],
-        "git_clean": git_state()[1],
+        "git_revision": revision,
+        "git_clean": clean,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "load_average_before": os.getloadavg(),
         "args": {key: value for key, value in vars(args).items() if key != "out"},
