@@ -6,9 +6,9 @@ alike; the median over rounds is reported. Options: precision (fp32, bf16 autoca
 (contiguous, channels_last), torch.compile (of the attention layers only, or of the whole network), intra-op
 threads.
 
-Part 2, ``train.py`` itself: ``--train-steps`` timed steps (after ``--warmup``) of each configuration in
-``TRAIN_CONFIGS`` for each of ``--train-arms`` on the real data, against the bare fp32 eager loop's steps of
-part 1 and against the plain arm's train.py steps; the runs alternate over arms and configurations
+Part 2, ``train.py`` itself: ``--train-steps`` timed steps (after ``--warmup``) of each configuration of
+``--train-configs`` (keys of ``TRAIN_CONFIGS``) for each of ``--train-arms`` on the real data, against the bare
+fp32 eager loop's steps of part 1 and against the plain arm's train.py steps; the runs alternate over arms and configurations
 ``--train-repeats`` times (the median of the repeats is reported), so that drift slows every arm alike.
 
 Part 3 (``--learn-epochs N``): does the recipe learn as fp32 does? ``train.py experiment=cpu_study`` (a
@@ -55,13 +55,13 @@ ARM_OVERRIDES = {
     "classifier": ["cbam=classifier"],
     "se": ["cbam=block", "attention=se"],
 }
-#: part 2: name -> train.py overrides on top of trainer=cpu and the study's network
+#: part 2: key -> (name, train.py overrides on top of trainer=cpu and the study's network)
 TRAIN_CONFIGS = {
-    "trainer=cpu (the recipe)": [],
-    "trainer=cpu, attention eager": ["model.compile_attention=false"],
-    "trainer=cpu, channels_last network": ["model.channels_last=true"],
-    "trainer=cpu, workers loader": ["data.loader=workers", "data.num_workers=2"],
-    "trainer=cpu, compiled": ["model.compile=true"],
+    "recipe": ("trainer=cpu (the recipe)", []),
+    "eager": ("trainer=cpu, attention eager", ["model.compile_attention=false"]),
+    "channels_last": ("trainer=cpu, channels_last network", ["model.channels_last=true"]),
+    "workers": ("trainer=cpu, workers loader", ["data.loader=workers", "data.num_workers=2"]),
+    "compiled": ("trainer=cpu, compiled", ["model.compile=true"]),
 }
 #: part 1's torch.compile options: none, the attention layers (model.compile_attention), the whole network
 COMPILE_OPTIONS = ("eager", "attention", "network")
@@ -173,7 +173,7 @@ def measure_all_train_py(args, bare_rows: list[dict]) -> list[dict]:
     threads = torch.get_num_threads()
     pairs = [
         (arm, name, overrides)
-        for name, overrides in TRAIN_CONFIGS.items()
+        for name, overrides in (TRAIN_CONFIGS[key] for key in args.train_configs.split(","))
         for arm in args.train_arms.split(",")
         if not ("model.compile=true" in overrides and "network" not in args.compile)
     ]
@@ -247,6 +247,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--cache-dir", help="where train.py's decoded cache goes (default beside the data)")
     parser.add_argument("--arms", default="none,block,classifier,se", help="comma list of " + ",".join(ARMS))
     parser.add_argument("--train-arms", default="none,block,classifier,se", help="the arms part 2 runs train.py for")
+    parser.add_argument(
+        "--train-configs", default=",".join(TRAIN_CONFIGS), help="comma list of " + ",".join(TRAIN_CONFIGS)
+    )
     parser.add_argument("--train-repeats", type=int, default=2, help="part 2's runs of each arm and configuration")
     parser.add_argument("--precisions", help="comma list of fp32, bf16 (part 1; default: bf16 only on a bf16 CPU)")
     parser.add_argument("--threads", default=str(torch.get_num_threads()), help="comma list (part 1)")
@@ -265,6 +268,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one round: a smoke run")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
+    unknown = set(args.train_configs.split(",")) - set(TRAIN_CONFIGS)
+    if unknown:
+        parser.error(f"--train-configs: unknown {', '.join(sorted(unknown))}; known: {', '.join(TRAIN_CONFIGS)}")
     if args.quick:
         args.batch_size, args.warmup, args.rounds, args.steps_per_round = 8, 1, 1, 1
         args.train_steps, args.arms, args.compile, args.train_repeats = 3, "none,block", "eager,attention", 1

@@ -31,11 +31,12 @@ from common import describe_device, software_versions
 
 from cbam.callbacks.divergence import DivergenceGuard
 from cbam.errors import TrainingDiverged
-from cbam.training.run import build_model
+from cbam.training.run import build_model, cpu_precision
 
 QUICK_OVERRIDES = [
     "trainer=cpu",
     "model.compile=false",
+    "model.compile_attention=false",  # trainer=cpu compiles the attention layers; a smoke run skips that
     "model.width=16",
     "data.batch_size=64",
     "data.loader=device",
@@ -129,6 +130,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         OmegaConf.update(cfg, "trainer.default_root_dir", scratch)
         clock = TestEveryEpoch([float(t) for t in args.targets.split(",")])
+        precision = cpu_precision(cfg)  # as train.py: fp32 where the CPU only emulates bf16
         trainer = instantiate(
             cfg.trainer,
             callbacks=[clock, DivergenceGuard()],
@@ -137,6 +139,7 @@ def main(argv=None) -> dict:
             enable_progress_bar=False,
             num_sanity_val_steps=0,
             limit_val_batches=0,
+            **({"precision": precision} if precision else {}),
         )
         started = time.perf_counter()
         diverged = None
@@ -148,6 +151,7 @@ def main(argv=None) -> dict:
     device = trainer.strategy.root_device
     report = {
         "device": describe_device(device),
+        "precision": str(trainer.precision),
         "software": software_versions(),
         "overrides": overrides,
         "seconds_to_accuracy": clock.reached,

@@ -12,6 +12,8 @@ import sys
 import pytest
 from helpers import REPO, write_colour_classes
 
+from cbam.runtime.lightning_internals import cpu_has_native_bf16
+
 sys.path.insert(0, str(REPO / "benchmarks"))
 import inference_speed  # noqa: E402
 import throughput  # noqa: E402
@@ -105,6 +107,8 @@ def test_time_to_accuracy_quick_learns_and_records_every_epoch(learnable_cifar_f
     assert report["diverged"] is None
     assert set(report["seconds_to_accuracy"]) == {"0.94", "0.95"}
     assert report["train_seconds"] == report["epochs"][-1]["train_seconds"]
+    # trainer=cpu's precision as train.py resolves it: emulated bf16 made this run 4x slower on an AVX2 CPU
+    assert report["precision"] == ("bf16-mixed" if cpu_has_native_bf16() else "32-true")
 
 
 def test_time_to_accuracy_stops_and_reports_a_diverged_run(learnable_cifar_folder, tmp_path, capsys):

@@ -14,11 +14,12 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from helpers import REPO, run_train, write_random_pngs
+from helpers import REPO, write_random_pngs
 from torch import nn
 
 from cbam import CBAM, build_resnet
 from cbam.analysis import host_ops
+from cbam.callbacks.model_stats import count_flops
 from cbam.errors import InvalidArgument
 from cbam.models.fused import cbam_fused, fused_available
 
@@ -386,7 +387,6 @@ def test_gpu_check_script_quick_run_agrees_and_reports(capsys):
 def test_flops_are_counted_on_the_meta_device_the_same_for_every_implementation():
     """The FLOP counter and the config check build and run the network on the meta device, where the
     fused kernels cannot run: every implementation then computes the reference layer's function."""
-    from cbam.callbacks.model_stats import count_flops
     from cbam.models.cbam import IMPLS
 
     options = dict(width=4, reduction_ratio=4, use_cbam_block=True)
@@ -397,25 +397,26 @@ def test_flops_are_counted_on_the_meta_device_the_same_for_every_implementation(
         assert build_resnet(18, impl="fused", **options)(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
 
 
-def test_train_py_fits_checkpoints_and_tests_with_the_fused_layer(tmp_path):
-    """model.cbam_impl=fused through train.py (Triton's interpreter on the CPU): the FLOP count (meta
-    device), fit, checkpoint, test; the checkpoint loads into the reference layer."""
+def test_train_py_fits_checkpoints_and_tests_with_the_fused_layer(tmp_path, train_in_process):
+    """model.cbam_impl=fused through train.py's main (Triton's interpreter on the CPU): the FLOP count (meta
+    device), fit, checkpoint, test; the checkpoint loads into the reference layer. One CBAM, before the
+    classifier: each launch is slow in the interpreter, and a CBAM in every block made 96 of them."""
     root = write_random_pngs(tmp_path / "data", 2, 1, [f"class{i}" for i in range(10)])
     run_dir = tmp_path / "run"
-    result = run_train(
-        ["cbam=block", "model.cbam_impl=fused", "model.width=2", "model.reduction_ratio=2", "data.batch_size=4",
-         "data.val_size=4", "data.num_workers=0", f"data.root={root}", "data.download=false",
-         "trainer.max_epochs=1", "+trainer.limit_train_batches=1", "+trainer.limit_test_batches=1",
-         "callbacks.attention_maps=null", f"hydra.run.dir={run_dir}"]
+    status, stderr, _ = train_in_process(
+        run_dir, "cbam=classifier", "model.cbam_impl=fused", "model.width=2", "model.reduction_ratio=2",
+        "data.batch_size=4", "data.val_size=4", "data.num_workers=0", f"data.root={root}", "data.download=false",
+        "trainer.max_epochs=1", "+trainer.limit_train_batches=1", "+trainer.limit_test_batches=1",
+        "++trainer.num_sanity_val_steps=0", "callbacks.attention_maps=null",
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "MFLOPs per 3x32x32 image" in result.stdout
+    assert status == 0, stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert 0 <= metrics["test_acc"] <= 1 and metrics["global_step"] == 1
+    reference = build_resnet(18, width=2, reduction_ratio=2, use_cbam_class=True, impl="reference")
+    assert metrics["flops_per_image"] == count_flops(reference)  # counted on the meta device
     (checkpoint,) = (run_dir / "checkpoints").glob("best-*.ckpt")
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
-    reference = build_resnet(18, width=2, reduction_ratio=2, use_cbam_block=True, impl="reference")
     reference.load_state_dict(
         {key.removeprefix("net."): value for key, value in state.items() if key.startswith("net.")}
     )
-    assert state["net.stages.0.0.attention.spatial.bn.num_batches_tracked"].item() == 1  # one fused step ran
+    assert state["net.attention.spatial.bn.num_batches_tracked"].item() == 1  # one fused step ran
