@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
-from helpers import conf_file, load_checkpoint, run_python, run_train, write_random_pngs
+from helpers import NO_FIGURES, conf_file, load_checkpoint, run_python, run_train, write_random_pngs
 from hydra.utils import instantiate
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities.exceptions import SIGTERMException
@@ -49,6 +49,7 @@ RUN = [
     "trainer.deterministic=true",
     "callbacks.last_checkpoint.every_n_train_steps=2",
     "test=false",
+    *NO_FIGURES,
 ]
 KILL = "+callbacks.kill._target_=reliability_signals.KillAt"
 #: the most a surviving process may take to stop after a death

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_RUN, load_checkpoint, run_train, subprocess_env, write_random_pngs
+from helpers import NO_FIGURES, TINY_RUN, load_checkpoint, run_train, subprocess_env, write_random_pngs
 from PIL import Image
 
 import cbam.data.sources as data
@@ -36,6 +36,7 @@ STEPS_PER_EPOCH, EPOCHS = 10, 2
 EVERY_N_STEPS = 4
 TINY = [
     *TINY_RUN,
+    *NO_FIGURES,
     f"trainer.max_epochs={EPOCHS}",
     f"callbacks.last_checkpoint.every_n_train_steps={EVERY_N_STEPS}",
 ]
