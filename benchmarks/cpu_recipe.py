@@ -8,8 +8,9 @@ threads.
 
 Part 2, ``train.py`` itself: ``--train-steps`` timed steps (after ``--warmup``) of each configuration of
 ``--train-configs`` (keys of ``TRAIN_CONFIGS``) for each of ``--train-arms`` on the real data, against the bare
-fp32 eager loop's steps of part 1 and against the plain arm's train.py steps; the runs alternate over arms and configurations
-``--train-repeats`` times (the median of the repeats is reported), so that drift slows every arm alike.
+fp32 eager loop's steps of part 1 and against the plain arm's train.py steps; the runs alternate over arms and
+configurations ``--train-repeats`` times (the median of the repeats is reported), so that drift slows every arm
+alike.
 
 Part 3 (``--learn-epochs N``): does the recipe learn as fp32 does? ``train.py experiment=cpu_study`` (a
 single run of the study's recipe, shortened to N epochs) of the ``--learn-arm`` in the recipe's precision and

@@ -31,7 +31,7 @@ from common import describe_device, software_versions
 
 from cbam.callbacks.divergence import DivergenceGuard
 from cbam.errors import TrainingDiverged
-from cbam.training.run import build_model, cpu_precision
+from cbam.training.run import build_model, instantiate_trainer
 
 QUICK_OVERRIDES = [
     "trainer=cpu",
@@ -130,16 +130,14 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         OmegaConf.update(cfg, "trainer.default_root_dir", scratch)
         clock = TestEveryEpoch([float(t) for t in args.targets.split(",")])
-        precision = cpu_precision(cfg)  # as train.py: fp32 where the CPU only emulates bf16
-        trainer = instantiate(
-            cfg.trainer,
+        trainer = instantiate_trainer(  # as train.py's: fp32 where the CPU only emulates bf16
+            cfg,
             callbacks=[clock, DivergenceGuard()],
             logger=False,
             enable_checkpointing=False,
             enable_progress_bar=False,
             num_sanity_val_steps=0,
             limit_val_batches=0,
-            **({"precision": precision} if precision else {}),
         )
         started = time.perf_counter()
         diverged = None

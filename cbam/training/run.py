@@ -80,10 +80,17 @@ def cpu_precision(cfg: DictConfig) -> str | None:
 def build_trainer(cfg: DictConfig) -> pl.Trainer:
     callbacks = checked_callbacks(cfg)  # a bad setting: one line naming its key
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    return instantiate_trainer(cfg, callbacks=callbacks, logger=logger)
+
+
+def instantiate_trainer(cfg: DictConfig, **options) -> pl.Trainer:
+    """The Trainer of ``cfg.trainer`` with ``options`` on top, in the precision :func:`cpu_precision` resolves;
+    a setting the Trainer refuses is one line naming ``trainer``."""
     precision = cpu_precision(cfg)
-    options = {"precision": precision} if precision else {}
+    if precision:
+        options["precision"] = precision
     try:
-        return instantiate(cfg.trainer, callbacks=callbacks, logger=logger, **options)
+        return instantiate(cfg.trainer, **options)
     except InstantiationException as error:  # Hydra's wrapper around the Trainer's check of its arguments
         if isinstance(error.__cause__, (MisconfigurationException, ValueError)):
             reason = str(error.__cause__).strip().splitlines()[0]
