@@ -25,8 +25,8 @@ TINY_RUN = [
     "model.width=4",
     "trainer.deterministic=true",
 ]
-#: for runs whose figures no test looks at: drawing them took about half a second of each tiny run (test_reliability:
-#: 144.5 against 135.5 CPU seconds)
+#: for runs whose figures no test looks at: drawing them took about half a second of each tiny run
+#: (test_reliability: 144.5 against 135.5 CPU seconds, measured with other runs beside it)
 NO_FIGURES = ["callbacks.training_curves=null", "callbacks.class_report=null", "callbacks.attention_maps=null"]
 
 
