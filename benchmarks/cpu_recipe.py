@@ -7,10 +7,10 @@ alike; the median over rounds is reported. Options: precision (fp32, bf16 autoca
 threads.
 
 Part 2, ``train.py`` itself: ``--train-steps`` timed steps (after ``--warmup``) of each configuration of
-``--train-configs`` (keys of ``TRAIN_CONFIGS``) for each of ``--train-arms`` on the real data, against the bare
-fp32 eager loop's steps of part 1 and against the plain arm's train.py steps; the runs alternate over arms and
-configurations ``--train-repeats`` times (the median of the repeats is reported), so that drift slows every arm
-alike.
+``--train-configs`` (keys of ``TRAIN_CONFIGS``) for each of ``--train-arms`` on the real data, against the
+bare fp32 eager loop's steps of part 1 and against the plain arm's train.py steps; the runs alternate over
+arms and configurations ``--train-repeats`` times (the median of the repeats is reported), so that drift
+slows every arm alike.
 
 Part 3 (``--learn-epochs N``): does the recipe learn as fp32 does? ``train.py experiment=cpu_study`` (a
 single run of the study's recipe, shortened to N epochs) of the ``--learn-arm`` in the recipe's precision and
@@ -271,7 +271,8 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     unknown = set(args.train_configs.split(",")) - set(TRAIN_CONFIGS)
     if unknown:
-        parser.error(f"--train-configs: unknown {', '.join(sorted(unknown))}; known: {', '.join(TRAIN_CONFIGS)}")
+        known = ", ".join(TRAIN_CONFIGS)
+        parser.error(f"--train-configs: unknown {', '.join(sorted(unknown))}; known: {known}")
     if args.quick:
         args.batch_size, args.warmup, args.rounds, args.steps_per_round = 8, 1, 1, 1
         args.train_steps, args.arms, args.compile, args.train_repeats = 3, "none,block", "eager,attention", 1

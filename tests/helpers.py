@@ -27,7 +27,11 @@ TINY_RUN = [
 ]
 #: for runs whose figures no test looks at: drawing them took about half a second of each tiny run
 #: (test_reliability: 144.5 against 135.5 CPU seconds, measured with other runs beside it)
-NO_FIGURES = ["callbacks.training_curves=null", "callbacks.class_report=null", "callbacks.attention_maps=null"]
+NO_FIGURES = [
+    "callbacks.training_curves=null",
+    "callbacks.class_report=null",
+    "callbacks.attention_maps=null",
+]
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:

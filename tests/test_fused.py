@@ -405,9 +405,9 @@ def test_train_py_fits_checkpoints_and_tests_with_the_fused_layer(tmp_path, trai
     run_dir = tmp_path / "run"
     status, stderr, _ = train_in_process(
         run_dir, "cbam=classifier", "model.cbam_impl=fused", "model.width=2", "model.reduction_ratio=2",
-        "data.batch_size=4", "data.val_size=4", "data.num_workers=0", f"data.root={root}", "data.download=false",
-        "trainer.max_epochs=1", "+trainer.limit_train_batches=1", "+trainer.limit_test_batches=1",
-        "++trainer.num_sanity_val_steps=0", "callbacks.attention_maps=null",
+        "data.batch_size=4", "data.val_size=4", "data.num_workers=0", f"data.root={root}",
+        "data.download=false", "trainer.max_epochs=1", "+trainer.limit_train_batches=1",
+        "+trainer.limit_test_batches=1", "++trainer.num_sanity_val_steps=0", "callbacks.attention_maps=null",
     )  # fmt: skip
     assert status == 0, stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())

@@ -84,8 +84,8 @@ def build_trainer(cfg: DictConfig) -> pl.Trainer:
 
 
 def instantiate_trainer(cfg: DictConfig, **options) -> pl.Trainer:
-    """The Trainer of ``cfg.trainer`` with ``options`` on top, in the precision :func:`cpu_precision` resolves;
-    a setting the Trainer refuses is one line naming ``trainer``."""
+    """The Trainer of ``cfg.trainer`` with ``options`` on top, in the precision that :func:`cpu_precision`
+    resolves; a setting the Trainer refuses is one line naming ``trainer``."""
     precision = cpu_precision(cfg)
     if precision:
         options["precision"] = precision
