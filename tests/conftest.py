@@ -197,25 +197,26 @@ def train_in_process(capsys):
     return train
 
 
-#: the test files that take longest, longest first (about 135, 75, 65, 55, 50, 35, 30, 30, 25, 25, 10, 10 and
-#: 10 s of a full run with the real-data tests on the 2-core machine, measured 2026-12-04): collected first,
-#: so that with one file per xdist worker (``--dist loadfile``) no long file starts last while the other
-#: worker runs out of work
+#: the test files that take longest, longest first (about 85, 55, 50, 45, 45, 40, 25, 20, 20, 20, 20, 10, 10,
+#: 10 and 10 s of a full run with the real-data tests on the 2-core machine, quiet, measured 2026-12-07 with
+#: the warm interpreter): collected first, so that with one file per xdist worker (``--dist loadfile``) no
+#: long file starts last while the other worker runs out of work
 SLOW_FILES = (
     "test_reliability.py",
     "test_research.py",
-    "test_train_cli.py",
     "test_fused.py",
+    "test_train_cli.py",
     "test_dead_process.py",
-    "test_faults.py",
     "test_real_data.py",
-    "test_study.py",
     "test_ddp_eval.py",
+    "test_inference.py",
+    "test_faults.py",
     "test_compile.py",
-    "test_benchmarks.py",
+    "test_study.py",
     "test_trackers.py",
-    "test_inference.py",  # (about 17 s, measured 2026-12-07 with the machine shared)
-    "test_gradcam.py",
+    "test_warm_interpreter.py",
+    "test_benchmarks.py",
+    "test_datasets.py",
 )
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+import warm_interpreter
 import yaml
 from PIL import Image
 
@@ -49,21 +49,20 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_python(args: list[str], env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
-    """``python <args>`` from the repository root, output captured."""
-    return subprocess.run(
-        [sys.executable, *map(str, args)],
-        cwd=REPO,
-        env=env or subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+def run_python(
+    args: list[str], env: dict | None = None, timeout: float = 240, fresh: bool = False
+) -> subprocess.CompletedProcess:
+    """``python <args>`` from the repository root, output captured: a child of a warm interpreter
+    (tests/warm_interpreter.py), which has paid for importing torch and Lightning once, unless ``fresh``."""
+    args = list(map(str, args))
+    return warm_interpreter.run(args, cwd=REPO, env=env or subprocess_env(), timeout=timeout, fresh=fresh)
 
 
-def run_train(args: list[str], env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+def run_train(
+    args: list[str], env: dict | None = None, timeout: float = 240, fresh: bool = False
+) -> subprocess.CompletedProcess:
     """``python train.py <args>`` from the repository root, output captured."""
-    return run_python(["train.py", *args], env=env, timeout=timeout)
+    return run_python(["train.py", *args], env=env, timeout=timeout, fresh=fresh)
 
 
 def write_random_pngs(

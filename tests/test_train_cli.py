@@ -35,15 +35,20 @@ TINY = {
 STEPS_PER_EPOCH = 10
 
 
-def train_py(*args: str, root: Path | None = None, tiny: bool = True, timeout: float = 240, **overrides):
+def train_py(
+    *args: str, root: Path | None = None, tiny: bool = True, timeout: float = 240, fresh: bool = False,
+    **overrides,
+):  # fmt: skip
     """Run ``python train.py`` from the repository root and return the completed process.
 
     ``args`` are passed as they are (``-m``, ``--cfg job``, ``trainer=ddp_sim``, ...); ``overrides`` are
     ``key=value`` pairs written with ``__`` for ``.`` (``model__depth=20``) and win over ``TINY``.
+    ``fresh``: in an interpreter of its own (helpers.run_python).
     """
     settings = {**TINY, "data.root": root} if tiny else {}
     settings.update({key.replace("__", "."): value for key, value in overrides.items()})
-    return run_train([*args, *(f"{key}={value}" for key, value in settings.items())], timeout=timeout)
+    arguments = [*args, *(f"{key}={value}" for key, value in settings.items())]
+    return run_train(arguments, timeout=timeout, fresh=fresh)
 
 
 def succeeded(result: subprocess.CompletedProcess) -> bool:
@@ -61,8 +66,8 @@ def job_config(run_dir: Path) -> dict:
 def run(tiny_cifar_folder):
     """``run(*args, **overrides)``: :func:`train_py` on the tiny CIFAR-10 folder."""
 
-    def run(*args, **overrides):
-        return train_py(*args, root=tiny_cifar_folder, **overrides)
+    def run(*args, fresh: bool = False, **overrides):
+        return train_py(*args, root=tiny_cifar_folder, fresh=fresh, **overrides)
 
     return run
 
@@ -70,10 +75,14 @@ def run(tiny_cifar_folder):
 @pytest.fixture(scope="module")
 def first_run(run, tmp_path_factory) -> Path:
     """Two epochs of fit + test, keeping checkpoints/epoch000.ckpt; its run dir (used by several tests,
-    which copy what they change)."""
+    which copy what they change). In a fresh interpreter, as a user runs it: the one run that would see
+    train.py's imports fail on their own (the other runs are forked from one that has imported them)."""
     run_dir = tmp_path_factory.mktemp("first_run")
     result = run(
-        hydra__run__dir=run_dir, trainer__max_epochs=2, callbacks__periodic_checkpoint__every_n_epochs=1
+        hydra__run__dir=run_dir,
+        trainer__max_epochs=2,
+        callbacks__periodic_checkpoint__every_n_epochs=1,
+        fresh=True,
     )
     assert succeeded(result)
     assert "test/acc" in result.stdout  # Lightning's table of test metrics
