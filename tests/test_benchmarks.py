@@ -15,6 +15,7 @@ from helpers import REPO, write_colour_classes
 from cbam.runtime.lightning_internals import cpu_has_native_bf16
 
 sys.path.insert(0, str(REPO / "benchmarks"))
+import attention_parts  # noqa: E402
 import inference_speed  # noqa: E402
 import throughput  # noqa: E402
 import time_to_accuracy  # noqa: E402
@@ -118,3 +119,15 @@ def test_time_to_accuracy_stops_and_reports_a_diverged_run(learnable_cifar_folde
     assert "non-finite loss at step" in report["diverged"]
     assert "error: training diverged" in stderr and "Traceback" not in stderr
     assert len(report["epochs"]) < 2  # stopped in the first epoch, not run to the end
+
+
+def test_attention_parts_quick_times_every_part_at_every_stage(tmp_path):
+    out = tmp_path / "attention_parts.json"
+    report = attention_parts.main(["--quick", "--out", str(out)])
+    assert json.loads(out.read_text()) == report
+    shapes = {(row["channels"], row["side"]) for row in report["rows"]}
+    assert shapes == {(4, 32), (8, 16), (16, 8), (32, 4)}
+    assert len(report["rows"]) == len(shapes) * len(attention_parts.PARTS)
+    assert all(row["ms"] > 0 for row in report["rows"])
+    layer_rows = [row["ms"] for row in report["rows"] if row["part"] == "layer"]
+    assert report["per_step_ms"]["layer"] == round(attention_parts.LAYERS_PER_STAGE * sum(layer_rows), 2)
