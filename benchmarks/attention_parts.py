@@ -4,10 +4,11 @@ every part alike); the median over rounds, in ms, and per training step (two lay
 
 Parts: the channel gate (``x * channel_gate(x)``), the spatial gate (``x * spatial_gate(x)``), and the spatial
 gate's k x k convolution alone (2 input channels, 1 output) on its pooled maps: channels_last, as the layer
-runs it on a CPU, NCHW, and NCHW with oneDNN switched off (PyTorch's own kernel). All eager, fp32, one
-``--threads`` setting; the input channels_last, as the device loader and the network give it.
+runs it on a CPU, NCHW, and NCHW with oneDNN switched off (PyTorch's own kernel). All eager (``--compiled``
+adds the layer compiled, as ``model.compile_attention`` runs it), fp32, one ``--threads`` setting; the input
+channels_last, as the device loader and the network give it.
 
-    python benchmarks/attention_parts.py --out attention_parts.json
+    python benchmarks/attention_parts.py --compiled --out attention_parts.json
     python benchmarks/attention_parts.py --quick      # smoke run: tiny sizes, one round
 """
 
@@ -28,11 +29,18 @@ STAGES = ((1, 32), (2, 16), (4, 8), (8, 4))
 #: CBAM layers per stage in ResNet18 (one per BasicBlock)
 LAYERS_PER_STAGE = 2
 PARTS = ("layer", "channel_gate", "spatial_gate", "conv_channels_last", "conv_nchw", "conv_nchw_native")
+#: with ``--compiled``: the layer as ``model.compile_attention`` (trainer=cpu) runs it
+COMPILED_PART = "layer_compiled"
 
 
-def part_steps(channels: int, side: int, batch: int, reduction_ratio: int) -> dict:
-    """A forward + backward function for each of :data:`PARTS` at one stage's shape."""
+def part_steps(channels: int, side: int, batch: int, reduction_ratio: int, compiled: bool) -> dict:
+    """A forward + backward function for each of :data:`PARTS` (and :data:`COMPILED_PART`) at one stage's
+    shape."""
+    from torch import nn
+
     from cbam import CBAM
+    from cbam.models.compiled_attention import compile_attention_layers
+    from cbam.runtime.lightning_internals import allow_compiled_variants
 
     layer = CBAM(channels, reduction_ratio=reduction_ratio)
     x = torch.randn(batch, channels, side, side).contiguous(memory_format=torch.channels_last)
@@ -53,7 +61,7 @@ def part_steps(channels: int, side: int, batch: int, reduction_ratio: int) -> di
 
         return step
 
-    return {
+    steps = {
         "layer": lambda: backward(layer(x)),
         "channel_gate": lambda: backward(layer.channel(x)),
         "spatial_gate": lambda: backward(layer.spatial(x)),
@@ -61,6 +69,11 @@ def part_steps(channels: int, side: int, batch: int, reduction_ratio: int) -> di
         "conv_nchw": conv(torch.contiguous_format, True),
         "conv_nchw_native": conv(torch.contiguous_format, False),
     }
+    if compiled:
+        holder = nn.Sequential(CBAM(channels, reduction_ratio=reduction_ratio))
+        allow_compiled_variants(compile_attention_layers(holder))
+        steps[COMPILED_PART] = lambda: backward(holder(x))
+    return steps
 
 
 def measure(args) -> list[dict]:
@@ -68,7 +81,8 @@ def measure(args) -> list[dict]:
     cases = []
     for multiple, side in STAGES:
         channels = multiple * args.width
-        for part, step in part_steps(channels, side, args.batch_size, args.reduction_ratio).items():
+        steps = part_steps(channels, side, args.batch_size, args.reduction_ratio, args.compiled)
+        for part, step in steps.items():
             for _ in range(args.warmup):
                 step()
             cases.append(({"channels": channels, "side": side, "part": part}, step, []))
@@ -84,7 +98,8 @@ def measure(args) -> list[dict]:
 
 def per_step(rows: list[dict]) -> dict[str, float]:
     """Each part's time in one training step of ResNet18 (every stage, :data:`LAYERS_PER_STAGE` layers)."""
-    totals = {part: sum(row["ms"] for row in rows if row["part"] == part) for part in PARTS}
+    parts = dict.fromkeys(row["part"] for row in rows)
+    totals = {part: sum(row["ms"] for row in rows if row["part"] == part) for part in parts}
     return {part: round(LAYERS_PER_STAGE * total, 2) for part, total in totals.items()}
 
 
@@ -99,6 +114,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--repeats", type=int, default=5, help="calls per part and round")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--compiled", action="store_true", help="also the layer as trainer=cpu compiles it")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one round: a smoke run")
     parser.add_argument("--out", help="write the report here as JSON")
     args = parser.parse_args(argv)
