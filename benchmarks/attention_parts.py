@@ -49,11 +49,16 @@ def part_steps(channels: int, side: int, batch: int, reduction_ratio: int, compi
     weight = layer.spatial.conv.weight
     padding = layer.spatial.conv.padding
 
+    leaves = [x, *layer.parameters()]  # (and what is made below)
+
     def backward(out: torch.Tensor) -> None:
         out.backward(torch.ones_like(out))
+        for leaf in leaves:  # written afresh in each call, as in a training step after zero_grad, not added to
+            leaf.grad = None
 
     def conv(memory_format: torch.memory_format, onednn: bool):
         pooled = maps.contiguous(memory_format=memory_format).requires_grad_(True)
+        leaves.append(pooled)
 
         def step() -> None:
             with torch.backends.mkldnn.flags(enabled=onednn):
@@ -72,6 +77,7 @@ def part_steps(channels: int, side: int, batch: int, reduction_ratio: int, compi
     if compiled:
         holder = nn.Sequential(CBAM(channels, reduction_ratio=reduction_ratio))
         allow_compiled_variants(compile_attention_layers(holder))
+        leaves.extend(holder.parameters())
         steps[COMPILED_PART] = lambda: backward(holder(x))
     return steps
 
