@@ -53,7 +53,7 @@ def part_steps(channels: int, side: int, batch: int, reduction_ratio: int, compi
 
     def backward(out: torch.Tensor) -> None:
         out.backward(torch.ones_like(out))
-        for leaf in leaves:  # written afresh in each call, as in a training step after zero_grad, not added to
+        for leaf in leaves:  # written afresh by each call, as after a training step's zero_grad
             leaf.grad = None
 
     def conv(memory_format: torch.memory_format, onednn: bool):
