@@ -129,16 +129,11 @@ def main(argv=None) -> dict:
         args.rounds, args.repeats, args.warmup = 1, 1, 1
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    from cbam.runtime.provenance import describe_device, git_state
+    from cbam.runtime.provenance import run_record
 
-    revision, clean = git_state()
     rows = measure(args)
     report = {
-        "device": describe_device(torch.device("cpu")),
-        "torch": torch.__version__,
-        "git_revision": revision,
-        "git_clean": clean,
-        "date": time.strftime("%Y-%m-%d"),
+        **run_record(torch.device("cpu"), "32-true", data=None),  # as a run's metrics.json records it
         "args": {k: v for k, v in vars(args).items() if k != "out"},
         "rows": rows,
         "per_step_ms": per_step(rows),
