@@ -174,14 +174,11 @@ class Server:
         deadline = time.monotonic() + START_TIMEOUT_S
         while not os.path.exists(self.path):
             if self.process.poll() is not None or time.monotonic() > deadline:
-                log = self.log_text()
+                self.log.seek(0)
+                log = self.log.read().decode(errors="replace")
                 self.close()
                 raise RuntimeError(f"the warm interpreter did not start:\n{log[-3000:]}")
             time.sleep(0.05)
-
-    def log_text(self) -> str:
-        with open(os.path.join(self.folder, "server.log"), "rb") as log:
-            return log.read().decode(errors="replace")
 
     def close(self) -> None:
         self.process.kill()
